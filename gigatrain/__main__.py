@@ -1,0 +1,3 @@
+from gigatrain.cli import main
+
+main()

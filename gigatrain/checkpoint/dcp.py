@@ -1,0 +1,158 @@
+"""Checkpoints in torch.distributed.checkpoint (DCP) format, committed atomically.
+
+Layout of a run's checkpoints::
+
+    checkpoints/
+      step_00000500/          one committed checkpoint
+        .metadata, *.distcp   DCP: tensors only (model, optimizer state, RNG), keyed by name
+        trainer_state.json    step, data-loader position, counters: plain JSON
+      latest                  the name of the newest committed checkpoint
+
+A checkpoint is written into a temporary folder, renamed into place once whole,
+and only then named in ``latest``; a crash at any point leaves the previous
+checkpoint intact. DCP files hold tensors only, so loading never unpickles an
+arbitrary object, and they reshard: a checkpoint saved under one layout loads
+under another.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+STATE_FILE = "trainer_state.json"
+LATEST_FILE = "latest"
+TMP_PREFIX = ".tmp-"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read; the message names it."""
+
+
+@contextlib.contextmanager
+def _single_process_ok():
+    # DCP warns that it assumes one process when no process group exists; that is the intent.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _optimizer_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's per-parameter tensors keyed by parameter name; hyper-parameters are
+    left out on purpose: they come from the config, and leaving them out keeps the DCP
+    files free of pickled objects."""
+    return get_optimizer_state_dict(model, optimizer)["state"]
+
+
+def save(directory: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+         trainer_state: dict, keep: int) -> Path:
+    """Write checkpoint `step` under `directory`, commit it, and prune to the newest `keep`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / checkpoint_name(step)
+    tmp = directory / (TMP_PREFIX + final.name)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tensors = {"model": get_model_state_dict(model), "rng": {"torch_cpu": torch.get_rng_state()}}
+    if optimizer is not None:
+        tensors["optimizer"] = _optimizer_tensors(model, optimizer)
+    with _single_process_ok():
+        dcp.save(tensors, checkpoint_id=str(tmp))
+    _write_atomic(tmp / STATE_FILE, json.dumps(trainer_state, indent=1, sort_keys=True))
+    _fsync_dir(tmp)
+    if final.exists():  # the same step saved again (e.g. resumed and stopped at once)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _write_atomic(directory / LATEST_FILE, final.name + "\n")
+    _fsync_dir(directory)
+    prune(directory, keep)
+    return final
+
+
+def committed(directory: Path) -> list[Path]:
+    """Committed checkpoints, oldest first."""
+    if not directory.is_dir():
+        return []
+    found = [p for p in directory.iterdir() if p.is_dir() and p.name.startswith("step_") and (p / STATE_FILE).exists()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def prune(directory: Path, keep: int) -> None:
+    for old in committed(directory)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in directory.glob(TMP_PREFIX + "*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def latest(directory: Path) -> Path | None:
+    """The checkpoint named by `latest`, or the newest committed one if the pointer is missing."""
+    pointer = directory / LATEST_FILE
+    if pointer.exists():
+        named = directory / pointer.read_text().strip()
+        if (named / STATE_FILE).exists():
+            return named
+    found = committed(directory)
+    return found[-1] if found else None
+
+
+def read_trainer_state(path: Path) -> dict:
+    try:
+        return json.loads((path / STATE_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"checkpoint {path} is unreadable ({err}); delete it to fall back to an older one") from None
+
+
+def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
+    """Load weights (and optimizer state and RNG, when an optimizer is given) in place;
+    returns the trainer state saved with them."""
+    trainer_state = read_trainer_state(path)
+    tensors = {"model": get_model_state_dict(model)}
+    if optimizer is not None:
+        tensors["optimizer"] = _optimizer_tensors(model, optimizer)
+        tensors["rng"] = {"torch_cpu": torch.get_rng_state()}
+    try:
+        with _single_process_ok():
+            dcp.load(tensors, checkpoint_id=str(path))
+    except Exception as err:  # DCP raises many kinds; the user needs the path and the cause
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"cannot load checkpoint {path}: {first_line}") from None
+    set_model_state_dict(model, tensors["model"], options=StateDictOptions(strict=True))
+    if optimizer is not None:
+        full = get_optimizer_state_dict(model, optimizer)
+        full["state"] = tensors["optimizer"]
+        set_optimizer_state_dict(model, optimizer, full)
+        torch.set_rng_state(tensors["rng"]["torch_cpu"])
+    return trainer_state

@@ -1,0 +1,318 @@
+"""Typed configuration: dataclasses, loaded from TOML and ``--section.key=value`` overrides.
+
+Every key has a type and, where it matters, a set of choices or a valid range;
+anything else stops at start-up with a ``ConfigError`` whose one-line message
+names the key and what would be valid. Nothing is ever ``eval``-ed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from gigatrain.models.presets import PRESETS, get_preset, with_overrides
+from gigatrain.models.transformer import ModelArgs
+
+
+class ConfigError(ValueError):
+    """A bad config key or value; the message is one line meant for the user."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "default"
+    dir: str = ""  # empty: runs/<name>
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "cpu-small"
+    # Shape overrides; None keeps the preset's value.
+    n_layers: int | None = None
+    d_model: int | None = None
+    n_heads: int | None = None
+    n_kv_heads: int | None = None
+    ffn_hidden: int | None = None
+    tie_embeddings: bool | None = None
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # a prepared data folder; empty: the embedded default corpus
+    tokenizer: str = "bpe"  # default corpus only: byte | bpe | path to a tokenizer.json
+    vocab_size: int = 4096  # default corpus with a BPE tokenizer
+    seq_len: int = 256
+    verify: bool = True  # check shard checksums when opening the data
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 1337
+    max_steps: int = 1500
+    batch_size: int = 32  # global: sequences per optimizer step
+    micro_batch_size: int = 0  # sequences per forward/backward; 0: the whole batch at once
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int = 50
+    decay_fraction: float = 0.2  # wsd: share of the steps spent decaying
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables clipping
+    eval_every: int = 250
+    eval_batches: int = 16
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    time_limit_s: float = 0.0  # 0: no wall-clock budget
+    stop_at_step: int = 0  # 0: run to max_steps
+    compile: bool = False
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    samples: int = 3  # generated at the end of training
+    sample_tokens: int = 200
+    progress: Literal["auto", "bar", "plain", "off"] = "auto"
+
+
+@dataclass
+class ParallelConfig:
+    dp_replicate: int = 1
+    dp_shard: int = 1
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    auto: bool = False  # take the planner's best layout for the world size
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.dir or f"runs/{self.run.name}")
+
+
+def _sections(cfg: Config) -> dict[str, object]:
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+
+
+def _field_types(section: object) -> dict[str, object]:
+    hints = typing.get_type_hints(type(section))
+    return {f.name: hints[f.name] for f in dataclasses.fields(section)}
+
+
+def _describe(tp: object) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(str(c) for c in typing.get_args(tp))
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if args:
+        return _describe(args[0])
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(key: str, value: object, tp: object, from_text: bool) -> object:
+    """Convert a TOML value or a command-line string to the field's type, or fail naming the key."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (from_text and str(value).lower() in ("none", "null")):
+            return None
+        inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
+        return _coerce(key, value, inner, from_text)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(map(str, choices))}")
+        return value
+    bad = ConfigError(f"{key}={value!r} is not valid; expected {_describe(tp)}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if from_text and str(value).lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return str(value).lower() in ("true", "1", "yes", "on")
+        raise bad
+    if tp is int:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, int):
+            return value
+        if from_text:
+            try:
+                return int(str(value).replace("_", ""))
+            except ValueError:
+                raise bad from None
+        raise bad
+    if tp is float:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, (int, float)):
+            return float(value)
+        if from_text:
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if from_text:
+            return str(value)
+        raise bad
+    raise bad
+
+
+def _set(cfg: Config, dotted: str, value: object, from_text: bool) -> None:
+    sections = _sections(cfg)
+    section_name, _, key = dotted.partition(".")
+    if section_name not in sections or not key:
+        raise ConfigError(f"unknown config key {dotted!r}; keys look like SECTION.KEY with SECTION one of: {', '.join(sections)}")
+    section = sections[section_name]
+    types_by_key = _field_types(section)
+    if key not in types_by_key:
+        raise ConfigError(f"unknown config key {dotted!r}; {section_name} has: {', '.join(types_by_key)}")
+    setattr(section, key, _coerce(dotted, value, types_by_key[key], from_text))
+
+
+def parse_override(text: str) -> tuple[str, str]:
+    """'--train.lr=3e-4' or 'train.lr=3e-4' -> ('train.lr', '3e-4')."""
+    body = text[2:] if text.startswith("--") else text
+    key, sep, value = body.partition("=")
+    if not sep or "." not in key:
+        raise ConfigError(f"cannot read override {text!r}; write it as --section.key=value, e.g. --train.lr=3e-4")
+    return key, value
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Defaults, then the TOML file (if any), then the overrides; validated."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {str(path)!r} does not exist; pass an existing TOML file (see configs/)") from None
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {err}") from None
+        for section_name, table in data.items():
+            if not isinstance(table, dict):
+                raise ConfigError(f"{path}: top-level key {section_name!r} must be a [section] table")
+            for key, value in table.items():
+                _set(cfg, f"{section_name}.{key}", value, from_text=False)
+    apply_overrides(cfg, overrides)
+    return cfg
+
+
+def apply_overrides(cfg: Config, overrides: typing.Sequence[str]) -> None:
+    """Apply --section.key=value overrides in place, then validate the result."""
+    for text in overrides:
+        key, value = parse_override(text)
+        _set(cfg, key, value, from_text=True)
+    validate(cfg)
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config) -> None:
+    """Values that have the right type but cannot work."""
+    m, d, t, p = cfg.model, cfg.data, cfg.train, cfg.parallel
+    _require(m.preset in PRESETS, f"model.preset={m.preset!r} is not valid; choose one of: {', '.join(PRESETS)}")
+    for name in ("n_layers", "d_model", "n_heads", "n_kv_heads", "ffn_hidden"):
+        value = getattr(m, name)
+        _require(value is None or value >= 1, f"model.{name}={value} is not valid; it must be at least 1")
+    args = resolve_model_args(cfg)
+    _require(args.d_model % args.n_heads == 0, f"model.d_model={args.d_model} is not divisible by model.n_heads={args.n_heads}; pick sizes with d_model % n_heads == 0")
+    _require(args.head_dim % 2 == 0, f"head dimension d_model/n_heads={args.head_dim} must be even for rotary embeddings; change model.d_model or model.n_heads")
+    _require(args.n_heads % args.n_kv_heads == 0, f"model.n_heads={args.n_heads} is not divisible by model.n_kv_heads={args.n_kv_heads}; grouped-query attention needs n_heads % n_kv_heads == 0")
+    _require(d.seq_len >= 2, f"data.seq_len={d.seq_len} is not valid; it must be at least 2")
+    _require(d.vocab_size >= 257, f"data.vocab_size={d.vocab_size} is not valid; a BPE vocabulary needs more than the 256 bytes (e.g. 4096)")
+    for name in ("max_steps", "batch_size", "eval_batches", "checkpoint_every", "keep_checkpoints", "eval_every"):
+        value = getattr(t, name)
+        _require(value >= 1, f"train.{name}={value} is not valid; it must be at least 1")
+    for name in ("warmup_steps", "stop_at_step", "micro_batch_size", "samples", "sample_tokens"):
+        value = getattr(t, name)
+        _require(value >= 0, f"train.{name}={value} is not valid; it must be 0 or more")
+    _require(t.lr > 0, f"train.lr={t.lr} is not valid; the learning rate must be positive")
+    _require(0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio={t.min_lr_ratio} is not valid; it must be between 0 and 1")
+    _require(0 < t.decay_fraction <= 1, f"train.decay_fraction={t.decay_fraction} is not valid; it must be in (0, 1]")
+    _require(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, f"train.beta1={t.beta1}, train.beta2={t.beta2} are not valid; each must be in [0, 1)")
+    _require(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay} is not valid; it must be 0 or more")
+    _require(t.grad_clip >= 0, f"train.grad_clip={t.grad_clip} is not valid; use 0 to disable clipping or a positive norm")
+    _require(t.time_limit_s >= 0, f"train.time_limit_s={t.time_limit_s} is not valid; use 0 for no limit or a positive number of seconds")
+    if t.micro_batch_size:
+        _require(t.batch_size % t.micro_batch_size == 0, f"train.batch_size={t.batch_size} is not divisible by train.micro_batch_size={t.micro_batch_size}; choose a micro batch that divides the batch")
+    for name in ("dp_replicate", "dp_shard", "tp", "pp", "cp"):
+        value = getattr(p, name)
+        _require(value >= 1 or value == -1, f"parallel.{name}={value} is not valid; use a positive degree or -1 to infer it from the world size")
+    inferred = [n for n in ("dp_replicate", "dp_shard", "tp", "pp", "cp") if getattr(p, n) == -1]
+    _require(len(inferred) <= 1, f"parallel: only one degree may be -1, got {', '.join(inferred)}")
+
+
+def resolve_model_args(cfg: Config, vocab_size: int | None = None) -> ModelArgs:
+    """The preset with the config's shape overrides; vocab_size from the tokenizer when given.
+
+    The context length is the training sequence length for the small presets;
+    the published presets keep theirs unless training uses a longer one.
+    """
+    m = cfg.model
+    try:
+        base = get_preset(m.preset)
+    except KeyError as err:
+        raise ConfigError(str(err.args[0])) from None
+    args = with_overrides(
+        base,
+        n_layers=m.n_layers,
+        d_model=m.d_model,
+        n_heads=m.n_heads,
+        n_kv_heads=m.n_kv_heads,
+        ffn_hidden=m.ffn_hidden,
+        tie_embeddings=m.tie_embeddings,
+        vocab_size=vocab_size,
+    )
+    return dataclasses.replace(args, max_seq_len=max(args.max_seq_len, cfg.data.seq_len))
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_toml(cfg: Config) -> str:
+    """The resolved config as TOML that load_config reads back (None values are left out)."""
+    lines = []
+    for section_name, section in to_dict(cfg).items():
+        lines.append(f"[{section_name}]")
+        for key, value in section.items():
+            if value is None:
+                continue
+            if isinstance(value, bool):
+                text = "true" if value else "false"
+            elif isinstance(value, str):
+                text = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+            else:
+                text = repr(value)
+            lines.append(f"{key} = {text}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def from_dict(data: dict) -> Config:
+    """Rebuild a Config from to_dict's output (e.g. a run directory's config.json), validated."""
+    cfg = Config()
+    for section_name, table in data.items():
+        for key, value in table.items():
+            _set(cfg, f"{section_name}.{key}", value, from_text=False)
+    validate(cfg)
+    return cfg

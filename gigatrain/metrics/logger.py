@@ -1,0 +1,108 @@
+"""metrics.jsonl and the live progress display."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+
+def _clean(value):
+    # JSON has no NaN/Inf; a diverged loss is written as null rather than breaking readers.
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class MetricsFile:
+    """Append-only JSON lines, one object per optimizer step or evaluation."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._file = open(path, "a")
+
+    def write(self, record: dict) -> None:
+        self._file.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line torn by a crash mid-write
+    return records
+
+
+def truncate_after(path: Path, step: int) -> None:
+    """Drop records of steps after `step`: a resumed run recomputes them, and each step
+    must appear once in the file."""
+    if not path.exists():
+        return
+    kept = [r for r in read_metrics(path) if r.get("step", 0) <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    os.replace(tmp, path)
+
+
+class ProgressDisplay:
+    """A rich progress bar on a terminal; plain periodic lines elsewhere (CI, logs, pipes)."""
+
+    def __init__(self, mode: str, total_steps: int, start_step: int):
+        self.total = total_steps
+        if mode == "auto":
+            mode = "bar" if sys.stdout.isatty() else "plain"
+        self.mode = mode
+        self.console = Console(highlight=False)
+        self.plain_every = max(1, (total_steps - start_step) // 20)
+        self._last_plain = time.monotonic()
+        self._progress = None
+        if mode == "bar":
+            self._progress = Progress(
+                TextColumn("step {task.completed}/{task.total}"),
+                BarColumn(),
+                TextColumn("{task.fields[stats]}"),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                console=self.console,
+            )
+            self._task = self._progress.add_task("train", total=total_steps, completed=start_step, stats="")
+            self._progress.start()
+
+    def step(self, record: dict) -> None:
+        stats = (f"loss {record['loss']:.4f}  {record['tokens_per_s']:,.0f} tok/s  "
+                 f"MFU {100 * record['mfu']:.1f}%")
+        if self._progress is not None:
+            self._progress.update(self._task, completed=record["step"], stats=stats)
+        elif self.mode == "plain":
+            step = record["step"]
+            if step % self.plain_every == 0 or step == self.total or time.monotonic() - self._last_plain > 30:
+                self._last_plain = time.monotonic()
+                print(f"step {step}/{self.total}  {stats}  lr {record['lr']:.2e}", flush=True)
+
+    def message(self, text: str) -> None:
+        if self.mode == "off":
+            return
+        if self._progress is not None:
+            self._progress.console.print(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()

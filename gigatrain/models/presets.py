@@ -1,0 +1,39 @@
+"""Named model shapes, from a test-sized model to the published Llama 3 shapes.
+
+``vocab_size`` of the small presets is a placeholder: the trainer replaces it with
+the tokenizer's vocabulary. The large presets keep their published vocabulary so
+that parameter and FLOP counts (and the planner) match the published models.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from gigatrain.models.transformer import ModelArgs
+
+# Sources: Llama 3 herd paper (arXiv:2407.21783) table 3 for 8B/70B/405B;
+# the Llama 3.2 1B model card / config.json for 1B; GPT-2 small (Radford et al. 2019)
+# for 124M, with a SwiGLU MLP of hidden 2048 (= 2/3 * 4 * 768) so the parameter count
+# matches GPT-2's GELU MLP of hidden 3072.
+PRESETS: dict[str, ModelArgs] = {
+    # Tests: a few seconds per hundred steps on one CPU core.
+    "tiny": ModelArgs(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, ffn_hidden=192, vocab_size=256, max_seq_len=256, tie_embeddings=True),
+    # The default CPU recipe (tuned for held-out bits per byte after ~3 minutes on 2 cores; docs/benchmarks.md).
+    "cpu-small": ModelArgs(n_layers=4, d_model=256, n_heads=4, n_kv_heads=2, ffn_hidden=768, vocab_size=4096, max_seq_len=512, tie_embeddings=True),
+    "gpt2-124m": ModelArgs(n_layers=12, d_model=768, n_heads=12, n_kv_heads=12, ffn_hidden=2048, vocab_size=50257, max_seq_len=1024, tie_embeddings=True),
+    "llama3-1b": ModelArgs(n_layers=16, d_model=2048, n_heads=32, n_kv_heads=8, ffn_hidden=8192, vocab_size=128256, max_seq_len=8192, rope_theta=500000.0, tie_embeddings=True),
+    "llama3-8b": ModelArgs(n_layers=32, d_model=4096, n_heads=32, n_kv_heads=8, ffn_hidden=14336, vocab_size=128256, max_seq_len=8192, rope_theta=500000.0),
+    "llama3-70b": ModelArgs(n_layers=80, d_model=8192, n_heads=64, n_kv_heads=8, ffn_hidden=28672, vocab_size=128256, max_seq_len=8192, rope_theta=500000.0),
+    "llama3-405b": ModelArgs(n_layers=126, d_model=16384, n_heads=128, n_kv_heads=8, ffn_hidden=53248, vocab_size=128256, max_seq_len=8192, rope_theta=500000.0),
+}
+
+
+def get_preset(name: str) -> ModelArgs:
+    if name not in PRESETS:
+        raise KeyError(f"unknown model preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def with_overrides(args: ModelArgs, **overrides) -> ModelArgs:
+    """The preset with the given fields replaced; None values leave the preset's."""
+    return replace(args, **{k: v for k, v in overrides.items() if v is not None})

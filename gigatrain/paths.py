@@ -1,0 +1,16 @@
+"""Where gigatrain keeps machine-wide caches (prepared default corpus, measured CPU peak)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def cache_dir() -> Path:
+    """$GIGATRAIN_CACHE, else $XDG_CACHE_HOME/gigatrain, else ~/.cache/gigatrain."""
+    if os.environ.get("GIGATRAIN_CACHE"):
+        path = Path(os.environ["GIGATRAIN_CACHE"])
+    else:
+        path = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gigatrain"
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -1,0 +1,102 @@
+"""A run directory: what it records about itself, and reading a finished run back."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+from gigatrain.checkpoint import dcp as checkpoint
+from gigatrain.config import Config, ConfigError, from_dict, to_dict, to_toml
+from gigatrain.data.tokenizers import load_tokenizer
+from gigatrain.models.transformer import ModelArgs, Transformer
+
+CONFIG_FILE = "config.json"
+RUN_FILE = "run.json"
+METRICS_FILE = "metrics.jsonl"
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def git_sha() -> str:
+    """The commit of the gigatrain source tree, or 'unknown' outside a git checkout."""
+    source = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True, timeout=5)
+        sha = out.stdout.strip()
+        if out.returncode != 0 or not sha:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=source,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("gigatrain", "numpy", "tokenizers", "safetensors", "rich", "matplotlib", "pyarrow"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def saved_config(run_dir: Path) -> dict | None:
+    path = run_dir / CONFIG_FILE
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path} is not valid JSON ({err}); fix or remove it") from None
+
+
+def write_run_files(run_dir: Path, cfg: Config, info: dict) -> None:
+    """config.json and config.toml (the effective config) and run.json (provenance)."""
+    write_json_atomic(run_dir / CONFIG_FILE, to_dict(cfg))
+    (run_dir / "config.toml").write_text(to_toml(cfg))
+    write_json_atomic(run_dir / RUN_FILE, {"git_sha": git_sha(), "versions": package_versions(), **info})
+
+
+@dataclass
+class LoadedRun:
+    cfg: Config
+    model: Transformer
+    tokenizer: object
+    step: int
+    device: torch.device
+
+
+def load_run(run_dir: Path, device: torch.device) -> LoadedRun:
+    """The latest checkpoint of a run, ready for evaluation or sampling (one process)."""
+    if not (run_dir / CONFIG_FILE).exists():
+        raise ConfigError(f"{run_dir} is not a gigatrain run directory (no {CONFIG_FILE}); pass the run.dir of a training run")
+    cfg = from_dict(saved_config(run_dir))
+    info = json.loads((run_dir / RUN_FILE).read_text())
+    args = ModelArgs(**info["model_args"])
+    ckpt = checkpoint.latest(run_dir / "checkpoints")
+    if ckpt is None:
+        raise ConfigError(f"{run_dir} has no checkpoint yet; train it first (gigatrain train --run.dir={run_dir})")
+    with torch.device(device):
+        model = Transformer(args)
+    state = checkpoint.load(ckpt, model)
+    tokenizer = load_tokenizer(run_dir / TOKENIZER_FILE)
+    return LoadedRun(cfg=cfg, model=model, tokenizer=tokenizer, step=state["step"], device=device)
+
+
+def model_args_dict(args: ModelArgs) -> dict:
+    return dataclasses.asdict(args)

@@ -1,0 +1,106 @@
+"""The training loop, in process: exact resume, stops, metrics and run-directory contents."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import TINY
+from gigatrain.checkpoint import dcp as checkpoint
+from gigatrain.config import ConfigError
+from gigatrain.metrics.logger import read_metrics
+from gigatrain.models.transformer import ModelArgs, Transformer
+from gigatrain.train.trainer import Trainer, resolve_run_config, train
+
+
+def config(run_dir, data, *extra):
+    return resolve_run_config(None, [*TINY, f"--run.dir={run_dir}", f"--data.path={data}", *extra])
+
+
+def final_weights(run_dir):
+    info = json.loads((run_dir / "run.json").read_text())
+    model = Transformer(ModelArgs(**info["model_args"]))
+    checkpoint.load(checkpoint.latest(run_dir / "checkpoints"), model)
+    return model.state_dict()
+
+
+def step_losses(run_dir):
+    return [(r["step"], r["loss"]) for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+
+
+def test_exact_resume(tmp_path, byte_data):
+    common = ["--train.max_steps=14", "--train.checkpoint_every=4", "--train.eval_every=5",
+              "--train.micro_batch_size=4", "--train.schedule=wsd"]
+    straight = train(config(tmp_path / "straight", byte_data, *common))
+    assert straight.stopped_by == "max_steps" and straight.step == 14
+
+    first = train(config(tmp_path / "split", byte_data, *common, "--train.stop_at_step=6"))
+    assert first.stopped_by == "stop_at_step" and first.step == 6
+    # The resumed run is configured by the run directory alone, as `gigatrain train --run.dir=D` is.
+    resumed_cfg = resolve_run_config(None, [f"--run.dir={tmp_path / 'split'}"])
+    second = train(resumed_cfg)
+    assert second.stopped_by == "max_steps" and second.step == 14
+
+    assert step_losses(tmp_path / "split") == step_losses(tmp_path / "straight")
+    assert [s for s, _ in step_losses(tmp_path / "split")] == list(range(1, 15))  # each step once
+    a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "split")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_metrics_and_run_directory(tmp_path, byte_data):
+    run_dir = tmp_path / "run"
+    result = train(config(run_dir, byte_data, "--train.max_steps=10", "--train.eval_every=5",
+                          "--train.samples=1", "--train.sample_tokens=16"))
+    records = read_metrics(run_dir / "metrics.jsonl")
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 11))
+    for record in steps:
+        for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "step_time_s"):
+            assert math.isfinite(record[key]), key
+        assert 0 < record["mfu"] < 1
+        assert record["tokens_per_s"] == pytest.approx(8 * 64 / record["step_time_s"])
+    evals = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in evals] == [5, 10]
+    assert evals[-1]["val_loss"] == pytest.approx(result.val_loss)
+    assert steps[-1]["loss"] < steps[0]["loss"]
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["git_sha"] and info["versions"]["torch"] == torch.__version__
+    assert json.loads((run_dir / "config.json").read_text())["train"]["max_steps"] == 10
+    for name in ("config.toml", "tokenizer.json", "loss.png", "throughput.png", "samples.txt"):
+        assert (run_dir / name).stat().st_size > 0, name
+    assert checkpoint.latest(run_dir / "checkpoints").name == "step_00000010"
+
+
+def test_keeps_last_k_checkpoints(tmp_path, byte_data):
+    run_dir = tmp_path / "run"
+    train(config(run_dir, byte_data, "--train.max_steps=9", "--train.checkpoint_every=2", "--train.keep_checkpoints=2"))
+    names = [p.name for p in checkpoint.committed(run_dir / "checkpoints")]
+    assert names == ["step_00000008", "step_00000009"]
+
+
+def test_time_limit_ends_with_checkpoint_and_eval(tmp_path, byte_data):
+    run_dir = tmp_path / "run"
+    result = train(config(run_dir, byte_data, "--train.max_steps=100000", "--train.time_limit_s=2"))
+    assert result.stopped_by == "time_limit" and 0 < result.step < 100000
+    assert checkpoint.latest(run_dir / "checkpoints").name == f"step_{result.step:08d}"
+    assert read_metrics(run_dir / "metrics.jsonl")[-1]["val_bpb"] == pytest.approx(result.val_bpb)
+
+
+def test_gradient_accumulation_matches_full_batch(tmp_path, byte_data):
+    full = Trainer(config(tmp_path / "a", byte_data))
+    accumulated = Trainer(config(tmp_path / "b", byte_data, "--train.micro_batch_size=2"))
+    inputs, targets = full.loader.next_batch()
+    loss_full, norm_full = full.train_step(inputs, targets, lr=1e-3)
+    loss_acc, norm_acc = accumulated.train_step(inputs, targets, lr=1e-3)
+    assert loss_acc == pytest.approx(loss_full, rel=1e-5)
+    assert norm_acc == pytest.approx(norm_full, rel=1e-4)
+    for p, q in zip(full.model.parameters(), accumulated.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+
+
+def test_layout_other_than_one_process_is_refused(tmp_path, byte_data):
+    with pytest.raises(ConfigError, match="parallel layout"):
+        Trainer(config(tmp_path / "run", byte_data, "--parallel.tp=2"))
