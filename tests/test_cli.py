@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import REPO, TINY, run_cli
+from helpers import REPO, TINY, run_cli
 from gigatrain.checkpoint import dcp as checkpoint
 from gigatrain.data.tokenizers import load_tokenizer
 from gigatrain.metrics.logger import read_metrics

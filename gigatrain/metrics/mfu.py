@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import time
+import warnings
 
 import torch
 
@@ -61,9 +62,14 @@ def cpu_peak_flops() -> float:
 
 
 def gpu_peak_flops(device_name: str) -> float:
-    from gigatrain.plan.catalog import peak_bf16_flops_for_device
+    from gigatrain.plan.catalog import CatalogError, peak_bf16_flops_for_device
 
-    return peak_bf16_flops_for_device(device_name)
+    try:
+        return peak_bf16_flops_for_device(device_name)
+    except CatalogError as err:
+        # Training goes on without an MFU figure (NaN, written as null) rather than stopping.
+        warnings.warn(f"{err}; MFU will not be reported")
+        return float("nan")
 
 
 def peak_flops(device: torch.device) -> float:

@@ -72,23 +72,38 @@ def open_data(cfg: Config) -> TokenData:
 
 
 def check_layout(cfg: Config) -> None:
-    """The parallel degrees must multiply to the number of processes."""
+    """Resolve the parallel degrees (planner's choice, or -1 inferred) and check that they
+    multiply to the number of processes."""
     p = cfg.parallel
+    names = ("dp_replicate", "dp_shard", "tp", "pp", "cp")
     if p.auto:
         from gigatrain.plan.layout import auto_layout
 
-        args = resolve_model_args(cfg)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        gpu = "h100" if device == "cuda" else "cpu"
-        chosen = auto_layout(args, world_size(), cfg.data.seq_len, cfg.train.batch_size, gpu)
-        for key in ("dp_replicate", "dp_shard", "tp", "pp", "cp"):
-            setattr(p, key, chosen[key])
-    degrees = {k: getattr(p, k) for k in ("dp_replicate", "dp_shard", "tp", "pp", "cp")}
-    product = math.prod(abs(v) for v in degrees.values())
-    if product != world_size() or any(v == -1 for v in degrees.values()) and world_size() % product:
-        layout = " x ".join(f"{k}={v}" for k, v in degrees.items())
+        chosen = auto_layout(resolve_model_args(cfg), world_size(), cfg.data.seq_len, cfg.train.batch_size,
+                             device_catalog_name())
+        for name in names:
+            setattr(p, name, chosen[name])
+    fixed = math.prod(getattr(p, n) for n in names if getattr(p, n) != -1)
+    for name in names:
+        if getattr(p, name) == -1:
+            if world_size() % fixed:
+                raise ConfigError(f"parallel.{name}=-1 cannot be inferred: the other degrees multiply to {fixed}, "
+                                  f"which does not divide the world size {world_size()}")
+            setattr(p, name, world_size() // fixed)
+    product = math.prod(getattr(p, n) for n in names)
+    if product != world_size():
+        layout = " x ".join(f"{n}={getattr(p, n)}" for n in names)
         raise ConfigError(f"parallel layout {layout} needs {product} processes but this run has {world_size()}; "
-                          f"set every parallel degree to 1 for single-process training")
+                          f"set the parallel degrees so that they multiply to {world_size()}")
+
+
+def device_catalog_name() -> str:
+    """The planner's hardware-catalog name of this machine's accelerator ('cpu' without one)."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    from gigatrain.plan.catalog import accelerator_for_device
+
+    return accelerator_for_device(torch.cuda.get_device_name()).name
 
 
 class StopSignal:

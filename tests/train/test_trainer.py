@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from conftest import TINY
+from helpers import TINY
 from gigatrain.checkpoint import dcp as checkpoint
 from gigatrain.config import ConfigError
 from gigatrain.metrics.logger import read_metrics
@@ -104,3 +104,13 @@ def test_gradient_accumulation_matches_full_batch(tmp_path, byte_data):
 def test_layout_other_than_one_process_is_refused(tmp_path, byte_data):
     with pytest.raises(ConfigError, match="parallel layout"):
         Trainer(config(tmp_path / "run", byte_data, "--parallel.tp=2"))
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_activation_checkpointing_changes_nothing_numerically(tmp_path, byte_data, mode):
+    plain = Trainer(config(tmp_path / "a", byte_data))
+    recomputed = Trainer(config(tmp_path / "b", byte_data, f"--train.activation_checkpointing={mode}"))
+    inputs, targets = plain.loader.next_batch()
+    assert plain.train_step(inputs, targets, lr=1e-3) == recomputed.train_step(inputs, targets, lr=1e-3)
+    for (name, p), (_, q) in zip(plain.model.state_dict().items(), recomputed.model.state_dict().items()):
+        assert torch.equal(p, q), name

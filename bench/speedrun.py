@@ -1,0 +1,69 @@
+"""Speedrun of the default CPU recipe: held-out bits per byte after a fixed wall-clock budget.
+
+Trains the default recipe (the same config as a bare `gigatrain train`, plus any
+--section.key=value overrides given here) on the default corpus — the Python standard
+library's sources — for `--seconds` of training, then evaluates bits per byte on the
+whole held-out split. The step count is set from a short measurement of the step time,
+so the learning-rate schedule completes inside the budget; `train.time_limit_s` backs
+it up.
+
+    python bench/speedrun.py --seconds 180 [--train.lr=2e-3 ...]
+
+The last line ends with the held-out bits per byte.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from gigatrain.config import load_config
+from gigatrain.data.loader import eval_batches
+from gigatrain.train.evaluate import mean_loss
+from gigatrain.train.trainer import Trainer
+
+
+def measure_step_time(overrides: list[str], tmp: Path, steps: int = 6) -> float:
+    cfg = load_config(None, [*overrides, f"--run.dir={tmp / 'probe'}"])
+    trainer = Trainer(cfg)
+    times = []
+    for _ in range(steps):
+        inputs, targets = trainer.loader.next_batch()
+        start = time.perf_counter()
+        trainer.train_step(inputs, targets, lr=cfg.train.lr)
+        times.append(time.perf_counter() - start)
+    return sorted(times[1:])[len(times[1:]) // 2]  # median, without the first (warm-up) step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=180.0, help="training budget, wall clock")
+    args, overrides = parser.parse_known_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        step_time = measure_step_time(overrides, Path(tmp))
+        # Evaluations inside the run also take time: budget the steps to leave room for them.
+        max_steps = max(10, int(0.95 * args.seconds / step_time))
+        cfg = load_config(None, [*overrides, f"--train.max_steps={max_steps}", f"--train.time_limit_s={args.seconds}",
+                                 f"--run.dir={Path(tmp) / 'run'}", "--train.samples=0", "--train.progress=plain"])
+        print(f"step time {step_time * 1000:.0f} ms -> max_steps {max_steps} for {args.seconds:.0f} s")
+        start = time.perf_counter()
+        trainer = Trainer(cfg)
+        result = trainer.run()
+        elapsed = time.perf_counter() - start
+        split = trainer.data.split("val")
+        loss = mean_loss(trainer.model, eval_batches(split, cfg.data.seq_len, 16), trainer.device, trainer.dtype)
+        bpb = loss / (math.log(2) * split.bytes_per_token)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, preset {cfg.model.preset}, "
+          f"{result.step} steps ({result.stopped_by}), {elapsed:.0f} s incl. evals and checkpoint, "
+          f"{result.step * trainer.tokens_per_step:,} tokens, held-out {split.num_tokens:,} tokens")
+    print(f"speedrun {args.seconds:.0f}s: held-out bits per byte {bpb:.4f}")
+
+
+if __name__ == "__main__":
+    main()

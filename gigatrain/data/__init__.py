@@ -1,0 +1,46 @@
+"""gigatrain's data layer: tokenizers, `prepare` (text -> token shards) and loaders.
+
+    from gigatrain.data.prepare import prepare
+    prepare(["corpus/"], Path("data/corpus"))        # text -> data/corpus/*.bin + manifest.json
+    data = TokenData(Path("data/corpus"))            # verifies and memory-maps the shards
+    loader = BatchLoader(data.split("train"), seq_len=256, global_batch=32, seed=0)
+    inputs, targets = loader.next_batch()            # int64 [32, 256] each
+"""
+
+
+class DataError(ValueError):
+    """A problem the user can fix (bad path, corrupt shard, too little data).
+
+    The message is one line naming the bad file or value and how to fix it; the CLI
+    prints it as `gigatrain: error: ...` and exits with status 2.
+    """
+
+
+# Imported after DataError so that the submodules can import it from here.
+from gigatrain.data.tokenizers import (  # noqa: E402
+    Tokenizer,
+    from_tokenizer_json,
+    load_tokenizer,
+    make_tokenizer,
+    train_bpe,
+)
+# `gigatrain.data.prepare` stays the module (not shadowed by its function, which would
+# break `import gigatrain.data.prepare as m` and monkeypatching): call the function as
+# `from gigatrain.data.prepare import prepare`.
+from gigatrain.data.prepare import default_corpus_files, ensure_default_data  # noqa: E402
+from gigatrain.data.loader import BatchLoader, TokenData, TokenSplit, eval_batches  # noqa: E402
+
+__all__ = [
+    "DataError",
+    "Tokenizer",
+    "from_tokenizer_json",
+    "load_tokenizer",
+    "make_tokenizer",
+    "train_bpe",
+    "default_corpus_files",
+    "ensure_default_data",
+    "TokenData",
+    "TokenSplit",
+    "BatchLoader",
+    "eval_batches",
+]

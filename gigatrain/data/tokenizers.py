@@ -1,0 +1,229 @@
+"""Tokenizers: raw bytes, a byte-level BPE we train, or any Hugging Face tokenizer.json.
+
+Three kinds, one interface (`Tokenizer`):
+  byte  256 ids, one per UTF-8 byte; nothing to train. eot_id = 0 (the NUL byte),
+        because NUL does not occur in real text; a NUL inside a document would
+        read as a document separator, which is harmless.
+  bpe   GPT-2 style byte-level BPE trained here with Hugging Face `tokenizers`:
+        ByteLevel pre-tokenizer (no prefix space, so decode(encode(s)) == s), all
+        256 bytes in the initial alphabet (any text encodes, nothing is unknown)
+        and `<|endoftext|>` = eot at id 0.
+  json  any other Hugging Face tokenizer.json; eot is the first of
+        `<|endoftext|>`, `</s>`, `<|end_of_text|>` that it has.
+
+The kind is read from the tokenizer itself, not from where it came from: a
+tokenizer.json built exactly like ours (see `_is_gigatrain_bpe`) is "bpe", so
+save -> load round trips all three kinds.
+
+Every kind saves to `directory/tokenizer.json`. Special-token text inside a
+document (a literal "<|endoftext|>") is encoded as ordinary text: only `prepare`
+inserts separators.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import tokenizers as hf
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from gigatrain.data import DataError
+
+TOKENIZER_FILE = "tokenizer.json"
+EOT_TOKEN = "<|endoftext|>"
+EOT_CANDIDATES = (EOT_TOKEN, "</s>", "<|end_of_text|>")  # searched in this order
+KINDS = ("byte", "bpe", "json")
+
+
+class Tokenizer:
+    """What the rest of gigatrain needs from a tokenizer."""
+
+    kind: str  # "byte" | "bpe" | "json"
+    vocab_size: int  # every id is < vocab_size
+    eot_id: int  # separates documents in the token stream
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_batch([text])[0]
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        raise NotImplementedError
+
+    def encode_documents(self, texts: list[str], dtype: np.dtype) -> np.ndarray:
+        """[eot] + encode(text) for each text, concatenated: the token stream of `prepare`."""
+        # Separator first, so every document (including the first) starts after an eot:
+        # at sampling time the model starts from [eot], exactly like in training.
+        encoded = self.encode_batch(texts)
+        stream = np.empty(sum(len(ids) + 1 for ids in encoded), dtype=dtype)
+        position = 0
+        for ids in encoded:
+            stream[position] = self.eot_id
+            stream[position + 1 : position + 1 + len(ids)] = ids
+            position += len(ids) + 1
+        return stream
+
+    def decode(self, ids: Iterable[int]) -> str:
+        raise NotImplementedError
+
+    def save(self, directory: Path) -> Path:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(kind={self.kind!r}, vocab_size={self.vocab_size}, eot_id={self.eot_id})"
+
+
+class ByteTokenizer(Tokenizer):
+    """ids are the UTF-8 bytes of the text; eot is the NUL byte (id 0)."""
+
+    kind = "byte"
+    vocab_size = 256
+    eot_id = 0
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [list(text.encode("utf-8")) for text in texts]
+
+    def encode_documents(self, texts: list[str], dtype: np.dtype) -> np.ndarray:
+        # Same stream as the generic version, without building Python lists of ints.
+        separator = np.array([self.eot_id], dtype=np.uint8)
+        parts = []
+        for text in texts:
+            parts += [separator, np.frombuffer(text.encode("utf-8"), dtype=np.uint8)]
+        return np.concatenate(parts).astype(dtype) if parts else np.empty(0, dtype=dtype)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        # A window can cut a multi-byte character in half: show U+FFFD rather than fail.
+        return bytes(ids).decode("utf-8", errors="replace")
+
+    def save(self, directory: Path) -> Path:
+        path = Path(directory) / TOKENIZER_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"gigatrain_tokenizer": "byte", "vocab_size": 256}) + "\n")
+        return path
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face `tokenizers.Tokenizer` (our trained BPE, or a user's tokenizer.json)."""
+
+    def __init__(self, hf_tokenizer: hf.Tokenizer, kind: str, eot_id: int) -> None:
+        # A user's tokenizer.json may truncate or pad (e.g. to 512 tokens): that would
+        # silently cut documents, so both are switched off.
+        hf_tokenizer.no_truncation()
+        hf_tokenizer.no_padding()
+        # "<|endoftext|>" written inside a document is text, not a separator.
+        hf_tokenizer.encode_special_tokens = True
+        self.hf = hf_tokenizer
+        self.kind = kind
+        self.eot_id = eot_id
+        # ids may be sparse in a foreign tokenizer: size the vocabulary by the largest id.
+        self.vocab_size = max(hf_tokenizer.get_vocab(with_added_tokens=True).values()) + 1
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        # Multi-threaded in Rust; add_special_tokens=False: no BOS/EOS from a post-processor.
+        return [encoding.ids for encoding in self.hf.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=False)
+
+    def save(self, directory: Path) -> Path:
+        path = Path(directory) / TOKENIZER_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.hf.save(str(path))
+        return path
+
+
+def _new_bpe() -> hf.Tokenizer:
+    """An untrained byte-level BPE with gigatrain's pre-tokenizer and decoder."""
+    tokenizer = hf.Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
+def _bpe_signature(hf_tokenizer: hf.Tokenizer) -> dict:
+    """The parts of a tokenizer.json that make it a gigatrain BPE (everything but the merges)."""
+    config = json.loads(hf_tokenizer.to_str())
+    keys = ("normalizer", "pre_tokenizer", "post_processor", "decoder", "added_tokens")
+    return {"model": config["model"]["type"]} | {key: config.get(key) for key in keys}
+
+
+def _reference_signature() -> dict:
+    reference = _new_bpe()
+    reference.add_special_tokens([EOT_TOKEN])  # id 0, exactly where BpeTrainer puts it
+    return _bpe_signature(reference)
+
+
+def _is_gigatrain_bpe(hf_tokenizer: hf.Tokenizer) -> bool:
+    return _bpe_signature(hf_tokenizer) == _reference_signature()
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """Train a byte-level BPE on `texts`; deterministic for the same texts and vocab_size.
+
+    The vocabulary can come out smaller than vocab_size when the texts run out of
+    pairs to merge; `vocab_size` of the result is the real size.
+    """
+    minimum = 256 + 1  # every byte, plus <|endoftext|>
+    if not isinstance(vocab_size, int) or vocab_size < minimum:
+        raise DataError(f"vocab size {vocab_size!r} is too small for a byte-level BPE: use --vocab-size {minimum} or more")
+    tokenizer = _new_bpe()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOT_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    return HFTokenizer(tokenizer, kind="bpe", eot_id=tokenizer.token_to_id(EOT_TOKEN))
+
+
+def from_tokenizer_json(path: Path | str) -> Tokenizer:
+    """Load a Hugging Face tokenizer.json (kind "bpe" if it is one of ours, else "json")."""
+    path = Path(path)
+    try:
+        hf_tokenizer = hf.Tokenizer.from_file(str(path))
+    except Exception as error:  # tokenizers raises a bare Exception on bad files
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise DataError(f"{path} is not a valid Hugging Face tokenizer.json ({reason}): pass a tokenizer.json saved by tokenizers or transformers") from None
+    for name in EOT_CANDIDATES:
+        eot_id = hf_tokenizer.token_to_id(name)
+        if eot_id is not None:
+            break
+    else:
+        looked_for = ", ".join(EOT_CANDIDATES)
+        raise DataError(f"{path} has no end-of-text token (looked for {looked_for}): add one of them to the tokenizer's special tokens")
+    kind = "bpe" if _is_gigatrain_bpe(hf_tokenizer) else "json"
+    return HFTokenizer(hf_tokenizer, kind=kind, eot_id=eot_id)
+
+
+def _tokenizer_file(path: Path) -> Path:
+    file = path / TOKENIZER_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise DataError(f"tokenizer file {file} not found: pass a tokenizer.json or a folder containing one")
+    return file
+
+
+def load_tokenizer(path: Path | str) -> Tokenizer:
+    """Load what `Tokenizer.save` wrote: `path` is the tokenizer.json or its folder."""
+    file = _tokenizer_file(Path(path))
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DataError(f"{file} is not valid JSON ({error}): re-run `gigatrain prepare` or pass another tokenizer") from None
+    if isinstance(config, dict) and "gigatrain_tokenizer" in config:
+        if config.get("gigatrain_tokenizer") != "byte" or config.get("vocab_size") != 256:
+            raise DataError(f"{file} describes an unknown gigatrain tokenizer {config!r}: re-run `gigatrain prepare`")
+        return ByteTokenizer()
+    return from_tokenizer_json(file)
+
+
+def make_tokenizer(spec: str, texts: Iterable[str] | None = None, vocab_size: int = 4096) -> Tokenizer:
+    """`spec` is "byte", "bpe" (trained on `texts`) or a path to a tokenizer.json (or its folder)."""
+    if spec == "byte":
+        return ByteTokenizer()
+    if spec == "bpe":
+        return train_bpe(texts if texts is not None else [], vocab_size)
+    if Path(spec).exists():
+        return load_tokenizer(spec)
+    raise DataError(f"unknown tokenizer {spec!r}: use --tokenizer byte, bpe or the path of a tokenizer.json")

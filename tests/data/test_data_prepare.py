@@ -1,0 +1,328 @@
+"""prepare: sources, splits, shards, manifest, atomic output, the default corpus."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import tokenizers as hf
+from tokenizers import models, pre_tokenizers
+
+import gigatrain.data.prepare as prepare_module
+from gigatrain.data import DataError, default_corpus_files, ensure_default_data, load_tokenizer
+from gigatrain.data.prepare import prepare, token_dtype, val_score
+
+
+def doc_text(i: int) -> str:
+    return f"Document {i}: Grüße 😀 " + "lorem ipsum dolor sit amet " * (i % 5 + 1) + "\n"
+
+
+def make_corpus(folder: Path, count: int = 40) -> dict[str, str]:
+    """count text files (two levels deep) plus files prepare must ignore; returns key -> text."""
+    texts = {}
+    for i in range(count):
+        key = f"part{i % 2}/doc_{i:03d}.txt"
+        (folder / key).parent.mkdir(parents=True, exist_ok=True)
+        (folder / key).write_text(doc_text(i), encoding="utf-8")
+        texts[key] = doc_text(i)
+    (folder / "image.png").write_bytes(b"\x89PNG\x00\x00")  # unsupported suffix
+    (folder / ".hidden").mkdir()
+    (folder / ".hidden" / "secret.txt").write_text("hidden")
+    (folder / "empty.txt").write_text("")  # empty: no document
+    return texts
+
+
+def shard_tokens(out: Path, manifest: dict, split: str) -> np.ndarray:
+    files = [out / shard["file"] for shard in manifest["splits"][split]["shards"]]
+    return np.concatenate([np.fromfile(file, dtype=np.dtype(manifest["dtype"]).newbyteorder("<")) for file in files])
+
+
+def byte_stream(texts: list[str]) -> list[int]:
+    stream = []
+    for text in texts:
+        stream += [0] + list(text.encode("utf-8"))
+    return stream
+
+
+def documents_of(stream: np.ndarray) -> set[str]:
+    """Split a byte-tokenizer stream back into its documents."""
+    return {part.decode("utf-8") for part in stream.astype(np.uint8).tobytes().split(b"\x00")[1:]}
+
+
+def test_folder_with_byte_tokenizer_gives_exact_streams(tmp_path):
+    texts = make_corpus(tmp_path / "corpus")
+    manifest = prepare([str(tmp_path / "corpus")], tmp_path / "out", tokenizer="byte", val_fraction=0.2, seed=3)
+    out = tmp_path / "out"
+    is_val = {key: val_score(key, 3) < 0.2 for key in texts}
+    assert 0 < sum(is_val.values()) < len(texts)
+    for split, want_val in (("train", False), ("val", True)):
+        docs = [texts[key] for key in sorted(texts) if is_val[key] == want_val]
+        entry = manifest["splits"][split]
+        assert shard_tokens(out, manifest, split).tolist() == byte_stream(docs)
+        assert entry["documents"] == len(docs)
+        assert entry["tokens"] == sum(len(doc.encode()) + 1 for doc in docs)
+        assert entry["bytes"] == sum(len(doc.encode()) for doc in docs)
+    assert manifest["dtype"] == "uint16"
+    assert manifest["tokenizer"] == {"kind": "byte", "vocab_size": 256, "eot_id": 0, "file": "tokenizer.json"}
+    assert json.loads((out / "manifest.json").read_text()) == manifest
+    assert load_tokenizer(out).kind == "byte"
+
+
+def test_bpe_manifest_matches_files_and_encoded_documents(tmp_path):
+    texts = make_corpus(tmp_path / "corpus")
+    manifest = prepare([str(tmp_path / "corpus")], tmp_path / "out", vocab_size=300, val_fraction=0.2, shard_tokens=500)
+    out = tmp_path / "out"
+    tokenizer = load_tokenizer(out)
+    assert (tokenizer.kind, tokenizer.vocab_size) == ("bpe", 300)
+    assert manifest["tokenizer"]["vocab_size"] == 300 and manifest["dtype"] == "uint16"
+    total_tokens = sum(len(tokenizer.encode(text)) + 1 for text in texts.values())
+    assert manifest["splits"]["train"]["tokens"] + manifest["splits"]["val"]["tokens"] == total_tokens
+    for split in ("train", "val"):
+        entry = manifest["splits"][split]
+        shards = entry["shards"]
+        assert [shard["file"] for shard in shards] == [f"{split}_{i:06d}.bin" for i in range(len(shards))]
+        assert all(shard["tokens"] == 500 for shard in shards[:-1]) and 0 < shards[-1]["tokens"] <= 500
+        assert sum(shard["tokens"] for shard in shards) == entry["tokens"]
+        for shard in shards:
+            data = (out / shard["file"]).read_bytes()
+            assert len(data) == shard["tokens"] * 2
+            assert shard["sha256"] == hashlib.sha256(data).hexdigest()
+    assert len(manifest["splits"]["train"]["shards"]) > 1
+    # The stream decodes back to the documents.
+    decoded = tokenizer.decode(shard_tokens(out, manifest, "train").tolist()).split("<|endoftext|>")
+    assert decoded[0] == "" and set(decoded[1:]) <= set(texts.values())
+
+
+def test_prepare_is_deterministic(tmp_path):
+    make_corpus(tmp_path / "corpus")
+    for out in ("a", "b"):
+        prepare([str(tmp_path / "corpus")], tmp_path / out, vocab_size=300, shard_tokens=400)
+    files_a = sorted(path.name for path in (tmp_path / "a").iterdir())
+    assert files_a == sorted(path.name for path in (tmp_path / "b").iterdir())
+    for name in files_a:
+        if name != "manifest.json":  # it holds the creation time
+            assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    manifest_a = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    manifest_b = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest_a["splits"] == manifest_b["splits"]
+
+
+def test_adding_a_file_does_not_move_other_documents(tmp_path):
+    texts = make_corpus(tmp_path / "corpus", count=60)
+    first = prepare([str(tmp_path / "corpus")], tmp_path / "a", tokenizer="byte", val_fraction=0.2)
+    (tmp_path / "corpus" / "new.txt").write_text("a brand new document")
+    second = prepare([str(tmp_path / "corpus")], tmp_path / "b", tokenizer="byte", val_fraction=0.2)
+    old_val = documents_of(shard_tokens(tmp_path / "a", first, "val"))
+    new_val = documents_of(shard_tokens(tmp_path / "b", second, "val")) - {"a brand new document"}
+    assert old_val == new_val and 0 < len(old_val) < len(texts)
+    # Moving the folder (same relative layout) keeps the split too.
+    (tmp_path / "corpus").rename(tmp_path / "moved")
+    third = prepare([str(tmp_path / "moved")], tmp_path / "c", tokenizer="byte", val_fraction=0.2)
+    assert third["splits"] == second["splits"]
+
+
+def test_glob_patterns(tmp_path):
+    texts = make_corpus(tmp_path / "corpus")
+    (tmp_path / "corpus" / "notes.md").write_text("markdown notes")
+    manifest = prepare([str(tmp_path / "corpus" / "part0" / "*.txt")], tmp_path / "a", tokenizer="byte")
+    part0 = [text for key, text in texts.items() if key.startswith("part0/")]
+    assert sum(manifest["splits"][split]["documents"] for split in ("train", "val")) == len(part0)
+    manifest = prepare([str(tmp_path / "corpus" / "**")], tmp_path / "b", tokenizer="byte")
+    # Every supported, non-empty file at any depth (glob itself skips hidden names).
+    assert sum(manifest["splits"][split]["documents"] for split in ("train", "val")) == len(texts) + 1
+    with pytest.raises(DataError, match=r"\*\.nothing"):
+        prepare([str(tmp_path / "corpus" / "*.nothing")], tmp_path / "c", tokenizer="byte")
+
+
+def test_same_file_from_two_sources_is_read_once(tmp_path):
+    texts = make_corpus(tmp_path / "corpus")
+    sources = [str(tmp_path / "corpus"), str(tmp_path / "corpus" / "part0" / "*.txt")]
+    manifest = prepare(sources, tmp_path / "out", tokenizer="byte")
+    assert sum(manifest["splits"][split]["documents"] for split in ("train", "val")) == len(texts)
+
+
+def test_jsonl_source(tmp_path):
+    lines = [{"content": f"record {i} ✓", "id": i} for i in range(30)] + [{"content": None}, {"content": ""}]
+    path = tmp_path / "docs.jsonl"
+    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n\n", encoding="utf-8")
+    manifest = prepare([str(path)], tmp_path / "out", tokenizer="byte", text_field="content", val_fraction=0.2)
+    assert manifest["splits"]["train"]["documents"] + manifest["splits"]["val"]["documents"] == 30
+    streams = {split: documents_of(shard_tokens(tmp_path / "out", manifest, split)) for split in ("train", "val")}
+    assert streams["train"] | streams["val"] == {f"record {i} ✓" for i in range(30)}
+    assert not streams["train"] & streams["val"]
+
+
+def test_jsonl_errors_name_file_and_line(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text('{"text": "fine"}\n{"text": "also fine"}\n{"body": "no text field"}\n')
+    with pytest.raises(DataError, match=r"docs\.jsonl:3: no 'text' field \(has: body\)"):
+        prepare([str(path)], tmp_path / "out", tokenizer="byte")
+    path.write_text('{"text": "fine"}\nnot json\n')
+    with pytest.raises(DataError, match=r"docs\.jsonl:2: not valid JSON"):
+        prepare([str(path)], tmp_path / "out", tokenizer="byte")
+    path.write_text('{"text": "fine"}\n{"text": 5}\n')
+    with pytest.raises(DataError, match=r"docs\.jsonl:2: .*int"):
+        prepare([str(path)], tmp_path / "out", tokenizer="byte")
+
+
+def test_parquet_source(tmp_path):
+    texts = [f"row {i} — ünïcode" for i in range(25)] + [None]
+    pq.write_table(pa.table({"id": list(range(26)), "body": texts}), tmp_path / "rows.parquet")
+    manifest = prepare([str(tmp_path / "rows.parquet")], tmp_path / "out", tokenizer="byte", text_field="body", val_fraction=0.3)
+    streams = {split: documents_of(shard_tokens(tmp_path / "out", manifest, split)) for split in ("train", "val")}
+    assert streams["train"] | streams["val"] == set(texts[:-1])
+    assert streams["train"] and streams["val"]
+    with pytest.raises(DataError, match=r"rows\.parquet has no column 'text' \(columns: id, body\)"):
+        prepare([str(tmp_path / "rows.parquet")], tmp_path / "out2", tokenizer="byte")
+
+
+def test_explicit_val_sources(tmp_path):
+    train_texts = make_corpus(tmp_path / "train")
+    (tmp_path / "val").mkdir()
+    (tmp_path / "val" / "a.txt").write_text("validation one")
+    (tmp_path / "val" / "b.md").write_text("validation two")
+    manifest = prepare([str(tmp_path / "train")], tmp_path / "out", val_sources=[str(tmp_path / "val")], tokenizer="byte")
+    assert shard_tokens(tmp_path / "out", manifest, "val").tolist() == byte_stream(["validation one", "validation two"])
+    assert manifest["splits"]["train"]["documents"] == len(train_texts)
+    assert manifest["val_sources"] == [str(tmp_path / "val")] and manifest["val_fraction"] is None
+    with pytest.raises(DataError, match=r"doc_000\.txt is in both"):
+        prepare([str(tmp_path / "train")], tmp_path / "out2", val_sources=[str(tmp_path / "train" / "part0")], tokenizer="byte")
+
+
+def test_bpe_is_trained_on_train_documents_only(tmp_path):
+    make_corpus(tmp_path / "train")
+    (tmp_path / "val").mkdir()
+    (tmp_path / "val" / "v.txt").write_text("zqxj zqxj zqxj zqxj zqxj zqxj zqxj zqxj " * 50)
+    prepare([str(tmp_path / "train")], tmp_path / "out", val_sources=[str(tmp_path / "val")], vocab_size=400)
+    tokenizer = load_tokenizer(tmp_path / "out")
+    assert "zqxj" not in tokenizer.hf.get_vocab() and "Ġzqxj" not in tokenizer.hf.get_vocab()
+
+
+def test_tiny_corpus_still_gets_one_val_document(tmp_path):
+    (tmp_path / "a.txt").write_text("first")
+    (tmp_path / "b.txt").write_text("second")
+    for fraction in (0.001, 0.999):
+        manifest = prepare([str(tmp_path)], tmp_path / f"out{fraction}", tokenizer="bpe", vocab_size=300, val_fraction=fraction)
+        assert manifest["splits"]["train"]["documents"] == manifest["splits"]["val"]["documents"] == 1
+    (tmp_path / "b.txt").unlink()
+    with pytest.raises(DataError, match="--val"):
+        prepare([str(tmp_path / "a.txt")], tmp_path / "one", tokenizer="byte")
+
+
+def test_user_errors(tmp_path):
+    with pytest.raises(DataError, match="no sources"):
+        prepare([], tmp_path / "out")
+    with pytest.raises(DataError, match="nope.txt does not exist"):
+        prepare([str(tmp_path / "nope.txt")], tmp_path / "out")
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "x.png").write_bytes(b"\x89PNG")
+    with pytest.raises(DataError, match=r"folder .*bin has no files"):
+        prepare([str(tmp_path / "bin")], tmp_path / "out")
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(DataError, match="no train documents"):
+        prepare([str(tmp_path / "empty.txt")], tmp_path / "out", tokenizer="byte")
+    with pytest.raises(DataError, match="val-fraction"):
+        prepare([str(tmp_path / "bin")], tmp_path / "out", val_fraction=1.5)
+    assert not (tmp_path / "out").exists()
+
+
+def test_overwrite_rules(tmp_path):
+    make_corpus(tmp_path / "corpus")
+    out = tmp_path / "out"
+    prepare([str(tmp_path / "corpus")], out, tokenizer="byte")
+    with pytest.raises(DataError, match="--overwrite"):
+        prepare([str(tmp_path / "corpus")], out, tokenizer="byte")
+    manifest = prepare([str(tmp_path / "corpus")], out, tokenizer="byte", seed=7, overwrite=True)
+    assert json.loads((out / "manifest.json").read_text())["seed"] == 7 == manifest["seed"]
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("precious")
+    with pytest.raises(DataError, match="not a gigatrain data folder"):
+        prepare([str(tmp_path / "corpus")], tmp_path / "mine", tokenizer="byte", overwrite=True)
+    assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
+    (tmp_path / "empty").mkdir()
+    prepare([str(tmp_path / "corpus")], tmp_path / "empty", tokenizer="byte")
+    assert (tmp_path / "empty" / "manifest.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "empty", "mine", "out"]  # no temp folders left
+
+
+def test_failed_prepare_leaves_nothing_behind(tmp_path):
+    make_corpus(tmp_path / "corpus")
+    (tmp_path / "corpus" / "zz.jsonl").write_text('{"text": "ok"}\n{"oops": 1}\n')  # fails last
+    with pytest.raises(DataError, match=r"zz\.jsonl:2"):
+        prepare([str(tmp_path / "corpus")], tmp_path / "data" / "out", tokenizer="byte")
+    assert list((tmp_path / "data").iterdir()) == []
+
+
+def test_large_vocabulary_uses_uint32(tmp_path):
+    assert token_dtype(256) == token_dtype(65536) == np.dtype("<u2")
+    assert token_dtype(65537) == np.dtype("<u4")
+    vocab = {"</s>": 0, "[UNK]": 1} | {f"w{i}": i + 2 for i in range(70_000)}
+    tokenizer = hf.Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "a.txt").write_text("w69999 w5 w0")
+    (tmp_path / "b.txt").write_text("w1 w2")
+    manifest = prepare([str(tmp_path / "a.txt")], tmp_path / "out", val_sources=[str(tmp_path / "b.txt")], tokenizer=str(tmp_path / "tokenizer.json"))
+    assert manifest["dtype"] == "uint32" and manifest["tokenizer"]["kind"] == "json"
+    assert shard_tokens(tmp_path / "out", manifest, "train").tolist() == [0, 70001, 7, 2]
+
+
+def fake_stdlib(root: Path) -> None:
+    for relative in ["os.py", "json/__init__.py", "json/decoder.py", "test/test_os.py", "idlelib/idle_test/t.py",
+                     "site-packages/pkg/mod.py", "lib2to3/tests/x.py", "README.txt"]:
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        (root / relative).write_text(f"# {relative}\nprint('hello from {relative}')\n" * 3)
+
+
+def test_default_corpus_files_skip_tests_and_packages(tmp_path, monkeypatch):
+    fake_stdlib(tmp_path / "lib")
+    monkeypatch.setattr(prepare_module, "_stdlib_dir", lambda: tmp_path / "lib")
+    assert [path.relative_to(tmp_path / "lib").as_posix() for path in default_corpus_files()] == [
+        "json/__init__.py",
+        "json/decoder.py",
+        "os.py",
+    ]
+
+
+def test_real_stdlib_corpus_is_found():
+    files = default_corpus_files()
+    assert len(files) > 100 and files == sorted(files)
+    assert any(path.name == "os.py" for path in files)
+    assert not any({"test", "tests", "site-packages", "idle_test"} & set(path.parts) for path in files)
+
+
+def test_ensure_default_data_builds_once(tmp_path, monkeypatch):
+    fake_stdlib(tmp_path / "lib")
+    monkeypatch.setattr(prepare_module, "_stdlib_dir", lambda: tmp_path / "lib")
+    folder = ensure_default_data(tmp_path / "cache", tokenizer="byte")
+    assert folder.parent == tmp_path / "cache" and "byte" in folder.name
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["documents"] + manifest["splits"]["val"]["documents"] == 3
+    created = (folder / "manifest.json").stat().st_mtime_ns
+    assert ensure_default_data(tmp_path / "cache", tokenizer="byte") == folder
+    assert (folder / "manifest.json").stat().st_mtime_ns == created  # reused, not rebuilt
+    other = ensure_default_data(tmp_path / "cache", tokenizer="bpe", vocab_size=300)
+    assert other != folder and "bpe300" in other.name
+
+
+def test_ensure_default_data_loser_of_a_race_uses_the_winners_folder(tmp_path, monkeypatch):
+    fake_stdlib(tmp_path / "lib")
+    monkeypatch.setattr(prepare_module, "_stdlib_dir", lambda: tmp_path / "lib")
+    real_build = prepare_module._build
+    winner = {}
+
+    def build_while_another_process_wins(*args, **kwargs):
+        if not winner:  # the "other process" runs to completion in the middle of our build
+            winner["started"] = True
+            winner["folder"] = folder = ensure_default_data(tmp_path / "cache", tokenizer="byte")
+            winner["manifest"] = (folder / "manifest.json").read_bytes()
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(prepare_module, "_build", build_while_another_process_wins)
+    folder = ensure_default_data(tmp_path / "cache", tokenizer="byte")
+    assert folder == winner["folder"]
+    assert (folder / "manifest.json").read_bytes() == winner["manifest"]  # the winner's folder, untouched
+    assert [path.name for path in (tmp_path / "cache").iterdir()] == [folder.name]  # loser's temp folder removed

@@ -1,0 +1,157 @@
+"""Tokenizers: round trips, BPE training, tokenizer.json loading and errors."""
+
+import json
+
+import numpy as np
+import pytest
+import tokenizers as hf
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from gigatrain.data import DataError, from_tokenizer_json, load_tokenizer, make_tokenizer, train_bpe
+
+SAMPLES = [
+    "hello world",
+    "Grüße aus Köln, naïve café — ünïcödé",
+    "emoji 😀🚀 and CJK 漢字 and combining e\u0301",
+    "  leading spaces, tabs\tand\nnewlines\r\n\n",
+    "def f(x):\n    return x ** 2  # <|endoftext|> is just text here\n",
+    "",
+]
+
+CORPUS = [
+    f"def function_{i}(value):\n    return value * {i} + len('the quick brown fox')  # é 😀\n" for i in range(200)
+] + ["The quick brown fox jumps over the lazy dog. " * 20, "Grüße, naïve café, 漢字 😀🚀"]
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    return train_bpe(CORPUS, vocab_size=400)
+
+
+def foreign_tokenizer(special: list[str]) -> hf.Tokenizer:
+    """A byte-level BPE that is not gigatrain's: different special tokens."""
+    tokenizer = hf.Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=350, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tokenizer.train_from_iterator(CORPUS, trainer)
+    return tokenizer
+
+
+def test_byte_tokenizer_is_utf8_bytes_and_round_trips():
+    tokenizer = make_tokenizer("byte")
+    assert (tokenizer.kind, tokenizer.vocab_size, tokenizer.eot_id) == ("byte", 256, 0)
+    for text in SAMPLES:
+        ids = tokenizer.encode(text)
+        assert ids == list(text.encode("utf-8"))
+        assert tokenizer.decode(ids) == text
+    assert tokenizer.encode_batch(SAMPLES) == [tokenizer.encode(text) for text in SAMPLES]
+    # A window can cut a character in half: decoding must not raise.
+    assert tokenizer.decode(list("é".encode())[:1]) == "\ufffd"
+
+
+def test_bpe_round_trips_and_compresses(bpe):
+    assert bpe.kind == "bpe" and bpe.eot_id == 0 and bpe.vocab_size == 400
+    for text in SAMPLES + CORPUS[:3]:
+        assert bpe.decode(bpe.encode(text)) == text
+        assert all(0 <= i < bpe.vocab_size for i in bpe.encode(text))
+    text = "\n".join(CORPUS[:50])
+    assert len(bpe.encode(text)) < len(text.encode("utf-8")) / 2
+    assert bpe.encode_batch(SAMPLES) == [bpe.encode(text) for text in SAMPLES]
+
+
+def test_special_token_text_inside_a_document_is_not_a_separator(bpe):
+    ids = bpe.encode("a <|endoftext|> b")
+    assert bpe.eot_id not in ids
+    assert bpe.decode([bpe.eot_id]) == "<|endoftext|>"
+
+
+def test_bpe_training_is_deterministic(bpe):
+    again = train_bpe(iter(CORPUS), vocab_size=400)  # an iterator, not a list: same result
+    assert again.hf.to_str() == bpe.hf.to_str()
+    assert again.encode(CORPUS[0]) == bpe.encode(CORPUS[0])
+
+
+def test_bpe_vocab_size_must_hold_all_bytes():
+    with pytest.raises(DataError, match="257"):
+        train_bpe(CORPUS, vocab_size=100)
+
+
+def test_encode_documents_prefixes_every_document_with_eot(bpe):
+    for tokenizer in (bpe, make_tokenizer("byte")):
+        stream = tokenizer.encode_documents(["ab c", "", "é😀"], np.dtype("<u2"))
+        expected = []
+        for text in ["ab c", "", "é😀"]:
+            expected += [tokenizer.eot_id] + tokenizer.encode(text)
+        assert stream.dtype == np.dtype("<u2")
+        assert stream.tolist() == expected
+
+
+@pytest.mark.parametrize("kind", ["byte", "bpe"])
+def test_save_then_load_round_trips_each_kind(tmp_path, bpe, kind):
+    tokenizer = bpe if kind == "bpe" else make_tokenizer("byte")
+    path = tokenizer.save(tmp_path / "tok")
+    assert path == tmp_path / "tok" / "tokenizer.json"
+    for location in (path, path.parent):  # the file or its folder
+        loaded = load_tokenizer(location)
+        assert (loaded.kind, loaded.vocab_size, loaded.eot_id) == (tokenizer.kind, tokenizer.vocab_size, tokenizer.eot_id)
+        for text in SAMPLES:
+            assert loaded.encode(text) == tokenizer.encode(text)
+            assert loaded.decode(loaded.encode(text)) == text
+    assert make_tokenizer(str(path)).kind == kind
+
+
+def test_foreign_tokenizer_json_is_kind_json_and_round_trips(tmp_path):
+    foreign = foreign_tokenizer(["<pad>", "</s>"])
+    foreign.save(str(tmp_path / "tokenizer.json"))
+    tokenizer = from_tokenizer_json(tmp_path / "tokenizer.json")
+    assert tokenizer.kind == "json"
+    assert tokenizer.eot_id == foreign.token_to_id("</s>") == 1
+    assert tokenizer.vocab_size == foreign.get_vocab_size()
+    for text in SAMPLES:
+        assert tokenizer.decode(tokenizer.encode(text)) == text
+    saved = tokenizer.save(tmp_path / "copy")
+    reloaded = load_tokenizer(saved.parent)
+    assert (reloaded.kind, reloaded.eot_id, reloaded.vocab_size) == ("json", 1, tokenizer.vocab_size)
+    assert reloaded.encode(SAMPLES[2]) == tokenizer.encode(SAMPLES[2])
+
+
+def test_eot_prefers_endoftext_then_s(tmp_path):
+    foreign = foreign_tokenizer(["</s>", "<|endoftext|>"])
+    foreign.save(str(tmp_path / "tokenizer.json"))
+    assert from_tokenizer_json(tmp_path / "tokenizer.json").eot_id == foreign.token_to_id("<|endoftext|>")
+
+
+def test_truncation_in_a_foreign_tokenizer_is_switched_off(tmp_path):
+    foreign = foreign_tokenizer(["</s>"])
+    foreign.enable_truncation(max_length=4)
+    foreign.save(str(tmp_path / "tokenizer.json"))
+    tokenizer = load_tokenizer(tmp_path)
+    text = "The quick brown fox jumps over the lazy dog."
+    assert len(tokenizer.encode(text)) > 4
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+
+
+def test_tokenizer_json_without_eot_names_what_it_looked_for(tmp_path):
+    foreign_tokenizer(["<pad>"]).save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(DataError, match=r"tokenizer\.json.*<\|endoftext\|>.*</s>.*<\|end_of_text\|>"):
+        from_tokenizer_json(tmp_path / "tokenizer.json")
+
+
+def test_bad_tokenizer_files_raise_data_error(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        load_tokenizer(tmp_path / "missing")
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(DataError, match="tokenizer.json"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"hello": 1}))
+    with pytest.raises(DataError, match="tokenizer.json"):
+        load_tokenizer(tmp_path)
+
+
+def test_bad_spec_names_it_and_the_choices():
+    with pytest.raises(DataError, match=r"'wordpiece'.*byte.*bpe.*tokenizer\.json") as error:
+        make_tokenizer("wordpiece", [], 300)
+    assert "\n" not in str(error.value)

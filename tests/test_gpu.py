@@ -1,0 +1,25 @@
+"""CUDA paths: bf16 autocast, fused AdamW, torch.compile. Skipped cleanly without a GPU;
+run on a GPU machine with `python -m pytest tests/test_gpu.py`."""
+
+import math
+
+import pytest
+import torch
+
+from helpers import TINY
+from gigatrain.metrics.logger import read_metrics
+from gigatrain.train.trainer import resolve_run_config, train
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_trains_in_bf16_on_gpu(tmp_path, byte_data, compile):
+    run_dir = tmp_path / "run"
+    cfg = resolve_run_config(None, [*TINY, f"--data.path={byte_data}", f"--run.dir={run_dir}", "--train.max_steps=20",
+                                    "--train.device=cuda", f"--train.compile={str(compile).lower()}"])
+    result = train(cfg)
+    steps = [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+    assert result.step == 20 and all(math.isfinite(r["loss"]) for r in steps)
+    assert steps[-1]["loss"] < steps[0]["loss"]
+    assert 0 < steps[-1]["mfu"] < 1 and steps[-1]["peak_memory_gb"] > 0
