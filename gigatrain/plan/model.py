@@ -1,0 +1,456 @@
+"""The analytical performance model: memory per GPU and time per optimizer step of one layout.
+
+A layout is gigatrain's parallel config (dp_replicate x dp_shard x tp x pp x cp, torchtitan's
+mesh order with tp innermost) plus the choices that go with it: micro-batch size, pipeline
+schedule and activation recompute. The model is a roofline per transformer layer:
+
+  compute    matmul FLOPs at the accelerator's sustained matmul efficiency, attention FLOPs
+             (halved: causal flash kernels skip the masked half) at the attention efficiency;
+  memory     element-wise traffic (norms, rotary, SwiGLU, residual adds, casts) and the weight
+             traffic of each micro-batch, at a fraction of HBM bandwidth;
+  comm       TP all-gathers/reduce-scatters (sequence parallel), CP all-gathers of K and V,
+             FSDP all-gather/reduce-scatter and HSDP all-reduce over the scale-out network,
+             pipeline sends; ring collectives at a fraction of link bandwidth plus a latency
+             per ring step; FSDP/HSDP and CP traffic overlaps compute, TP traffic does not;
+  pipeline   the bubble of each schedule: (pp-1) micro-batch times for GPipe and 1F1B,
+             (pp-1)/v for interleaved 1F1B with v virtual stages, (pp-1)/3 for zero-bubble ZB-H1.
+
+FLOP counts come from gigatrain.models.flops (the PaLM convention the trainer's MFU uses).
+Expert parallelism is the seam left for MoE: a layer's cost is per_layer_* below, and an MoE
+layer would add its all-to-all and expert GEMMs there.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+from functools import lru_cache
+
+from gigatrain.models.flops import matmul_params, param_counts, training_flops_per_token
+from gigatrain.models.transformer import ModelArgs
+from gigatrain.plan.catalog import Accelerator
+
+SCHEDULES = ("1f1b", "interleaved", "zb", "gpipe")
+RECOMPUTE = ("none", "selective", "full")
+DEGREES = ("dp_replicate", "dp_shard", "tp", "pp", "cp")
+
+GB = 1e9
+NVLINK_LATENCY_S = 1e-6  # per ring step inside an NVLink domain (NCCL LL/LL128 protocols)
+MEMORY_RESERVE_GB = 2.0  # CUDA context, NCCL and cuBLAS workspaces
+MEMORY_USABLE = 0.95  # share of HBM the caching allocator can use before fragmentation bites
+SCORE_PASSES = 10  # unfused attention: QK^T write, softmax read+write, mask, dropout, AV read; x2 for backward
+OPTIMIZER_BYTES_PER_PARAM = 32  # AdamW in fp32: read param, grad, m, v; write param, m, v; grad-norm read
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What is trained: the model shape, sequence length and global batch (sequences per step)."""
+
+    model: ModelArgs
+    seq_len: int
+    global_batch: int
+    precision: str = "bf16"  # which peak the compute runs at: bf16 or fp8
+    act_bytes: int = 2  # bytes per activation element: 2 under bf16 autocast, 4 for fp32 (CPU)
+    flash_attention: bool = True  # False: scores are materialised (pre-2022 kernels, e.g. Megatron 2021)
+    sequence_parallel: bool = True  # False: norms and residuals run unsharded on every TP rank (pre-2022 Megatron)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.seq_len * self.global_batch
+
+    @property
+    def flops_per_token(self) -> int:
+        return training_flops_per_token(self.model, self.seq_len)
+
+
+@dataclass(frozen=True)
+class Layout:
+    dp_replicate: int = 1
+    dp_shard: int = 1
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    micro_batch_size: int = 1
+    schedule: str = "1f1b"  # pipeline schedule; ignored when pp == 1
+    virtual_stages: int = 1  # model chunks per pipeline rank (interleaved 1F1B)
+    recompute: str = "none"  # activation recompute: none | selective | full
+
+    @property
+    def dp(self) -> int:
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.tp * self.pp * self.cp
+
+    def degrees(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in DEGREES}
+
+    def describe(self) -> str:
+        """Compact: 'dp2x64 tp8 pp7:int9 cp2 mbs1 rc=selective' (dp replicate x shard)."""
+        dp = f"dp{self.dp_replicate}x{self.dp_shard}" if self.dp_replicate > 1 else f"dp{self.dp_shard}"
+        parts = [dp]
+        if self.tp > 1:
+            parts.append(f"tp{self.tp}")
+        if self.pp > 1:
+            schedule = {"interleaved": f"int{self.virtual_stages}"}.get(self.schedule, self.schedule)
+            parts.append(f"pp{self.pp}:{schedule}")
+        if self.cp > 1:
+            parts.append(f"cp{self.cp}")
+        parts.append(f"mbs{self.micro_batch_size}")
+        if self.recompute != "none":
+            parts.append(f"rc={self.recompute}")
+        return " ".join(parts)
+
+
+@dataclass(frozen=True)
+class Efficiency:
+    """The model's free factors. Defaults are justified in docs/planner.md; --calibrate fits them.
+
+    matmul and attention default to the accelerator's catalog figures when None; the catalog's
+    matmul figure is a best-shape benchmark, which GEMMs at training shapes reach only
+    matmul_derate of (fit once to published runs, see docs/planner.md).
+    """
+
+    matmul: float | None = None  # sustained fraction of peak FLOP/s in GEMMs at training shapes
+    attention: float | None = None  # fraction of peak in fused attention, forward + backward
+    matmul_derate: float = 0.80  # training-shape GEMMs vs the catalog's best-shape benchmark
+    memory: float = 0.8  # fraction of HBM bandwidth reached by memory-bound kernels (STREAM-like)
+    elementwise_passes: float = 8.0  # reads+writes of every stored activation element, fwd+bwd
+    collective_scaleup: float = 0.8  # fraction of NVLink bandwidth NCCL rings reach
+    collective_scaleout: float = 0.9  # fraction of InfiniBand/RoCE line rate NCCL rings reach
+    overlap: float = 0.95  # share of FSDP/HSDP and CP traffic hidden behind compute
+    tp_overlap: float = 0.0  # share of TP traffic hidden (async TP would raise it)
+    layer_overhead_s: float = 0.0  # launch/dispatch time per layer per micro-batch (matters on CPU)
+    step_overhead_s: float = 0.0  # fixed time per optimizer step (data, logging, syncs)
+
+    def resolve(self, gpu: Accelerator) -> "Efficiency":
+        return replace(self, matmul=self.matmul if self.matmul is not None else gpu.matmul_efficiency * self.matmul_derate,
+                       attention=self.attention if self.attention is not None else gpu.attention_efficiency)
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass
+class Estimate:
+    """One layout, evaluated: memory per GPU (GB), time per step (s) and the rates they give."""
+
+    layout: Layout
+    gpus: int
+    fits: bool
+    memory_gb: dict[str, float]
+    time_s: dict[str, float]
+    step_time_s: float
+    tokens_per_s: float
+    mfu: float
+    hfu: float
+    microbatches: int
+
+    @property
+    def memory_total_gb(self) -> float:
+        return sum(self.memory_gb.values())
+
+
+# -- per-token quantities of the model (one source of truth: gigatrain.models.flops) ----------
+@dataclass(frozen=True)
+class ModelCosts:
+    layer_dense_flops: float  # training FLOPs per token of one layer's matmuls
+    layer_attention_flops: float  # training FLOPs per token of one layer's QK^T and AV (PaLM count)
+    head_flops: float  # training FLOPs per token of the LM head
+    layer_params: int  # matmul weights of one layer
+    layer_state_params: int  # plus its two norm weights: what FSDP shards and AdamW updates
+    embedding_params: int
+    head_params: int  # LM head weights a last pipeline stage holds (a copy when tied)
+    kv_dim: int
+
+
+@lru_cache(maxsize=256)
+def model_costs(args: ModelArgs, seq_len: int) -> ModelCosts:
+    counts = param_counts(args)
+    dense = training_flops_per_token(args, 0)  # seq_len 0: the matmul-only part, 6 x matmul params
+    attention = training_flops_per_token(args, seq_len) - dense
+    layers_share = args.n_layers * counts.per_layer / matmul_params(args)
+    return ModelCosts(
+        layer_dense_flops=dense * layers_share / args.n_layers,
+        layer_attention_flops=attention / args.n_layers,
+        head_flops=dense * (1 - layers_share),
+        layer_params=counts.per_layer,
+        layer_state_params=counts.per_layer + 2 * args.d_model,
+        embedding_params=counts.embedding,
+        head_params=args.vocab_size * args.d_model + args.d_model,  # with the final norm
+        kv_dim=args.n_kv_heads * args.head_dim,
+    )
+
+
+def activation_elements(args: ModelArgs, kv_dim_per_rank: float, tp: int, recompute: str, score_len: int = 0,
+                        sequence_parallel: bool = True) -> float:
+    """Activation elements one layer keeps per token for its backward, per TP rank.
+
+    With sequence parallelism every stored tensor is split over tp (Korthikanti et al. 2022,
+    "Reducing Activation Recomputation in Large Transformer Models", table 2), and flash
+    attention keeps no seq x seq scores. Per token, for a Llama block:
+      none       attention: norm input, normed input, q, k, v, attention output (4h + 2kv)
+                 MLP: norm input, normed input, gate, up, silu(gate), product (2h + 4f)
+      selective  recompute norms and SwiGLU's element-wise ops: keep the residual inputs, q, k, v,
+                 attention output, gate and up (4h + 2kv + 2f)
+      full       keep only the layer input (h), recompute the whole layer in the backward
+    Without flash attention (score_len = sequence length) the softmax output, dropout mask and
+    dropout output add Korthikanti's 5as bytes per token, which selective recompute drops.
+    Without sequence parallelism the norm inputs and outputs (4h) are whole on every TP rank.
+    """
+    h, f = args.d_model, args.ffn_hidden
+    per_rank_h, per_rank_f = h / tp, f / tp
+    norm_h = per_rank_h if sequence_parallel else h  # residual-stream tensors around the norms
+    if recompute == "full":
+        return norm_h
+    if recompute == "selective":
+        return 2 * norm_h + 2 * per_rank_h + 2 * kv_dim_per_rank + 2 * per_rank_f
+    return 4 * norm_h + 2 * per_rank_h + 2 * kv_dim_per_rank + 4 * per_rank_f + 2.5 * args.n_heads / tp * score_len
+
+
+# -- links --------------------------------------------------------------------------------
+def link(gpu: Accelerator, span: int, eff: Efficiency) -> tuple[float, float]:
+    """(achieved bandwidth B/s one direction, latency s per ring step) for a group spanning
+    `span` consecutive ranks: NVLink when they fit one scale-up domain, else the scale-out NIC."""
+    if span <= gpu.scaleup_domain:
+        return gpu.scaleup_bw_gbs * GB * eff.collective_scaleup, NVLINK_LATENCY_S
+    return gpu.scaleout_bw_gbs * GB * eff.collective_scaleout, gpu.scaleout_latency_us * 1e-6
+
+
+def ring_time(bytes_per_rank: float, ranks: int, bandwidth: float, latency: float) -> float:
+    """All-gather or reduce-scatter of a buffer of bytes_per_rank x ranks: each rank moves
+    (ranks-1)/ranks of the whole over ranks-1 ring steps."""
+    if ranks <= 1:
+        return 0.0
+    return (ranks - 1) * bytes_per_rank / bandwidth + (ranks - 1) * latency
+
+
+# -- pipeline -----------------------------------------------------------------------------
+def stage_split(n_layers: int, pp: int, head_layers: float, even: bool) -> tuple[int, int]:
+    """(layers on the busiest non-last stage, layers on the last stage). Even splits give every
+    stage n_layers/pp; otherwise the last stage, which also runs the LM head (worth head_layers
+    layers of time), gets fewer layers, as Llama 3 did for its 126 layers on 16 stages."""
+    if pp == 1:
+        return n_layers, n_layers
+    if even:
+        return n_layers // pp, n_layers // pp
+    for per_stage in range(math.ceil(n_layers / pp), n_layers + 1):
+        last_capacity = max(0, math.floor(per_stage - head_layers + 1e-9))
+        if (pp - 1) * per_stage + last_capacity >= n_layers:
+            return per_stage, max(0, n_layers - (pp - 1) * per_stage)
+    return n_layers, 0
+
+
+def bubble_microbatches(layout: Layout) -> float:
+    """Idle time of a pipeline flush, in micro-batch times of one stage."""
+    if layout.pp == 1:
+        return 0.0
+    if layout.schedule == "interleaved":
+        return (layout.pp - 1) / layout.virtual_stages
+    if layout.schedule == "zb":
+        # ZB-H1 (Qi et al. 2024): splitting the backward into input- and weight-gradient passes
+        # fills the 1F1B bubble to about a third at the same activation memory.
+        return (layout.pp - 1) / 3
+    return float(layout.pp - 1)  # GPipe and 1F1B (Narayanan et al. 2021, sec. 2.2)
+
+
+def microbatches_in_flight(layout: Layout, microbatches: int) -> float:
+    """Micro-batches whose activations the first pipeline stage holds at its peak."""
+    if layout.pp == 1:
+        return 1.0
+    if layout.schedule == "gpipe":
+        return float(microbatches)
+    in_flight = float(min(layout.pp, microbatches))
+    if layout.schedule == "interleaved":
+        # Narayanan et al. 2021 sec. 2.2.2: (1 + (p-1)/(p v)) times the 1F1B activations.
+        in_flight *= 1 + (layout.pp - 1) / (layout.pp * layout.virtual_stages)
+    return in_flight
+
+
+# -- the estimate -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PieceTime:
+    """Seconds one GPU spends on one layer (or the LM head) for one micro-batch."""
+
+    compute: float  # matmuls, attention, memory traffic, launch overhead
+    tp: float  # exposed tensor-parallel communication
+    cp: float  # exposed context-parallel communication
+
+    @property
+    def total(self) -> float:
+        return self.compute + self.tp + self.cp
+
+
+@dataclass(frozen=True)
+class Context:
+    """What every piece of the estimate needs, resolved once."""
+
+    workload: Workload
+    layout: Layout
+    gpu: Accelerator
+    eff: Efficiency
+    costs: ModelCosts
+    tokens: float  # tokens one GPU sees per micro-batch
+    peak: float  # FLOP/s
+    hbm: float  # achieved HBM bytes/s
+    kv_per_rank: float  # K/V width per TP rank (kv heads replicate when tp > n_kv_heads)
+
+
+def layer_time(c: Context) -> PieceTime:
+    args, layout, eff, ab, tp = c.workload.model, c.layout, c.eff, c.workload.act_bytes, c.layout.tp
+    full = layout.recompute == "full"
+    replay = 4 / 3 if full else 1.0  # full recompute replays the forward: 1 + 1/3 of fwd+bwd
+    # Flash kernels skip the masked half of causal attention; unfused ones compute every score,
+    # then write, softmax, mask and re-read the [heads, seq, seq] matrix (SCORE_PASSES times).
+    causal = 0.5 if c.workload.flash_attention else 1.0
+    score_len = 0 if c.workload.flash_attention else c.workload.seq_len
+    attention = c.tokens * c.costs.layer_attention_flops / tp * causal * replay / (c.peak * eff.attention)
+    matmuls = c.tokens * c.costs.layer_dense_flops / tp * replay / (c.peak * eff.matmul)
+    stored = activation_elements(args, c.kv_per_rank, tp, "none", 0, c.workload.sequence_parallel)
+    elementwise = (eff.elementwise_passes * stored + SCORE_PASSES * args.n_heads / tp * score_len) * ab * c.tokens
+    elementwise *= 1 + (1 / 3 if layout.recompute != "none" else 0)  # recompute replays the element-wise ops
+    weights = c.costs.layer_params / tp * (3 * ab + 8 + (ab if full else 0))  # W read fwd+bwd, dW written, fp32 accumulate
+    compute = matmuls + attention + (elementwise + weights) / c.hbm + eff.layer_overhead_s
+
+    tp_bw, tp_lat = link(c.gpu, tp, eff)
+    tp_ops = 8 + (4 if full else 0)  # SP: all-gather + reduce-scatter around attention and MLP, fwd and bwd
+    tp_time = tp_ops * ring_time(c.tokens * args.d_model * ab / tp, tp, tp_bw, tp_lat) * (1 - eff.tp_overlap)
+    cp_bw, cp_lat = link(c.gpu, tp * layout.cp, eff)
+    cp_ops = 3 + (1 if full else 0)  # gather K,V fwd; gather again and reduce-scatter dK,dV bwd
+    cp_time = cp_ops * ring_time(c.tokens * 2 * c.kv_per_rank * ab, layout.cp, cp_bw, cp_lat)
+    return PieceTime(compute, tp_time, max(0.0, cp_time - eff.overlap * attention))
+
+
+def head_time(c: Context) -> PieceTime:
+    """The LM head and loss on the last stage: vocab-parallel matmul, logits in fp32 for the loss."""
+    args, eff, ab, tp = c.workload.model, c.eff, c.workload.act_bytes, c.layout.tp
+    matmul = c.tokens * c.costs.head_flops / tp / (c.peak * eff.matmul)
+    traffic = eff.elementwise_passes * 2 * ab * c.tokens * args.vocab_size / tp + c.costs.head_params / tp * (3 * ab + 8)
+    tp_bw, tp_lat = link(c.gpu, tp, eff)
+    tp_time = 2 * ring_time(c.tokens * args.d_model * ab / tp, tp, tp_bw, tp_lat) * (1 - eff.tp_overlap)
+    return PieceTime(matmul + traffic / c.hbm + eff.layer_overhead_s, tp_time, 0.0)
+
+
+def stage_params(costs: ModelCosts, args: ModelArgs, pp: int, per_stage: int, last_layers: int) -> tuple[float, float]:
+    """Parameters (all ranks of TP together) of the first and the last pipeline stage."""
+    if pp == 1:
+        whole = args.n_layers * costs.layer_state_params + costs.head_params
+        return (whole + (0 if args.tie_embeddings else costs.embedding_params),) * 2
+    return (per_stage * costs.layer_state_params + costs.embedding_params,
+            last_layers * costs.layer_state_params + costs.head_params)
+
+
+def data_parallel_time(c: Context, params_per_rank: float, collectives: int, microbatches: int) -> float:
+    """FSDP over dp_shard x cp (torchtitan's dp_shard_cp mesh) and HSDP's all-reduce over dp_replicate.
+
+    FSDP all-gathers bf16 weights for the forward and again for the backward and reduce-scatters
+    fp32 gradients: per micro-batch without pipeline parallelism, once per step with it (the
+    stage keeps its weights gathered and its gradients unsharded between micro-batches).
+    """
+    layout, ab = c.layout, c.workload.act_bytes
+    shard = layout.dp_shard * layout.cp
+    gathers, scatters = (2 * microbatches, microbatches) if layout.pp == 1 else (1, 1)
+    seconds = 0.0
+    if shard > 1:
+        bw, lat = link(c.gpu, layout.tp * shard, c.eff)
+        seconds += (gathers * ring_time(params_per_rank * ab / shard, shard, bw, 0.0)
+                    + scatters * ring_time(params_per_rank * 4 / shard, shard, bw, 0.0)
+                    + (gathers + scatters) * collectives * (shard - 1) * lat)
+    r = layout.dp_replicate
+    if r > 1:
+        bw, lat = link(c.gpu, layout.tp * shard * r, c.eff)
+        seconds += 2 * ring_time(params_per_rank * 4 / shard / r, r, bw, 0.0) + collectives * 2 * (r - 1) * lat
+    return seconds
+
+
+def evaluate(workload: Workload, layout: Layout, gpu: Accelerator, efficiency: Efficiency = Efficiency(),
+             even_stages: bool = True) -> Estimate:
+    """Memory per GPU and time per optimizer step of one layout (which must divide the batch)."""
+    eff = efficiency.resolve(gpu)
+    args = workload.model
+    tp, pp = layout.tp, layout.pp
+    microbatches = workload.global_batch // (layout.dp * layout.micro_batch_size)
+    c = Context(workload, layout, gpu, eff, model_costs(args, workload.seq_len),
+                tokens=layout.micro_batch_size * workload.seq_len / layout.cp, peak=gpu.peak_flops(workload.precision),
+                hbm=gpu.memory_bw_gbs * GB * eff.memory, kv_per_rank=max(args.n_kv_heads / tp, 1) * args.head_dim)
+    layer, head = layer_time(c), head_time(c)
+
+    # The slowest pipeline stage sets the pace; the last one also runs the head.
+    per_stage, last_layers = stage_split(args.n_layers, pp, head.total / layer.total, even_stages)
+    if pp == 1:
+        stage_layers, with_head = args.n_layers, True
+    else:
+        with_head = last_layers * layer.total + head.total >= per_stage * layer.total
+        stage_layers = last_layers if with_head else per_stage
+    microbatch_time = stage_layers * layer.total + (head.total if with_head else 0.0)
+    compute_time = microbatches * microbatch_time
+
+    # Pipeline: the flush bubble, plus the sends on the fill/drain critical path.
+    bubble = bubble_microbatches(layout) * microbatch_time
+    pp_bw, pp_lat = link(gpu, tp * layout.cp * layout.dp * 2, eff)
+    p2p = (c.tokens * args.d_model * workload.act_bytes / tp) / pp_bw + pp_lat  # scatter/gather: 1/tp per rank
+    pp_exposed = 2 * (pp * layout.virtual_stages - 1) * p2p if pp > 1 else 0.0
+
+    params_per_rank = max(stage_params(c.costs, args, pp, per_stage, last_layers)) / tp
+    dp_time = data_parallel_time(c, params_per_rank, max(per_stage, 1), microbatches)
+    dp_exposed = max(dp_time - eff.overlap * compute_time, (1 - eff.overlap) * dp_time)
+    shard = layout.dp_shard * layout.cp
+    optimizer_time = params_per_rank / shard * OPTIMIZER_BYTES_PER_PARAM / c.hbm
+    step = compute_time + bubble + pp_exposed + dp_exposed + optimizer_time + eff.step_overhead_s
+
+    tp_part = microbatches * (stage_layers * layer.tp + (head.tp if with_head else 0.0))
+    cp_part = microbatches * stage_layers * layer.cp
+    time_s = {"compute": compute_time - tp_part - cp_part, "tp_comm": tp_part, "cp_comm": cp_part,
+              "dp_comm": dp_exposed, "pp_comm": pp_exposed, "bubble": bubble,
+              "optimizer": optimizer_time + eff.step_overhead_s}
+
+    memory_gb = memory_breakdown(workload, layout, c.costs, per_stage, last_layers, microbatches, c.kv_per_rank)
+    world, peak = layout.world_size, c.peak
+    tokens_per_s = workload.tokens_per_step / step
+    replayed = (c.costs.layer_attention_flops + c.costs.layer_dense_flops) / 3 if layout.recompute == "full" else 0.0
+    return Estimate(layout=layout, gpus=world, fits=sum(memory_gb.values()) <= gpu.memory_gb * MEMORY_USABLE,
+                    memory_gb=memory_gb, time_s=time_s, step_time_s=step, tokens_per_s=tokens_per_s,
+                    mfu=tokens_per_s * workload.flops_per_token / (world * peak),
+                    hfu=tokens_per_s * (workload.flops_per_token + args.n_layers * replayed) / (world * peak),
+                    microbatches=microbatches)
+
+
+def memory_breakdown(workload: Workload, layout: Layout, costs: ModelCosts, per_stage: int, last_layers: int,
+                     microbatches: int, kv_per_rank: float) -> dict[str, float]:
+    """Peak memory of the fuller of the first and last pipeline stages, GB per GPU.
+
+    FSDP2 mixed precision: fp32 master weights, fp32 gradients and AdamW's two fp32 states,
+    all sharded over dp_shard x cp; bf16 copies of the layers being computed. Under pipeline
+    parallelism gradients accumulate unsharded across micro-batches and the stage's bf16
+    weights stay gathered (no resharding between micro-batches).
+    """
+    args, ab = workload.model, workload.act_bytes
+    tp, pp, cp = layout.tp, layout.pp, layout.cp
+    shard = layout.dp_shard * cp
+    tokens = layout.micro_batch_size * workload.seq_len / cp
+    score_len = 0 if workload.flash_attention else workload.seq_len
+    sp = workload.sequence_parallel
+    per_layer_act = tokens * activation_elements(args, kv_per_rank, tp, layout.recompute, score_len, sp) * ab
+    replay_buffer = (tokens * activation_elements(args, kv_per_rank, tp, "none", score_len, sp) * ab
+                     if layout.recompute != "none" else 0.0)
+    logits = tokens * args.vocab_size / tp * (ab + 8)  # bf16 logits, fp32 copy and its gradient
+
+    def stage(layers: int, params: float, in_flight: float, has_head: bool) -> dict[str, float]:
+        params /= tp
+        weights = 4 * params / shard + (ab * params if pp > 1 and shard > 1 else 0.0)
+        gradients = 4 * params / (shard if pp == 1 else 1)
+        optimizer = 8 * params / shard
+        buffers = MEMORY_RESERVE_GB * GB
+        if shard > 1 and pp == 1:  # two gathered layers (compute + prefetch) and one unsharded gradient
+            buffers += costs.layer_state_params / tp * (2 * ab + 4)
+        activations = in_flight * layers * per_layer_act + replay_buffer + (logits if has_head else 0.0)
+        return {"weights": weights / GB, "gradients": gradients / GB, "optimizer": optimizer / GB,
+                "activations": activations / GB, "buffers": buffers / GB}
+
+    first_params, last_params = stage_params(costs, args, pp, per_stage, last_layers)
+    if pp == 1:
+        return stage(args.n_layers, first_params, 1.0, True)
+    first = stage(per_stage, first_params, microbatches_in_flight(layout, microbatches), False)
+    last = stage(last_layers, last_params, 1.0, True)
+    return max(first, last, key=lambda parts: sum(parts.values()))
