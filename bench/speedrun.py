@@ -43,15 +43,20 @@ def measure_step_time(overrides: list[str], tmp: Path, steps: int = 6) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=180.0, help="training budget, wall clock")
+    parser.add_argument("--steps", type=int, default=0,
+                        help="train exactly this many steps instead (no time limit): reproducible comparisons on a busy machine")
     args, overrides = parser.parse_known_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        step_time = measure_step_time(overrides, Path(tmp))
-        # Evaluations inside the run also take time: budget the steps to leave room for them.
-        max_steps = max(10, int(0.95 * args.seconds / step_time))
-        cfg = load_config(None, [*overrides, f"--train.max_steps={max_steps}", f"--train.time_limit_s={args.seconds}",
+        if args.steps:
+            max_steps, limit = args.steps, 0.0
+        else:
+            step_time = measure_step_time(overrides, Path(tmp))
+            # Evaluations inside the run also take time: budget the steps to leave room for them.
+            max_steps, limit = max(10, int(0.95 * args.seconds / step_time)), args.seconds
+            print(f"step time {step_time * 1000:.0f} ms -> max_steps {max_steps} for {args.seconds:.0f} s")
+        cfg = load_config(None, [*overrides, f"--train.max_steps={max_steps}", f"--train.time_limit_s={limit}",
                                  f"--run.dir={Path(tmp) / 'run'}", "--train.samples=0", "--train.progress=plain"])
-        print(f"step time {step_time * 1000:.0f} ms -> max_steps {max_steps} for {args.seconds:.0f} s")
         start = time.perf_counter()
         trainer = Trainer(cfg)
         result = trainer.run()
@@ -62,7 +67,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, preset {cfg.model.preset}, "
           f"{result.step} steps ({result.stopped_by}), {elapsed:.0f} s incl. evals and checkpoint, "
           f"{result.step * trainer.tokens_per_step:,} tokens, held-out {split.num_tokens:,} tokens")
-    print(f"speedrun {args.seconds:.0f}s: held-out bits per byte {bpb:.4f}")
+    budget = f"{args.steps} steps" if args.steps else f"{args.seconds:.0f}s"
+    print(f"speedrun {budget}: held-out bits per byte {bpb:.4f}")
 
 
 if __name__ == "__main__":

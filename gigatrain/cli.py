@@ -91,7 +91,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompt_ids = [run.tokenizer.eot_id] + run.tokenizer.encode(args.prompt)
     for i in range(args.num_samples):
         new_ids = generate(run.model, prompt_ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                           context_len=run.cfg.data.seq_len, device=device, dtype=dtype, generator=generator)
+                           context_len=run.cfg.data.seq_len, device=device, dtype=dtype, generator=generator,
+                           stop_id=run.tokenizer.eot_id)
         if args.num_samples > 1:
             print(f"--- sample {i + 1} ---")
         print(args.prompt + run.tokenizer.decode(new_ids))

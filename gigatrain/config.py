@@ -53,21 +53,21 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     seed: int = 1337
-    max_steps: int = 1500
-    batch_size: int = 32  # global: sequences per optimizer step
+    max_steps: int = 600
+    batch_size: int = 16  # global: sequences per optimizer step
     micro_batch_size: int = 0  # sequences per forward/backward; 0: the whole batch at once
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
-    warmup_steps: int = 50
+    warmup_steps: int = 20
     decay_fraction: float = 0.2  # wsd: share of the steps spent decaying
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 disables clipping
-    eval_every: int = 250
+    eval_every: int = 200
     eval_batches: int = 16
-    checkpoint_every: int = 500
+    checkpoint_every: int = 200
     keep_checkpoints: int = 2
     time_limit_s: float = 0.0  # 0: no wall-clock budget
     stop_at_step: int = 0  # 0: run to max_steps

@@ -117,5 +117,5 @@ def test_default_corpus_with_no_data_path(tmp_path, isolated_cache):
     result = run_cli("train", *TINY, "--data.tokenizer=byte", f"--run.dir={run_dir}", "--train.max_steps=3",
                      "--train.samples=1", "--train.sample_tokens=8", check=True)
     assert "stopped by max_steps at step 3" in result.stdout
-    assert "def " in (run_dir / "samples.txt").read_text()
+    assert "prompt 'def'" in (run_dir / "samples.txt").read_text()
     assert json.loads((run_dir / "run.json").read_text())["data"].startswith(str(isolated_cache))

@@ -86,9 +86,10 @@ def evaluate_text(model: nn.Module, documents: list[str], tokenizer, seq_len: in
 @torch.no_grad()
 def generate(model: nn.Module, prompt_ids: list[int], max_new_tokens: int, *, temperature: float, top_k: int,
              context_len: int, device: torch.device, dtype: torch.dtype | None,
-             generator: torch.Generator | None = None) -> list[int]:
-    """Sample a continuation; temperature 0 is greedy. Re-runs the context each token, which is
-    simple and fast enough for the small models that sample on a CPU."""
+             generator: torch.Generator | None = None, stop_id: int | None = None) -> list[int]:
+    """Sample a continuation, ending early at `stop_id` (not returned); temperature 0 is greedy.
+    Re-runs the context each token, which is simple and fast enough for the small models that
+    sample on a CPU."""
     was_training = model.training
     model.eval()
     ids = list(prompt_ids)
@@ -105,6 +106,8 @@ def generate(model: nn.Module, prompt_ids: list[int], max_new_tokens: int, *, te
                 logits = logits.masked_fill(logits < kth, float("-inf"))
             probs = torch.softmax(logits, dim=-1).cpu()
             next_id = int(torch.multinomial(probs, 1, generator=generator))
+        if next_id == stop_id:
+            break
         ids.append(next_id)
     model.train(was_training)
     return ids[len(prompt_ids):]

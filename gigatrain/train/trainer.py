@@ -35,7 +35,8 @@ from gigatrain.train.evaluate import autocast, generate, loss_fn, mean_loss
 from gigatrain.train.optim import build_optimizer
 from gigatrain.train.schedule import lr_at
 
-DEFAULT_CORPUS_PROMPTS = ["def ", "class ", "import "]
+# No trailing space: BPE merges a space into the next word, so "def " would end on a lone space.
+DEFAULT_CORPUS_PROMPTS = ["def", "class", "import"]
 
 
 @dataclass
@@ -210,7 +211,8 @@ class Trainer:
             prompt = prompts[i % len(prompts)]
             prompt_ids = [tokenizer.eot_id] + tokenizer.encode(prompt)
             new_ids = generate(self.model, prompt_ids, t.sample_tokens, temperature=0.8, top_k=50,
-                               context_len=self.seq_len, device=self.device, dtype=self.dtype, generator=generator)
+                               context_len=self.seq_len, device=self.device, dtype=self.dtype, generator=generator,
+                               stop_id=tokenizer.eot_id)
             lines.append(f"--- sample {i + 1} (step {self.step}, prompt {prompt!r}) ---\n{prompt}{tokenizer.decode(new_ids)}\n")
         (self.run_dir / "samples.txt").write_text("\n".join(lines))
 

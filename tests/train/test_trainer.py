@@ -114,3 +114,9 @@ def test_activation_checkpointing_changes_nothing_numerically(tmp_path, byte_dat
     assert plain.train_step(inputs, targets, lr=1e-3) == recomputed.train_step(inputs, targets, lr=1e-3)
     for (name, p), (_, q) in zip(plain.model.state_dict().items(), recomputed.model.state_dict().items()):
         assert torch.equal(p, q), name
+
+
+def test_parallel_auto_takes_the_planners_layout(tmp_path, byte_data):
+    trainer = Trainer(config(tmp_path / "run", byte_data, "--parallel.auto=true"))
+    p = trainer.cfg.parallel
+    assert (p.dp_replicate, p.dp_shard, p.tp, p.pp, p.cp) == (1, 1, 1, 1, 1)
