@@ -34,6 +34,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from gigatrain.paths import write_atomic
+
 STATE_FILE = "trainer_state.json"
 LATEST_FILE = "latest"
 TMP_PREFIX = ".tmp-"
@@ -63,15 +65,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _optimizer_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """The optimizer's per-parameter tensors keyed by parameter name; hyper-parameters are
     left out on purpose: they come from the config, and leaving them out keeps the DCP
@@ -91,12 +84,12 @@ def save(directory: Path, step: int, model: torch.nn.Module, optimizer: torch.op
         tensors["optimizer"] = _optimizer_tensors(model, optimizer)
     with _single_process_ok():
         dcp.save(tensors, checkpoint_id=str(tmp))
-    _write_atomic(tmp / STATE_FILE, json.dumps(trainer_state, indent=1, sort_keys=True))
+    write_atomic(tmp / STATE_FILE, json.dumps(trainer_state, indent=1, sort_keys=True))
     _fsync_dir(tmp)
     if final.exists():  # the same step saved again (e.g. resumed and stopped at once)
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _write_atomic(directory / LATEST_FILE, final.name + "\n")
+    write_atomic(directory / LATEST_FILE, final.name + "\n")
     _fsync_dir(directory)
     prune(directory, keep)
     return final

@@ -9,14 +9,13 @@ matmul, once per machine and thread count, and cache it.
 from __future__ import annotations
 
 import json
-import os
 import platform
 import time
 import warnings
 
 import torch
 
-from gigatrain.paths import cache_dir
+from gigatrain.paths import cache_dir, write_atomic
 
 
 def _cpu_key() -> str:
@@ -55,9 +54,7 @@ def cpu_peak_flops() -> float:
         cached = {}
     if key not in cached:
         cached[key] = measure_cpu_peak_flops()
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cached, indent=1))
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(cached, indent=1))
     return cached[key]
 
 

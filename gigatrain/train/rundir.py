@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import platform
 import subprocess
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from gigatrain.checkpoint import dcp as checkpoint
 from gigatrain.config import Config, ConfigError, from_dict, to_dict, to_toml
 from gigatrain.data.tokenizers import load_tokenizer
 from gigatrain.models.transformer import ModelArgs, Transformer
+from gigatrain.paths import write_atomic
 
 CONFIG_FILE = "config.json"
 RUN_FILE = "run.json"
@@ -49,12 +49,6 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
 def saved_config(run_dir: Path) -> dict | None:
     path = run_dir / CONFIG_FILE
     if not path.exists():
@@ -67,9 +61,9 @@ def saved_config(run_dir: Path) -> dict | None:
 
 def write_run_files(run_dir: Path, cfg: Config, info: dict) -> None:
     """config.json and config.toml (the effective config) and run.json (provenance)."""
-    write_json_atomic(run_dir / CONFIG_FILE, to_dict(cfg))
-    (run_dir / "config.toml").write_text(to_toml(cfg))
-    write_json_atomic(run_dir / RUN_FILE, {"git_sha": git_sha(), "versions": package_versions(), **info})
+    write_atomic(run_dir / CONFIG_FILE, json.dumps(to_dict(cfg), indent=1) + "\n")
+    write_atomic(run_dir / "config.toml", to_toml(cfg))
+    write_atomic(run_dir / RUN_FILE, json.dumps({"git_sha": git_sha(), "versions": package_versions(), **info}, indent=1) + "\n")
 
 
 @dataclass
