@@ -120,3 +120,15 @@ def test_parallel_auto_takes_the_planners_layout(tmp_path, byte_data):
     trainer = Trainer(config(tmp_path / "run", byte_data, "--parallel.auto=true"))
     p = trainer.cfg.parallel
     assert (p.dp_replicate, p.dp_shard, p.tp, p.pp, p.cp) == (1, 1, 1, 1, 1)
+
+
+def test_compiled_training_matches_eager_and_checkpoints_plain_names(tmp_path, byte_data):
+    """torch.compile (inductor's C++ backend on CPU; Triton on GPU) changes speed, not the
+    numbers beyond rounding, and leaves parameter names as the plain model has them."""
+    eager = train(config(tmp_path / "eager", byte_data, "--train.max_steps=3"))
+    compiled = train(config(tmp_path / "compiled", byte_data, "--train.max_steps=3", "--train.compile=true"))
+    for (_, a), (_, b) in zip(step_losses(tmp_path / "eager"), step_losses(tmp_path / "compiled")):
+        assert a == pytest.approx(b, rel=1e-4)
+    assert compiled.val_loss == pytest.approx(eager.val_loss, rel=1e-4)
+    weights = final_weights(tmp_path / "compiled")  # strict load into an uncompiled model
+    assert all("_orig_mod" not in name for name in weights)
