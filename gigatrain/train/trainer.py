@@ -232,6 +232,9 @@ class Trainer:
         display.message(f"run {self.run_dir}  model {cfg.model.preset} ({counts.total / 1e6:.2f}M params)  "
                         f"device {self.device}  {self.tokens_per_step:,} tokens/step"
                         + (f"  resumed at step {self.step}" if resumed else ""))
+        if self.step >= t.max_steps:
+            display.message(f"the run is already at train.max_steps={t.max_steps}; raise it to train on "
+                            f"(e.g. --train.max_steps={2 * t.max_steps})")
 
         stopped_by, loss, val = "max_steps", float("nan"), (None, None)
         started = time.perf_counter()
