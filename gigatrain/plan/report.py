@@ -71,12 +71,18 @@ def print_plan(plan: dict, console: Console | None = None) -> None:
     print_reliability(plan, console)
 
 
-def print_power(plan: dict, console: Console) -> None:
-    power, best = plan["power"], plan["best"]
-    table = Table(title=f"Power and cost of the fleet ({plan['gpus']:,} GPUs) over {days_text(best['days_expected'])} days",
-                  title_justify="left")
+def print_quantities(title: str, rows: list[tuple[str, str]], console: Console) -> None:
+    """A two-column table of named quantities and their formatted values."""
+    table = Table(title=title, title_justify="left")
     table.add_column("quantity")
     table.add_column("value", justify="right")
+    for name, value in rows:
+        table.add_row(name, value)
+    console.print(table)
+
+
+def print_power(plan: dict, console: Console) -> None:
+    power, best = plan["power"], plan["best"]
     rows = [
         ("GPU power at TDP", f"{power['gpu_power_mw']:,.1f} MW"),
         ("IT power (servers + network)", f"{power['it_power_mw']:,.1f} MW"),
@@ -88,16 +94,12 @@ def print_power(plan: dict, console: Console) -> None:
                                                           f"({usd(power['build_amortised_usd_per_hour'])}/hour)"),
         ("break-even: building beats leasing after", duration(power["break_even_days"])),
     ]
-    for name, value in rows:
-        table.add_row(name, value)
-    console.print(table)
+    title = f"Power and cost of the fleet ({plan['gpus']:,} GPUs) over {days_text(best['days_expected'])} days"
+    print_quantities(title, rows, console)
 
 
 def print_reliability(plan: dict, console: Console) -> None:
     rel = plan["reliability"]
-    table = Table(title="Reliability of the best layout", title_justify="left")
-    table.add_column("quantity")
-    table.add_column("value", justify="right")
     rows = [
         ("mean time between interruptions", f"{rel['mtbi_hours'] * 60:,.1f} min"),
         ("checkpoint size / write time", f"{rel['checkpoint_gb']:,.0f} GB / {rel['checkpoint_write_s']:,.1f} s"),
@@ -111,9 +113,7 @@ def print_reliability(plan: dict, console: Console) -> None:
         rows.append((f"Monte Carlo ({sim['samples']:,} runs): p10 / p50 / p90",
                      f"{sim['p10_days']:,.2f} / {sim['p50_days']:,.2f} / {sim['p90_days']:,.2f} days"))
         rows.append(("Monte Carlo mean vs closed form", f"{sim['mean_days']:,.2f} vs {sim['closed_form_days']:,.2f} days"))
-    for name, value in rows:
-        table.add_row(name, value)
-    console.print(table)
+    print_quantities("Reliability of the best layout", rows, console)
 
 
 def print_sweep(sweep: dict, console: Console | None = None) -> None:
