@@ -82,20 +82,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from gigatrain.train.evaluate import generate
+    from gigatrain.train.evaluate import sample_text
     from gigatrain.train.rundir import load_run
 
     device, dtype = _device(args.device)
     run = load_run(Path(args.run_dir), device)
     generator = torch.Generator().manual_seed(args.seed)
-    prompt_ids = [run.tokenizer.eot_id] + run.tokenizer.encode(args.prompt)
     for i in range(args.num_samples):
-        new_ids = generate(run.model, prompt_ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                           context_len=run.cfg.data.seq_len, device=device, dtype=dtype, generator=generator,
-                           stop_id=run.tokenizer.eot_id)
+        text = sample_text(run.model, run.tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature,
+                           top_k=args.top_k, context_len=run.cfg.data.seq_len, device=device, dtype=dtype,
+                           generator=generator)
         if args.num_samples > 1:
             print(f"--- sample {i + 1} ---")
-        print(args.prompt + run.tokenizer.decode(new_ids))
+        print(text)
     return 0
 
 

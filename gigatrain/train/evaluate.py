@@ -49,12 +49,7 @@ def document_stream(documents: list[str], tokenizer) -> tuple[np.ndarray, int]:
     Every token after the first is predicted: the documents' own tokens, and the
     separators between documents, each counted as one byte (as a newline would be).
     """
-    encoded = tokenizer.encode_batch(documents)
-    pieces = []
-    for ids in encoded:
-        pieces.append(np.asarray([tokenizer.eot_id], dtype=np.int64))
-        pieces.append(np.asarray(ids, dtype=np.int64))
-    stream = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
+    stream = tokenizer.encode_documents(documents, np.int64)  # the stream `prepare` writes
     n_bytes = sum(len(doc.encode("utf-8")) for doc in documents) + len(documents) - 1
     return stream, n_bytes
 
@@ -111,3 +106,11 @@ def generate(model: nn.Module, prompt_ids: list[int], max_new_tokens: int, *, te
         ids.append(next_id)
     model.train(was_training)
     return ids[len(prompt_ids):]
+
+
+def sample_text(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int, **kwargs) -> str:
+    """The prompt and a sampled continuation of it, as a new document: it starts after an eot,
+    as every document does in training, and ends at the next eot."""
+    prompt_ids = [tokenizer.eot_id] + tokenizer.encode(prompt)
+    new_ids = generate(model, prompt_ids, max_new_tokens, stop_id=tokenizer.eot_id, **kwargs)
+    return prompt + tokenizer.decode(new_ids)

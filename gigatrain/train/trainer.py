@@ -12,6 +12,7 @@ optimizer state, step, data position, RNG) goes into each checkpoint.
 from __future__ import annotations
 
 import math
+import resource
 import signal
 import time
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from gigatrain.models.transformer import Transformer
 from gigatrain.parallel import parallelize, world_size
 from gigatrain.paths import cache_dir
 from gigatrain.train import rundir
-from gigatrain.train.evaluate import autocast, generate, loss_fn, mean_loss
+from gigatrain.train.evaluate import autocast, loss_fn, mean_loss, sample_text
 from gigatrain.train.optim import build_optimizer
 from gigatrain.train.schedule import lr_at
 
@@ -209,11 +210,9 @@ class Trainer:
         lines = []
         for i in range(t.samples):
             prompt = prompts[i % len(prompts)]
-            prompt_ids = [tokenizer.eot_id] + tokenizer.encode(prompt)
-            new_ids = generate(self.model, prompt_ids, t.sample_tokens, temperature=0.8, top_k=50,
-                               context_len=self.seq_len, device=self.device, dtype=self.dtype, generator=generator,
-                               stop_id=tokenizer.eot_id)
-            lines.append(f"--- sample {i + 1} (step {self.step}, prompt {prompt!r}) ---\n{prompt}{tokenizer.decode(new_ids)}\n")
+            text = sample_text(self.model, tokenizer, prompt, t.sample_tokens, temperature=0.8, top_k=50,
+                               context_len=self.seq_len, device=self.device, dtype=self.dtype, generator=generator)
+            lines.append(f"--- sample {i + 1} (step {self.step}, prompt {prompt!r}) ---\n{text}\n")
         (self.run_dir / "samples.txt").write_text("\n".join(lines))
 
     # -- the loop -----------------------------------------------------------------------
@@ -305,8 +304,6 @@ class Trainer:
 def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB -> GB (Linux)
 
 
