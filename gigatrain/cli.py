@@ -1,4 +1,4 @@
-"""`gigatrain prepare|train|eval|generate|report|plan`.
+"""`gigatrain prepare|train|eval|generate|report|plan|launch`.
 
 User mistakes (a bad config key, a missing file, a corrupted shard) end with one
 line on stderr, `gigatrain: error: ...`, and exit code 2, never a traceback.
@@ -106,6 +106,92 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- launch ---------------------------------------------------------------------------------
+def cmd_launch(args: argparse.Namespace, overrides: list[str], argv: list[str]) -> int:
+    """Render a Slurm script or a Kubernetes manifest that runs `gigatrain train` on many nodes."""
+    from gigatrain.launch import LaunchError, prepare_job
+
+    try:
+        job = prepare_job(args.config, overrides, nodes=args.nodes, procs_per_node=args.gpus_per_node, cpu=args.cpu,
+                          max_restarts=args.max_restarts, port=args.port, name=args.job_name)
+        render = _render_slurm if args.target == "slurm" else _render_k8s
+        text, out = render(job, args, argv)
+    except LaunchError as err:
+        return _fail(str(err))
+    if out == "-":
+        sys.stdout.write(text)
+        return 0
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(text)
+    print(f"wrote {out}; start it with: " + ("sbatch " if args.target == "slurm" else "kubectl apply -f ") + out)
+    return 0
+
+
+def _render_slurm(job, args: argparse.Namespace, argv: list[str]) -> tuple[str, str]:
+    import dataclasses
+    import shlex
+
+    from gigatrain.launch import slurm
+
+    if not args.job_name:
+        job = dataclasses.replace(job, name=slurm.default_name(job.cfg.run.name))
+    run_dir = job.cfg.run_dir.absolute()
+    text = slurm.render(job, run_dir=run_dir, workdir=Path.cwd(), partition=args.partition, time=args.time,
+                        cpus_per_task=args.cpus_per_task, command_line=shlex.join(["gigatrain", *argv]))
+    # Slurm opens the job's log files there before the script runs: the folder must exist.
+    (run_dir / "launch").mkdir(parents=True, exist_ok=True)
+    return text, args.out or str(run_dir / "launch" / "slurm.sbatch")
+
+
+def _render_k8s(job, args: argparse.Namespace, argv: list[str]) -> tuple[str, str]:
+    import dataclasses
+
+    from gigatrain.launch import k8s
+
+    if not args.job_name:
+        job = dataclasses.replace(job, name=k8s.default_name(job.cfg.run.name, args.kind, job.nodes))
+    volumes = [k8s.parse_volume(v) for v in args.volume]
+    text = k8s.render(job, kind=args.kind, image=args.image, namespace=args.namespace, volumes=volumes)
+    run_dir = job.cfg.run_dir
+    if not any(run_dir.is_absolute() and run_dir.is_relative_to(path) for _, path in volumes):
+        print(f"gigatrain: warning: run.dir {str(run_dir)!r} is not on a --volume; the pods' checkpoints are lost "
+              f"when they end", file=sys.stderr)
+    return text, args.out or "-"
+
+
+def _launch_parsers(sub) -> None:
+    p = sub.add_parser("launch", help="write a Slurm script or Kubernetes manifest for a multi-node run",
+                       epilog="examples: gigatrain launch slurm --nodes 4 --gpus-per-node 8 configs/llama3-1b-gpu.toml; "
+                              "gigatrain launch k8s --nodes 2 --gpus-per-node 8 --image REGISTRY/gigatrain:TAG "
+                              "configs/llama3-1b-gpu.toml | kubectl apply -f -")
+    targets = p.add_subparsers(dest="target", metavar="TARGET", parser_class=Parser, required=True)
+
+    def common(target: Parser) -> None:
+        target.add_argument("config", help="a TOML config; any key can be overridden as --section.key=value")
+        target.add_argument("--nodes", type=int, required=True, help="number of nodes (one torchrun each)")
+        target.add_argument("--gpus-per-node", type=int, required=True, help="processes per node: one per GPU")
+        target.add_argument("--cpu", action="store_true", help="CPU processes instead of GPUs (gloo backend)")
+        target.add_argument("--max-restarts", type=int, default=3, help="torchrun restarts of the workers after a failure")
+        target.add_argument("--port", type=int, default=29500, help="TCP port of the c10d rendezvous on the first node")
+        target.add_argument("--job-name", default=None, help="default: gigatrain-<run.name>")
+
+    t = targets.add_parser("slurm", help="an sbatch script (default: <run_dir>/launch/slurm.sbatch)")
+    common(t)
+    t.add_argument("--partition", default=None)
+    t.add_argument("--time", default=None, help="time limit, HH:MM:SS or D-HH:MM:SS; the job is requeued at its end")
+    t.add_argument("--cpus-per-task", type=int, default=None, help="CPUs per node (default: 8 per GPU, 1 per CPU process)")
+    t.add_argument("--out", default=None, help="output file, - for stdout")
+
+    t = targets.add_parser("k8s", help="a Kubernetes manifest: PyTorchJob or JobSet, plus a ConfigMap (JSON, to stdout)")
+    common(t)
+    t.add_argument("--kind", default="pytorchjob", choices=["pytorchjob", "jobset"])
+    t.add_argument("--image", default="gigatrain:latest", help="container image with gigatrain installed")
+    t.add_argument("--namespace", default="default")
+    t.add_argument("--volume", action="append", default=[], metavar="CLAIM:PATH",
+                   help="mount a PersistentVolumeClaim in every pod (for data.path and run.dir); repeatable")
+    t.add_argument("--out", default=None, help="output file (default: stdout)")
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="gigatrain", description="Train GPT-style language models, from one CPU to thousands of GPUs.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
@@ -147,6 +233,7 @@ def build_parser() -> Parser:
     p.add_argument("run_dir")
 
     sub.add_parser("plan", help="plan a cluster: layout, days, MW, cost (gigatrain plan --help)", add_help=False)
+    _launch_parsers(sub)
     return parser
 
 
@@ -169,11 +256,14 @@ def run(argv: list[str]) -> int:
         unknown = [a for a in extra if a not in overrides]
         if unknown:
             raise UsageError(f"gigatrain {args.command}: unrecognized arguments: {' '.join(unknown)}"
-                             + ("; config overrides are written --section.key=value" if args.command == "train" else ""))
-        if overrides and args.command != "train":
-            raise UsageError(f"gigatrain {args.command}: config overrides such as {overrides[0]} apply to `gigatrain train` only")
+                             + ("; config overrides are written --section.key=value" if args.command in ("train", "launch") else ""))
+        if overrides and args.command not in ("train", "launch"):
+            raise UsageError(f"gigatrain {args.command}: config overrides such as {overrides[0]} apply to `gigatrain train` "
+                             f"and `gigatrain launch` only")
         if args.command == "train":
             return cmd_train(args, overrides)
+        if args.command == "launch":
+            return cmd_launch(args, overrides, argv)
         return {"prepare": cmd_prepare, "eval": cmd_eval, "generate": cmd_generate, "report": cmd_report}[args.command](args)
     except UsageError as err:
         print(f"{err}", file=sys.stderr)

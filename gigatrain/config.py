@@ -82,11 +82,18 @@ class TrainConfig:
 
 @dataclass
 class ParallelConfig:
+    """Degrees of the five axes; their product is the number of processes. One may be -1
+    (inferred); dp_shard is, by default, so `torchrun --nproc-per-node N` is FSDP over N."""
+
     dp_replicate: int = 1
-    dp_shard: int = 1
+    dp_shard: int = -1
     tp: int = 1
     pp: int = 1
     cp: int = 1
+    # ZBVZeroBubble is left out: PyTorch 2.13 cannot run it forward-only, for evaluation.
+    pp_schedule: Literal["GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble"] = "1F1B"
+    pp_microbatches: int = 0  # per step and data-parallel rank; 0: one per pipeline stage
+    pp_stages_per_rank: int = 0  # 0: 2 for the looped schedules (interleaved, zero-bubble), else 1
     auto: bool = False  # take the planner's best layout for the world size
 
 
@@ -259,6 +266,9 @@ def validate(cfg: Config) -> None:
         _require(value >= 1 or value == -1, f"parallel.{name}={value} is not valid; use a positive degree or -1 to infer it from the world size")
     inferred = [n for n in ("dp_replicate", "dp_shard", "tp", "pp", "cp") if getattr(p, n) == -1]
     _require(len(inferred) <= 1, f"parallel: only one degree may be -1, got {', '.join(inferred)}")
+    for name in ("pp_microbatches", "pp_stages_per_rank"):
+        value = getattr(p, name)
+        _require(value >= 0, f"parallel.{name}={value} is not valid; it must be 0 (automatic) or more")
 
 
 def resolve_model_args(cfg: Config, vocab_size: int | None = None) -> ModelArgs:

@@ -25,7 +25,9 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -65,33 +67,55 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _optimizer_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """The optimizer's per-parameter tensors keyed by parameter name; hyper-parameters are
+def _is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _model_tensors(parts: list[nn.Module]) -> dict:
+    """The parts' weights by their names in the whole model (pipeline stages keep those names)."""
+    return {name: tensor for part in parts for name, tensor in get_model_state_dict(part).items()}
+
+
+def _optimizer_tensors(parts: list[nn.Module], optimizers: list[torch.optim.Optimizer]) -> dict:
+    """The optimizers' per-parameter tensors keyed by parameter name; hyper-parameters are
     left out on purpose: they come from the config, and leaving them out keeps the DCP
     files free of pickled objects."""
-    return get_optimizer_state_dict(model, optimizer)["state"]
+    return {name: state for part, optimizer in zip(parts, optimizers)
+            for name, state in get_optimizer_state_dict(part, optimizer)["state"].items()}
 
 
-def save(directory: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+def save(directory: Path, step: int, parts: list[nn.Module], optimizers: list[torch.optim.Optimizer] | None,
          trainer_state: dict, keep: int) -> Path:
-    """Write checkpoint `step` under `directory`, commit it, and prune to the newest `keep`."""
-    directory.mkdir(parents=True, exist_ok=True)
+    """Write checkpoint `step` under `directory`, commit it, and prune to the newest `keep`.
+
+    Every rank writes its shards (DCP); rank 0 alone commits, once all have finished.
+    """
     final = directory / checkpoint_name(step)
     tmp = directory / (TMP_PREFIX + final.name)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tensors = {"model": get_model_state_dict(model), "rng": {"torch_cpu": torch.get_rng_state()}}
-    if optimizer is not None:
-        tensors["optimizer"] = _optimizer_tensors(model, optimizer)
+    if _is_main():
+        directory.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    _barrier()
+    tensors = {"model": _model_tensors(parts), "rng": {"torch_cpu": torch.get_rng_state()}}
+    if optimizers is not None:
+        tensors["optimizer"] = _optimizer_tensors(parts, optimizers)
     with _single_process_ok():
         dcp.save(tensors, checkpoint_id=str(tmp))
-    write_atomic(tmp / STATE_FILE, json.dumps(trainer_state, indent=1, sort_keys=True))
-    _fsync_dir(tmp)
-    if final.exists():  # the same step saved again (e.g. resumed and stopped at once)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    write_atomic(directory / LATEST_FILE, final.name + "\n")
-    _fsync_dir(directory)
-    prune(directory, keep)
+    if _is_main():
+        write_atomic(tmp / STATE_FILE, json.dumps(trainer_state, indent=1, sort_keys=True))
+        _fsync_dir(tmp)
+        if final.exists():  # the same step saved again (e.g. resumed and stopped at once)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        write_atomic(directory / LATEST_FILE, final.name + "\n")
+        _fsync_dir(directory)
+        prune(directory, keep)
+    _barrier()
     return final
 
 
@@ -128,13 +152,13 @@ def read_trainer_state(path: Path) -> dict:
         raise CheckpointError(f"checkpoint {path} is unreadable ({err}); delete it to fall back to an older one") from None
 
 
-def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
-    """Load weights (and optimizer state and RNG, when an optimizer is given) in place;
-    returns the trainer state saved with them."""
+def load(path: Path, parts: list[nn.Module], optimizers: list[torch.optim.Optimizer] | None = None) -> dict:
+    """Load weights (and optimizer state and RNG, when optimizers are given) in place, whatever
+    the layout they were saved under; returns the trainer state saved with them."""
     trainer_state = read_trainer_state(path)
-    tensors = {"model": get_model_state_dict(model)}
-    if optimizer is not None:
-        tensors["optimizer"] = _optimizer_tensors(model, optimizer)
+    tensors = {"model": _model_tensors(parts)}
+    if optimizers is not None:
+        tensors["optimizer"] = _optimizer_tensors(parts, optimizers)
         tensors["rng"] = {"torch_cpu": torch.get_rng_state()}
     try:
         with _single_process_ok():
@@ -142,10 +166,13 @@ def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | 
     except Exception as err:  # DCP raises many kinds; the user needs the path and the cause
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"cannot load checkpoint {path}: {first_line}") from None
-    set_model_state_dict(model, tensors["model"], options=StateDictOptions(strict=True))
-    if optimizer is not None:
-        full = get_optimizer_state_dict(model, optimizer)
-        full["state"] = tensors["optimizer"]
-        set_optimizer_state_dict(model, optimizer, full)
+    for part in parts:
+        own = get_model_state_dict(part).keys()
+        set_model_state_dict(part, {name: tensors["model"][name] for name in own}, options=StateDictOptions(strict=True))
+    if optimizers is not None:
+        for part, optimizer in zip(parts, optimizers):
+            full = get_optimizer_state_dict(part, optimizer)
+            full["state"] = {name: tensors["optimizer"][name] for name in full["state"]}
+            set_optimizer_state_dict(part, optimizer, full)
         torch.set_rng_state(tensors["rng"]["torch_cpu"])
     return trainer_state

@@ -24,16 +24,20 @@ def _clean(value):
 class MetricsFile:
     """Append-only JSON lines, one object per optimizer step or evaluation."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path | None):
+        """path None: discard (ranks other than 0 of a multi-process run)."""
         self.path = path
-        self._file = open(path, "a")
+        self._file = open(path, "a") if path is not None else None
 
     def write(self, record: dict) -> None:
+        if self._file is None:
+            return
         self._file.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
         self._file.flush()
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -69,16 +69,25 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return rotated.flatten(-2).type_as(x)
 
 
+class CoreAttention(nn.Module):
+    """Causal softmax attention over q [batch, heads, seq, head_dim] and k, v [batch, kv_heads, ...].
+
+    A module of its own, with no parameters, so that context parallelism can swap in a
+    version that attends over the whole sequence without the model knowing."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.n_heads = args.n_heads
-        self.n_kv_heads = args.n_kv_heads
         self.head_dim = args.head_dim
         self.wq = nn.Linear(args.d_model, args.n_heads * args.head_dim, bias=False)
         self.wk = nn.Linear(args.d_model, args.n_kv_heads * args.head_dim, bias=False)
         self.wv = nn.Linear(args.d_model, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.d_model, bias=False)
+        self.core = CoreAttention()
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         batch, seq, _ = x.shape
@@ -86,9 +95,10 @@ class Attention(nn.Module):
         q = self.wq(x).view(batch, seq, -1, self.head_dim)
         k = self.wk(x).view(batch, seq, -1, self.head_dim)
         v = self.wv(x).view(batch, seq, -1, self.head_dim)
+        cos, sin = cos[:seq], sin[:seq]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
+        out = self.core(q, k, v)
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
@@ -122,7 +132,8 @@ class Transformer(nn.Module):
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.d_model)
         # A ModuleDict keyed by layer index keeps fully-qualified names stable when a
-        # pipeline stage deletes the layers it does not own.
+        # pipeline stage deletes the layers it does not own (and sets the embeddings or
+        # the head to None when another stage owns them).
         self.layers = nn.ModuleDict({str(i): TransformerBlock(args) for i in range(args.n_layers)})
         self.norm = RMSNorm(args.d_model, args.norm_eps)
         self.output = nn.Linear(args.d_model, args.vocab_size, bias=False)
@@ -141,7 +152,8 @@ class Transformer(nn.Module):
         # Residual-branch outputs are scaled so the residual stream's variance does not
         # grow with depth (GPT-2 / Llama recipe).
         residual_std = std / math.sqrt(2 * self.args.n_layers)
-        nn.init.normal_(self.tok_embeddings.weight, std=std)
+        if self.tok_embeddings is not None:
+            nn.init.normal_(self.tok_embeddings.weight, std=std)
         for block in self.layers.values():
             for linear in (block.attention.wq, block.attention.wk, block.attention.wv, block.feed_forward.w1, block.feed_forward.w3):
                 nn.init.normal_(linear.weight, std=std)
@@ -149,18 +161,20 @@ class Transformer(nn.Module):
             nn.init.normal_(block.feed_forward.w2.weight, std=residual_std)
             block.attention_norm.reset_parameters()
             block.ffn_norm.reset_parameters()
-        self.norm.reset_parameters()
-        if not self.args.tie_embeddings:
+        if self.norm is not None:
+            self.norm.reset_parameters()
+        if self.output is not None and not self.args.tie_embeddings:
             nn.init.normal_(self.output.weight, std=std)
         cos, sin = rope_tables(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [batch, seq] -> logits [batch, seq, vocab]."""
-        seq = tokens.shape[1]
-        cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
-        x = self.tok_embeddings(tokens)
+        """tokens [batch, seq] -> logits [batch, seq, vocab]. A pipeline stage without the
+        embeddings takes hidden states instead, and one without the head returns them."""
+        x = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         for block in self.layers.values():
-            x = block(x, cos, sin)
-        return self.output(self.norm(x))
+            # The whole tables: attention takes the rows of the sequence it sees.
+            x = block(x, self.rope_cos, self.rope_sin)
+        x = self.norm(x) if self.norm is not None else x
+        return self.output(x) if self.output is not None else x

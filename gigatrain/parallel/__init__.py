@@ -1,18 +1,31 @@
 """Parallelism applied from outside to an unmodified model.
 
-The order follows the recipe that composes cleanly with PyTorch's distributed
-stack: tensor/sequence parallel, then activation checkpointing, then compile,
-then data-parallel sharding. One process needs only the middle two; the
-multi-process axes plug in here without the model changing.
+`parallelize` follows the order that composes with PyTorch's distributed stack:
+
+    pipeline split -> tensor/sequence parallel -> context parallel
+        -> activation checkpointing -> compile -> FSDP2
+
+and returns a `ParallelModel`: the model parts this rank holds and how to run a forward
+and backward pass over this rank's share of a batch under the layout. One process is the
+layout with every degree 1, and goes through the same code.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
 
 from gigatrain.config import Config
+from gigatrain.parallel.context import apply_cp, shard_sequence
+from gigatrain.parallel.fsdp import apply_fsdp
+from gigatrain.parallel.mesh import ParallelDims, world_size  # noqa: F401  (world_size: re-exported)
+from gigatrain.parallel.pipeline import build_schedule, split_model
+from gigatrain.parallel.tensor import apply_tp, loss_context
+from gigatrain.train.evaluate import autocast, loss_fn
 
 
 def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
@@ -20,8 +33,9 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
     trading half the activation memory saving for less recompute."""
     if mode == "none":
         return
-    for index, (name, block) in enumerate(model.layers.named_children()):
-        if mode == "full" or index % 2 == 0:
+    for name, block in list(model.layers.named_children()):
+        # Layer names, not positions: a pipeline stage's blocks keep their global numbers.
+        if mode == "full" or int(name) % 2 == 0:
             # The wrapper's state-dict hooks strip its prefix, so checkpoint names are unchanged.
             model.layers.register_module(name, checkpoint_wrapper(block, preserve_rng_state=False))
 
@@ -33,14 +47,132 @@ def apply_compile(model: nn.Module) -> None:
         block.compile()
 
 
-def parallelize(model: nn.Module, cfg: Config) -> nn.Module:
-    apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
-    if cfg.train.compile:
-        apply_compile(model)
-    return model
+def _sum_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return loss_fn(logits, targets, reduction="sum")
 
 
-def world_size() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size()
-    return 1
+def _local(value: torch.Tensor) -> torch.Tensor:
+    """A loss computed under loss parallel is a replicated DTensor; its value is the same everywhere."""
+    return value.full_tensor() if isinstance(value, DTensor) else value
+
+
+class ParallelModel:
+    """This rank's model parts under a layout, and the passes that run them."""
+
+    def __init__(self, parts: list[nn.Module], dims: ParallelDims, mesh: dict[str, DeviceMesh] | None, cfg: Config,
+                 device: torch.device, dtype: torch.dtype | None, stage_indices: list[int]):
+        self.parts, self.dims, self.mesh = parts, dims, mesh
+        self.device, self.dtype = device, dtype
+        self.seq_len = cfg.data.seq_len
+        self.has_last_stage = dims.num_stages - 1 in stage_indices
+        self.schedule = self.eval_schedule = None
+        if dims.pp > 1:
+            pp_mesh = mesh["pp"]
+            self.schedule = build_schedule(parts, stage_indices, dims, pp_mesh, device, loss_fn, dims.microbatches)
+            self.eval_schedule = build_schedule(parts, stage_indices, dims, pp_mesh, device, _sum_loss, dims.microbatches)
+
+    # -- coordinates -----------------------------------------------------------------------
+    def rank_in(self, axis: str) -> int:
+        return self.mesh[axis].get_local_rank() if self.mesh is not None else 0
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank_in("dp")
+
+    @property
+    def holds_loss(self) -> bool:
+        """One rank per (data-parallel, context-parallel) replica reports its loss: the one on
+        the last pipeline stage, first tensor-parallel rank (its tp peers hold copies)."""
+        return self.has_last_stage and self.rank_in("tp") == 0
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for part in self.parts for p in part.parameters()]
+
+    def train(self, mode: bool = True) -> None:
+        for part in self.parts:
+            part.train(mode)
+
+    # -- passes ----------------------------------------------------------------------------
+    def _shard(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs, targets = inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+        if self.dims.cp > 1:
+            cp_mesh = self.mesh["cp"]
+            inputs, targets = shard_sequence(inputs, cp_mesh), shard_sequence(targets, cp_mesh)
+        return inputs, targets
+
+    def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Accumulate the gradient of the mean loss over this rank's [local_batch, seq] share;
+        returns that mean (meaningful where `holds_loss`)."""
+        inputs, targets = self._shard(inputs, targets)
+        with loss_context(self.dims.tp), autocast(self.device, self.dtype):
+            if self.schedule is not None:
+                losses: list[torch.Tensor] = []
+                self.schedule.step(inputs, target=targets, losses=losses)
+                if not self.has_last_stage:
+                    return torch.zeros((), device=self.device)
+                return torch.stack([_local(loss).detach() for loss in losses]).mean()
+            n_micro = self.dims.microbatches
+            total = torch.zeros((), device=self.device)
+            for micro_inputs, micro_targets in zip(inputs.chunk(n_micro), targets.chunk(n_micro)):
+                loss = loss_fn(self.parts[0](micro_inputs), micro_targets) / n_micro
+                loss.backward()
+                total += _local(loss).detach()
+            return total
+
+    @torch.no_grad()
+    def loss_sum(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Summed loss over this rank's share of an evaluation batch (targets of -100 are padding)."""
+        inputs, targets = self._shard(inputs, targets)
+        with loss_context(self.dims.tp), autocast(self.device, self.dtype):
+            if self.eval_schedule is not None:
+                losses: list[torch.Tensor] = []
+                self.eval_schedule.eval(inputs, target=targets, losses=losses)
+                if not self.has_last_stage:
+                    return torch.zeros((), device=self.device)
+                return torch.stack([_local(loss) for loss in losses]).sum()
+            total = torch.zeros((), device=self.device)
+            for micro_inputs, micro_targets in zip(inputs.chunk(self.dims.microbatches), targets.chunk(self.dims.microbatches)):
+                total += _local(_sum_loss(self.parts[0](micro_inputs), micro_targets))
+            return total
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        """Clip by the norm of the whole model's gradient: DTensor shards are reduced to their
+        full norm, and pipeline stages add up their squares."""
+        params = [p for p in self.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        norm = _local(norm)
+        if self.dims.pp > 1:
+            squared = norm.pow(2)
+            dist.all_reduce(squared, group=self.mesh["pp"].get_group())
+            norm = squared.sqrt()
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        return norm
+
+    def reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """Sum `values` over the ranks that hold a loss (one per data/context replica)."""
+        if self.mesh is None:
+            return values
+        values = values if self.holds_loss else torch.zeros_like(values)
+        dist.all_reduce(values)
+        return values
+
+
+def parallelize(model: nn.Module, dims: ParallelDims, mesh: dict[str, DeviceMesh] | None, cfg: Config,
+                device: torch.device, dtype: torch.dtype | None) -> ParallelModel:
+    stage_indices, parts = [0], [model]
+    if dims.pp > 1:
+        stage_indices, parts = split_model(model, dims, mesh["pp"].get_local_rank())
+    for part in parts:
+        part.to(device)
+        if dims.tp > 1:
+            apply_tp(part, mesh["tp"])
+        if dims.cp > 1:
+            apply_cp(part, mesh["cp"], cfg.data.seq_len)
+        apply_activation_checkpointing(part, cfg.train.activation_checkpointing)
+        if cfg.train.compile:
+            apply_compile(part)
+        if dims.fsdp:
+            # Under a pipeline, the weights a stage gathers for its forward are needed again
+            # by its backward a few microbatches later: keep them gathered.
+            apply_fsdp(part, mesh["fsdp"], param_dtype=dtype, reshard_after_forward=dims.pp == 1)
+    return ParallelModel(parts, dims, mesh, cfg, device, dtype, stage_indices)

@@ -87,7 +87,7 @@ def load_run(run_dir: Path, device: torch.device) -> LoadedRun:
         raise ConfigError(f"{run_dir} has no checkpoint yet; train it first (gigatrain train --run.dir={run_dir})")
     with torch.device(device):
         model = Transformer(args)
-    state = checkpoint.load(ckpt, model)
+    state = checkpoint.load(ckpt, [model])
     tokenizer = load_tokenizer(run_dir / TOKENIZER_FILE)
     return LoadedRun(cfg=cfg, model=model, tokenizer=tokenizer, step=state["step"], device=device)
 

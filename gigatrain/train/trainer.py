@@ -12,6 +12,7 @@ optimizer state, step, data position, RNG) goes into each checkpoint.
 from __future__ import annotations
 
 import math
+import os
 import resource
 import signal
 import time
@@ -29,10 +30,11 @@ from gigatrain.metrics.mfu import peak_flops
 from gigatrain.metrics.plots import plot_run
 from gigatrain.models.flops import param_counts, training_flops_per_token
 from gigatrain.models.transformer import Transformer
-from gigatrain.parallel import parallelize, world_size
+from gigatrain.parallel import parallelize
+from gigatrain.parallel.mesh import AXES, init_distributed, is_main_process, parallel_dims
 from gigatrain.paths import cache_dir
 from gigatrain.train import rundir
-from gigatrain.train.evaluate import autocast, loss_fn, mean_loss, sample_text
+from gigatrain.train.evaluate import sample_text
 from gigatrain.train.optim import build_optimizer
 from gigatrain.train.schedule import lr_at
 
@@ -50,11 +52,21 @@ class TrainResult:
     val_bpb: float | None
 
 
+# Why a run stopped; the index is what ranks agree on (the highest wins).
+STOP_REASONS = [None, "stop_at_step", "time_limit", "SIGTERM", "SIGINT"]
+IGNORE = -100  # cross_entropy's ignore_index: padding targets that count for nothing
+
+
 def pick_device(name: str) -> torch.device:
+    """The device of this process: under torchrun, GPU LOCAL_RANK of the node."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device='cuda' but no CUDA device is available; use train.device=cpu or auto")
+    if name == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+        return device
     return torch.device(name)
 
 
@@ -73,39 +85,24 @@ def open_data(cfg: Config) -> TokenData:
     return TokenData(folder, verify=cfg.data.verify)
 
 
-def check_layout(cfg: Config) -> None:
-    """Resolve the parallel degrees (planner's choice, or -1 inferred) and check that they
-    multiply to the number of processes."""
-    p = cfg.parallel
-    names = ("dp_replicate", "dp_shard", "tp", "pp", "cp")
-    if p.auto:
-        from gigatrain.plan.layout import auto_layout
-
-        chosen = auto_layout(resolve_model_args(cfg), world_size(), cfg.data.seq_len, cfg.train.batch_size,
-                             device_catalog_name())
-        for name in names:
-            setattr(p, name, chosen[name])
-    fixed = math.prod(getattr(p, n) for n in names if getattr(p, n) != -1)
-    for name in names:
-        if getattr(p, name) == -1:
-            if world_size() % fixed:
-                raise ConfigError(f"parallel.{name}=-1 cannot be inferred: the other degrees multiply to {fixed}, "
-                                  f"which does not divide the world size {world_size()}")
-            setattr(p, name, world_size() // fixed)
-    product = math.prod(getattr(p, n) for n in names)
-    if product != world_size():
-        layout = " x ".join(f"{n}={getattr(p, n)}" for n in names)
-        raise ConfigError(f"parallel layout {layout} needs {product} processes but this run has {world_size()}; "
-                          f"set the parallel degrees so that they multiply to {world_size()}")
+def open_data_once(cfg: Config) -> TokenData:
+    """Rank 0 opens (and on first use prepares) the data before the others, so that ranks
+    do not race to prepare the same default corpus."""
+    if not torch.distributed.is_initialized():
+        return open_data(cfg)
+    data = open_data(cfg) if is_main_process() else None
+    torch.distributed.barrier()
+    return data or open_data(cfg)
 
 
-def device_catalog_name() -> str:
-    """The planner's hardware-catalog name of this machine's accelerator ('cpu' without one)."""
-    if not torch.cuda.is_available():
-        return "cpu"
-    from gigatrain.plan.catalog import accelerator_for_device
-
-    return accelerator_for_device(torch.cuda.get_device_name()).name
+def pad_batch(inputs: torch.Tensor, targets: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fill a short last evaluation batch up to `rows` with targets that count for nothing,
+    so every rank of every layout runs the same shapes."""
+    missing = rows - inputs.shape[0]
+    if missing <= 0:
+        return inputs, targets
+    return (torch.cat([inputs, inputs[:1].expand(missing, -1)]),
+            torch.cat([targets, torch.full((missing, targets.shape[1]), IGNORE, dtype=targets.dtype)]))
 
 
 class StopSignal:
@@ -134,20 +131,24 @@ class Trainer:
         self.cfg = cfg
         t = cfg.train
         self.run_dir = cfg.run_dir
+        # The layout is checked before any process group, data or model exists.
+        self.dims = parallel_dims(cfg, resolve_model_args(cfg))
         self.device = pick_device(t.device)
         self.dtype = pick_dtype(t.dtype, self.device)
-        check_layout(cfg)
-        torch.manual_seed(t.seed)
+        self.owns_process_group = init_distributed(self.device)
+        self.mesh = self.dims.build_meshes(self.device.type) if self.dims.world_size > 1 else None
+        self.is_main = is_main_process()
 
-        self.data = open_data(cfg)
+        self.data = open_data_once(cfg)
         self.seq_len = cfg.data.seq_len
         self.model_args = resolve_model_args(cfg, vocab_size=self.data.vocab_size)
-        with torch.device(self.device):
-            model = Transformer(self.model_args)
-        self.model = parallelize(model, cfg)
-        self.optimizer = build_optimizer(self.model, t, self.device)
-        self.loader = BatchLoader(self.data.split("train"), self.seq_len, t.batch_size, seed=t.seed)
-        self.micro_batch = t.micro_batch_size or t.batch_size
+        # Every rank builds the same full model from the same seed and keeps its share, so a
+        # layout starts from exactly the weights one process would.
+        torch.manual_seed(t.seed)
+        self.parallel = parallelize(Transformer(self.model_args), self.dims, self.mesh, cfg, self.device, self.dtype)
+        self.optimizers = [build_optimizer(part, t, self.device) for part in self.parallel.parts]
+        self.loader = BatchLoader(self.data.split("train"), self.seq_len, t.batch_size, seed=t.seed,
+                                  rank=self.parallel.dp_rank, world_size=self.dims.dp)
 
         self.tokens_per_step = t.batch_size * self.seq_len
         self.flops_per_token = training_flops_per_token(self.model_args, self.seq_len)
@@ -156,54 +157,71 @@ class Trainer:
         self.train_time_s = 0.0
         self.checkpoint_dir = self.run_dir / "checkpoints"
 
+    @property
+    def model(self) -> torch.nn.Module:
+        """The whole model, where one process holds it (every layout but pipelines)."""
+        if len(self.parallel.parts) != 1 or self.dims.pp > 1:
+            raise AttributeError("a pipeline-parallel rank holds stages, not the whole model; use trainer.parallel.parts")
+        return self.parallel.parts[0]
+
     # -- one optimizer step ---------------------------------------------------------
     def train_step(self, inputs: torch.Tensor, targets: torch.Tensor, lr: float) -> tuple[float, float]:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        n_micro = inputs.shape[0] // self.micro_batch
-        loss_sum = torch.zeros((), device=self.device)
-        for micro_inputs, micro_targets in zip(inputs.split(self.micro_batch), targets.split(self.micro_batch)):
-            with autocast(self.device, self.dtype):
-                logits = self.model(micro_inputs.to(self.device, non_blocking=True))
-            loss = loss_fn(logits, micro_targets.to(self.device, non_blocking=True)) / n_micro
-            loss.backward()
-            loss_sum += loss.detach()
-        max_norm = self.cfg.train.grad_clip or float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return loss_sum.item(), grad_norm.item()
+        """One step on this rank's share of the global batch; returns the global mean loss
+        and the gradient norm, the same on every rank."""
+        for optimizer in self.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+        local_loss = self.parallel.forward_backward(inputs, targets)
+        grad_norm = self.parallel.clip_grad_norm(self.cfg.train.grad_clip or float("inf"))
+        for optimizer in self.optimizers:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        loss = self.parallel.reduce_sum(local_loss / (self.dims.dp * self.dims.cp))
+        return loss.item(), grad_norm.item()
 
     # -- state --------------------------------------------------------------------------
     def trainer_state(self) -> dict:
         return {"step": self.step, "loader": self.loader.state_dict(), "train_time_s": self.train_time_s,
-                "tokens_seen": self.step * self.tokens_per_step}
+                "tokens_seen": self.step * self.tokens_per_step, "layout": self.layout()}
+
+    def layout(self) -> dict:
+        return {axis: getattr(self.dims, axis) for axis in AXES}
 
     def save_checkpoint(self) -> Path:
-        return checkpoint.save(self.checkpoint_dir, self.step, self.model, self.optimizer, self.trainer_state(),
-                               keep=self.cfg.train.keep_checkpoints)
+        return checkpoint.save(self.checkpoint_dir, self.step, self.parallel.parts, self.optimizers,
+                               self.trainer_state(), keep=self.cfg.train.keep_checkpoints)
 
     def resume(self) -> bool:
         path = checkpoint.latest(self.checkpoint_dir)
         if path is None:
             return False
-        state = checkpoint.load(path, self.model, self.optimizer)
+        state = checkpoint.load(path, self.parallel.parts, self.optimizers)
         self.step = state["step"]
         self.train_time_s = state.get("train_time_s", 0.0)
         self.loader.load_state_dict(state["loader"])
         return True
 
     def evaluate(self) -> tuple[float, float]:
+        """Mean loss over the first eval_batches global batches of the val split (the same
+        windows under every layout), and bits per byte."""
         split = self.data.split("val")
-        batches = eval_batches(split, self.seq_len, self.micro_batch, self.cfg.train.eval_batches)
-        loss = mean_loss(self.model, batches, self.device, self.dtype)
+        batch, local = self.cfg.train.batch_size, self.loader.local_batch
+        mine = slice(self.parallel.dp_rank * local, (self.parallel.dp_rank + 1) * local)
+        loss_sum, count = torch.zeros((), device=self.device), 0
+        self.parallel.train(False)
+        for inputs, targets in eval_batches(split, self.seq_len, batch, self.cfg.train.eval_batches):
+            inputs, targets = pad_batch(inputs, targets, batch)
+            loss_sum += self.parallel.loss_sum(inputs[mine], targets[mine]).float()
+            count += int((targets != IGNORE).sum())
+        self.parallel.train(True)
+        loss = self.parallel.reduce_sum(loss_sum).item() / max(1, count)
         # The evaluated windows are a sample of the split: convert with the split's bytes per token.
         return loss, loss / (math.log(2) * split.bytes_per_token)
 
     def write_samples(self) -> None:
         t = self.cfg.train
-        if not t.samples:
-            return
+        if not t.samples or self.dims.world_size > 1:
+            return  # sampling runs the whole model in one process: `gigatrain generate RUN` after training
         tokenizer = self.data.tokenizer
         prompts = DEFAULT_CORPUS_PROMPTS if not self.cfg.data.path else [""]
         generator = torch.Generator().manual_seed(t.seed)
@@ -215,21 +233,42 @@ class Trainer:
             lines.append(f"--- sample {i + 1} (step {self.step}, prompt {prompt!r}) ---\n{text}\n")
         (self.run_dir / "samples.txt").write_text("\n".join(lines))
 
+    def should_stop(self, stop: StopSignal, started: float, last_step_time: float, start_step: int) -> str | None:
+        """Why to stop after this step, agreed by every rank: a signal or the clock may reach
+        one rank a step before another, and ranks that stop apart hang in a collective."""
+        t = self.cfg.train
+        reason = None
+        if stop.received:
+            reason = stop.received
+        elif t.stop_at_step and self.step == t.stop_at_step and self.step > start_step:
+            reason = "stop_at_step"
+        elif t.time_limit_s and time.perf_counter() - started + last_step_time > t.time_limit_s:
+            reason = "time_limit"
+        if self.mesh is None:
+            return reason
+        code = torch.tensor([STOP_REASONS.index(reason)], device=self.device)
+        torch.distributed.all_reduce(code, op=torch.distributed.ReduceOp.MAX)
+        return STOP_REASONS[int(code.item())]
+
     # -- the loop -----------------------------------------------------------------------
     def run(self) -> TrainResult:
         cfg, t = self.cfg, self.cfg.train
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         resumed = self.resume()
         start_step = self.step
-        self.data.tokenizer.save(self.run_dir)
-        rundir.write_run_files(self.run_dir, cfg, self.run_info())
         metrics_path = self.run_dir / rundir.METRICS_FILE
-        truncate_after(metrics_path, self.step)
-        metrics = MetricsFile(metrics_path)
-        display = ProgressDisplay(t.progress, t.max_steps, self.step)
+        if self.is_main:
+            self.data.tokenizer.save(self.run_dir)
+            rundir.write_run_files(self.run_dir, cfg, self.run_info())
+            truncate_after(metrics_path, self.step)
+        metrics = MetricsFile(metrics_path if self.is_main else None)
+        display = ProgressDisplay(t.progress if self.is_main else "off", t.max_steps, self.step)
         counts = param_counts(self.model_args)
         display.message(f"run {self.run_dir}  model {cfg.model.preset} ({counts.total / 1e6:.2f}M params)  "
                         f"device {self.device}  {self.tokens_per_step:,} tokens/step"
+                        + (f"  {self.dims.world_size} processes: " + " x ".join(f"{k}={v}" for k, v in self.layout().items())
+                           if self.dims.world_size > 1 else "")
                         + (f"  resumed at step {self.step}" if resumed else ""))
         if self.step >= t.max_steps:
             display.message(f"the run is already at train.max_steps={t.max_steps}; raise it to train on "
@@ -247,9 +286,10 @@ class Trainer:
                 self.step += 1
                 last_step_time = time.perf_counter() - step_start
                 self.train_time_s += last_step_time
-                tokens_per_s = self.tokens_per_step / last_step_time
+                tokens_per_s = self.tokens_per_step / last_step_time  # the whole job's
                 record = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                          "tokens_per_s": tokens_per_s, "mfu": tokens_per_s * self.flops_per_token / self.peak_flops,
+                          "tokens_per_s": tokens_per_s,
+                          "mfu": tokens_per_s * self.flops_per_token / (self.peak_flops * self.dims.world_size),
                           "step_time_s": last_step_time, "tokens": self.step * self.tokens_per_step,
                           "peak_memory_gb": peak_memory_gb(self.device), "time": time.time()}
                 metrics.write(record)
@@ -260,12 +300,7 @@ class Trainer:
                     val = self.evaluate()
                     metrics.write({"step": self.step, "val_loss": val[0], "val_bpb": val[1]})
                     display.message(f"step {self.step}: val loss {val[0]:.4f}, {val[1]:.4f} bits/byte")
-                if stop.received:
-                    stopped_by = stop.received
-                elif t.stop_at_step and self.step == t.stop_at_step and self.step > start_step:
-                    stopped_by = "stop_at_step"
-                elif t.time_limit_s and time.perf_counter() - started + last_step_time > t.time_limit_s:
-                    stopped_by = "time_limit"
+                stopped_by = self.should_stop(stop, started, last_step_time, start_step) or "max_steps"
                 if stopped_by != "max_steps" or at_end:
                     break
                 if self.step % t.checkpoint_every == 0:
@@ -277,20 +312,27 @@ class Trainer:
         if stopped_by in ("max_steps", "time_limit"):
             val = self.evaluate()
             metrics.write({"step": self.step, "val_loss": val[0], "val_bpb": val[1]})
-            self.write_samples()
+            if self.is_main:
+                self.write_samples()
         metrics.close()
-        plot_run(self.run_dir)
+        if self.is_main:
+            plot_run(self.run_dir)
         message = f"stopped by {stopped_by} at step {self.step}"
         if val[0] is not None:
             message += f"; val loss {val[0]:.4f}, {val[1]:.4f} bits/byte"
         display.message(message + f"; run directory {self.run_dir}")
         return TrainResult(self.run_dir, self.step, stopped_by, loss, *val)
 
+    def close(self) -> None:
+        if self.owns_process_group:
+            torch.distributed.destroy_process_group()
+
     def run_info(self) -> dict:
         return {
             "device": self.device.type,
             "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
-            "world_size": world_size(),
+            "world_size": self.dims.world_size,
+            "layout": self.layout(),
             "model_args": rundir.model_args_dict(self.model_args),
             "n_params": param_counts(self.model_args).total,
             "seq_len": self.seq_len,
@@ -299,7 +341,6 @@ class Trainer:
             "peak_flops": self.peak_flops,
             "data": str(self.data.path),
         }
-
 
 def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
@@ -320,4 +361,8 @@ def resolve_run_config(config_path: str | None, overrides: list[str]) -> Config:
 
 
 def train(cfg: Config) -> TrainResult:
-    return Trainer(cfg).run()
+    trainer = Trainer(cfg)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()

@@ -21,7 +21,7 @@ def config(run_dir, data, *extra):
 def final_weights(run_dir):
     info = json.loads((run_dir / "run.json").read_text())
     model = Transformer(ModelArgs(**info["model_args"]))
-    checkpoint.load(checkpoint.latest(run_dir / "checkpoints"), model)
+    checkpoint.load(checkpoint.latest(run_dir / "checkpoints"), [model])
     return model.state_dict()
 
 
@@ -102,8 +102,10 @@ def test_gradient_accumulation_matches_full_batch(tmp_path, byte_data):
 
 
 def test_layout_other_than_one_process_is_refused(tmp_path, byte_data):
-    with pytest.raises(ConfigError, match="parallel layout"):
+    with pytest.raises(ConfigError, match=r"\(tp=2\) multiply to 2, which does not divide the world size 1"):
         Trainer(config(tmp_path / "run", byte_data, "--parallel.tp=2"))
+    with pytest.raises(ConfigError, match="parallel layout .* needs 2 processes but this run has 1"):
+        Trainer(config(tmp_path / "run", byte_data, "--parallel.dp_shard=1", "--parallel.tp=2"))
 
 
 @pytest.mark.parametrize("mode", ["full", "selective"])
@@ -118,8 +120,8 @@ def test_activation_checkpointing_changes_nothing_numerically(tmp_path, byte_dat
 
 def test_parallel_auto_takes_the_planners_layout(tmp_path, byte_data):
     trainer = Trainer(config(tmp_path / "run", byte_data, "--parallel.auto=true"))
-    p = trainer.cfg.parallel
-    assert (p.dp_replicate, p.dp_shard, p.tp, p.pp, p.cp) == (1, 1, 1, 1, 1)
+    d = trainer.dims
+    assert (d.dp_replicate, d.dp_shard, d.tp, d.pp, d.cp) == (1, 1, 1, 1, 1)
 
 
 def test_compiled_training_matches_eager_and_checkpoints_plain_names(tmp_path, byte_data):

@@ -1,0 +1,227 @@
+"""The layout of a job: five parallel degrees, checked against the model and batch, and the
+DeviceMesh that hands out one named sub-mesh per axis.
+
+Mesh dimensions, outermost first: pp, dp_replicate, dp_shard, cp, tp. Consecutive ranks
+differ in tp first, so tensor parallelism (the chattiest axis) stays inside a node, and
+pipeline parallelism (point-to-point, the least traffic) spans nodes.
+
+Everything here is checked from the config and the world size alone, before any
+process group exists or any memory is allocated, so an impossible layout costs nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from gigatrain.config import Config, ConfigError
+from gigatrain.models.transformer import ModelArgs
+
+AXES = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+MULTI_STAGE_SCHEDULES = ("Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble")
+
+
+def world_size() -> int:
+    """Processes in this job: the process group's size, or torchrun's WORLD_SIZE before it exists."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def global_rank() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_main_process() -> bool:
+    """Rank 0 alone prints, writes run files and metrics."""
+    return global_rank() == 0
+
+
+def resolve_degrees(cfg: Config, n_processes: int, model_args: ModelArgs) -> None:
+    """Fill in parallel.auto (the planner's layout) and a -1 degree, in place; check the product."""
+    p = cfg.parallel
+    names = ("dp_replicate", "dp_shard", "tp", "pp", "cp")
+    if p.auto:
+        from gigatrain.plan.layout import auto_layout
+
+        chosen = auto_layout(model_args, n_processes, cfg.data.seq_len, cfg.train.batch_size, device_catalog_name())
+        for name in names:
+            setattr(p, name, chosen[name])
+        if p.pp > 1:
+            p.pp_schedule = {"gpipe": "GPipe", "interleaved": "Interleaved1F1B"}.get(chosen["schedule"], "1F1B")
+            p.pp_stages_per_rank = chosen["virtual_stages"] if p.pp_schedule == "Interleaved1F1B" else 0
+            # The planner's zero-bubble is ZB-H1 with one stage per rank; PyTorch's runs two
+            # or more, so the layers must split into 2*pp stages.
+            if chosen["schedule"] == "zb" and model_args.n_layers % (2 * p.pp) == 0:
+                p.pp_schedule = "InterleavedZeroBubble"
+    fixed = math.prod(getattr(p, n) for n in names if getattr(p, n) != -1)
+    for name in names:
+        if getattr(p, name) == -1:
+            if n_processes % fixed:
+                others = " x ".join(f"{n}={getattr(p, n)}" for n in names if getattr(p, n) not in (-1, 1)) or "1"
+                raise ConfigError(f"parallel.{name}=-1 cannot be inferred: the other degrees ({others}) multiply to {fixed}, "
+                                  f"which does not divide the world size {n_processes}; run {fixed}*k processes "
+                                  f"or change the degrees")
+            setattr(p, name, n_processes // fixed)
+    product = math.prod(getattr(p, n) for n in names)
+    if product != n_processes:
+        layout = " x ".join(f"{n}={getattr(p, n)}" for n in names)
+        raise ConfigError(f"parallel layout {layout} needs {product} processes but this run has {n_processes}; "
+                          f"set the parallel degrees so that they multiply to {n_processes}")
+
+
+def device_catalog_name() -> str:
+    """The planner's hardware-catalog name of this machine's accelerator ('cpu' without one)."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    from gigatrain.plan.catalog import accelerator_for_device
+
+    return accelerator_for_device(torch.cuda.get_device_name()).name
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    """A validated layout. `build_mesh` turns it into a DeviceMesh once processes exist."""
+
+    pp: int
+    dp_replicate: int
+    dp_shard: int
+    cp: int
+    tp: int
+    pp_schedule: str
+    stages_per_rank: int
+    microbatches: int  # per data-parallel rank and step (pipeline) or gradient-accumulation steps
+
+    @property
+    def world_size(self) -> int:
+        return self.pp * self.dp_replicate * self.dp_shard * self.cp * self.tp
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel degree: how many distinct slices each global batch is cut into."""
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def num_stages(self) -> int:
+        return self.pp * self.stages_per_rank
+
+    @property
+    def fsdp(self) -> bool:
+        """Gradients are reduced (and parameters sharded) over dp_replicate x dp_shard*cp:
+        context-parallel ranks see different tokens of the same sequences, so they too
+        hold partial gradients."""
+        return self.dp_replicate * self.dp_shard * self.cp > 1
+
+    def build_meshes(self, device_type: str) -> dict[str, DeviceMesh]:
+        """One 1-D mesh per axis, plus the views the axes combine into: "dp" (the ranks a
+        global batch is sliced over) and "fsdp" (dp_replicate x dp_shard*cp, the 2-D mesh
+        FSDP shards over: context-parallel ranks also hold partial gradients)."""
+        world = init_device_mesh(device_type, (self.world_size,), mesh_dim_names=("world",))
+        axes = world._unflatten(0, tuple(getattr(self, a) for a in AXES), AXES)
+        data = world._unflatten(0, (self.pp, self.dp, self.cp, self.tp), ("pp", "dp", "cp", "tp"))
+        sharding = world._unflatten(0, (self.pp, self.dp_replicate, self.dp_shard * self.cp, self.tp),
+                                    ("pp", "dp_replicate", "dp_shard_cp", "tp"))
+        meshes = {axis: axes[axis] for axis in AXES}
+        meshes["dp"] = data["dp"]
+        meshes["fsdp"] = sharding["dp_replicate", "dp_shard_cp"]
+        return meshes
+
+
+def parallel_dims(cfg: Config, model_args: ModelArgs, n_processes: int | None = None) -> ParallelDims:
+    """Resolve and check the layout against the model, sequence length and batch; every
+    broken constraint is one line saying what would fix it."""
+    n_processes = world_size() if n_processes is None else n_processes
+    # A copy: the run's config keeps the degrees as written (-1, auto), so that it resumes
+    # under another number of processes.
+    cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel))
+    resolve_degrees(cfg, n_processes, model_args)
+    p, t = cfg.parallel, cfg.train
+    seq_len = cfg.data.seq_len
+    if p.tp > 1:
+        for name in ("n_heads", "n_kv_heads"):
+            value = getattr(model_args, name)
+            if value % p.tp:
+                raise ConfigError(f"parallel.tp={p.tp} does not divide model.{name}={value}; "
+                                  f"use a tp that divides both n_heads and n_kv_heads")
+        if model_args.tie_embeddings:
+            raise ConfigError("model.tie_embeddings=true cannot be tensor-parallel: the embeddings are split by rows "
+                              "and the head by columns; set model.tie_embeddings=false or parallel.tp=1")
+        if seq_len % p.tp:
+            raise ConfigError(f"parallel.tp={p.tp} does not divide data.seq_len={seq_len}: sequence parallelism "
+                              f"splits the sequence over tp ranks; pick a seq_len divisible by {p.tp}")
+    if p.cp > 1 and seq_len % (2 * p.cp * p.tp):
+        raise ConfigError(f"data.seq_len={seq_len} is not divisible by 2*parallel.cp{'*parallel.tp' if p.tp > 1 else ''}="
+                          f"{2 * p.cp * p.tp}: context parallelism gives each rank two equal chunks; "
+                          f"use a seq_len that is a multiple of {2 * p.cp * p.tp}")
+    dp = p.dp_replicate * p.dp_shard
+    if t.batch_size % dp:
+        raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by the data-parallel degree "
+                          f"dp_replicate*dp_shard={dp}; use a batch size that is a multiple of {dp}")
+    local_batch = t.batch_size // dp
+    stages_per_rank = 1
+    if p.pp > 1:
+        stages_per_rank, microbatches = _pipeline_shape(cfg, model_args, local_batch)
+    else:
+        micro = t.micro_batch_size or local_batch
+        if local_batch % micro:
+            raise ConfigError(f"train.micro_batch_size={micro} does not divide the per-rank batch "
+                              f"batch_size/dp={local_batch}; pick a micro batch that divides {local_batch}")
+        microbatches = local_batch // micro
+    return ParallelDims(pp=p.pp, dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, cp=p.cp, tp=p.tp,
+                        pp_schedule=p.pp_schedule, stages_per_rank=stages_per_rank, microbatches=microbatches)
+
+
+def _pipeline_shape(cfg: Config, model_args: ModelArgs, local_batch: int) -> tuple[int, int]:
+    p, t = cfg.parallel, cfg.train
+    from torch.distributed.pipelining import schedules
+
+    class_name = "Schedule" + p.pp_schedule
+    if not hasattr(schedules, class_name):
+        raise ConfigError(f"parallel.pp_schedule={p.pp_schedule} is not in the installed PyTorch "
+                          f"{torch.__version__}; use 1F1B, GPipe or Interleaved1F1B")
+    multi = p.pp_schedule in MULTI_STAGE_SCHEDULES
+    stages_per_rank = p.pp_stages_per_rank or (2 if multi else 1)
+    if not multi and stages_per_rank != 1:
+        raise ConfigError(f"parallel.pp_stages_per_rank={stages_per_rank} needs a multi-stage schedule; "
+                          f"use parallel.pp_schedule=Interleaved1F1B or one of {', '.join(MULTI_STAGE_SCHEDULES)}")
+    if multi and stages_per_rank < 2:
+        raise ConfigError(f"parallel.pp_schedule={p.pp_schedule} runs several stages per rank; "
+                          f"set parallel.pp_stages_per_rank to 2 or more (or 0 for 2)")
+    n_stages = p.pp * stages_per_rank
+    if model_args.n_layers % n_stages:
+        raise ConfigError(f"model.n_layers={model_args.n_layers} cannot be split into {n_stages} equal pipeline stages "
+                          f"(parallel.pp={p.pp} x {stages_per_rank} per rank); use a layer count divisible by {n_stages}")
+    if model_args.tie_embeddings:
+        raise ConfigError("model.tie_embeddings=true cannot be pipelined: the embeddings and the output head live on "
+                          "different stages; set model.tie_embeddings=false or parallel.pp=1")
+    microbatches = p.pp_microbatches
+    if not microbatches:
+        microbatches = local_batch // t.micro_batch_size if t.micro_batch_size else p.pp
+    elif t.micro_batch_size and t.micro_batch_size * microbatches != local_batch:
+        raise ConfigError(f"train.micro_batch_size={t.micro_batch_size} x parallel.pp_microbatches={microbatches} "
+                          f"must equal the per-rank batch batch_size/dp={local_batch}; set one of them to 0")
+    if local_batch % microbatches:
+        raise ConfigError(f"parallel.pp_microbatches={microbatches} does not divide the per-rank batch "
+                          f"batch_size/dp={local_batch}; use a divisor of {local_batch} or a larger train.batch_size")
+    if multi and microbatches % p.pp:
+        raise ConfigError(f"parallel.pp_schedule={p.pp_schedule} needs parallel.pp_microbatches={microbatches} "
+                          f"to be a multiple of parallel.pp={p.pp}")
+    return stages_per_rank, microbatches
+
+
+def init_distributed(device: torch.device) -> bool:
+    """Join torchrun's process group (NCCL on GPUs, gloo on CPUs) when there is more than one
+    process; returns whether this call created it (and so should destroy it)."""
+    if world_size() == 1 or dist.is_initialized():
+        return False
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+    return True

@@ -1,0 +1,58 @@
+"""Tensor and sequence parallelism with DTensor's `parallelize_module` (Megatron layout).
+
+Inside a block, the projections into heads and into the FFN's hidden size are split by
+output column, and the projections back by input row, so each block needs one
+all-gather before and one reduce-scatter after attention and the FFN. Between them,
+activations (and the RMSNorms working on them) are split along the sequence, so no rank
+keeps a full copy. The output head keeps its logits split over the vocabulary and the
+loss is computed on the shards (loss parallel): no rank ever holds [batch, seq, vocab].
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    loss_parallel,
+    parallelize_module,
+)
+
+
+def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> None:
+    """Shard `model` (a whole model or a pipeline stage of one) over `tp_mesh` in place."""
+    outer = {}
+    if model.tok_embeddings is not None:
+        outer["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1))
+    if model.norm is not None:
+        outer["norm"] = SequenceParallel()
+        # Logits stay vocabulary-sharded DTensors for loss_parallel.
+        outer["output"] = ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False)
+    parallelize_module(model, tp_mesh, outer)
+    for block in model.layers.values():
+        parallelize_module(block, tp_mesh, {
+            "attention_norm": SequenceParallel(),
+            # cos and sin are plain tensors, the same on every rank.
+            "attention": PrepareModuleInput(input_layouts=(Shard(1), None, None),
+                                            desired_input_layouts=(Replicate(), None, None)),
+            "attention.wq": ColwiseParallel(),
+            "attention.wk": ColwiseParallel(),
+            "attention.wv": ColwiseParallel(),
+            "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
+            "ffn_norm": SequenceParallel(),
+            "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+            "feed_forward.w1": ColwiseParallel(),
+            "feed_forward.w3": ColwiseParallel(),
+            "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
+        })
+
+
+def loss_context(tp: int):
+    """Where the loss and its backward run: loss_parallel under TP, nothing otherwise."""
+    return loss_parallel() if tp > 1 else contextlib.nullcontext()

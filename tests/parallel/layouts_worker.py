@@ -1,0 +1,39 @@
+"""Run under torchrun by the parallel tests: train the same tiny config under several
+layouts inside one process group (group set-up is the slow part on CPU), one run
+directory per layout; the test compares them with one-process training.
+
+    torchrun --nproc-per-node 4 tests/parallel/layouts_worker.py DATA OUT BASE_OVERRIDES_JSON PLAN_JSON
+
+PLAN_JSON is a list of {"name", "overrides", "resume_from"?}; "resume_from" names an
+earlier run of the plan whose directory is copied first, so the run resumes from its
+checkpoint under a new layout (resharding).
+"""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch.distributed as dist
+
+from gigatrain.config import load_config
+from gigatrain.train.trainer import train
+
+
+def main(data: str, out: str, base_json: str, plan_json: str) -> None:
+    dist.init_process_group("gloo")
+    base, plan = json.loads(base_json), json.loads(plan_json)
+    out_dir = Path(out)
+    for entry in plan:
+        run_dir = out_dir / entry["name"]
+        if entry.get("resume_from") and dist.get_rank() == 0:
+            shutil.copytree(out_dir / entry["resume_from"], run_dir)
+        dist.barrier()
+        cfg = load_config(None, [f"--data.path={data}", f"--run.dir={run_dir}", *base, *entry["overrides"]])
+        train(cfg)
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
