@@ -259,8 +259,7 @@ def validate(cfg: Config) -> None:
     _require(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay} is not valid; it must be 0 or more")
     _require(t.grad_clip >= 0, f"train.grad_clip={t.grad_clip} is not valid; use 0 to disable clipping or a positive norm")
     _require(t.time_limit_s >= 0, f"train.time_limit_s={t.time_limit_s} is not valid; use 0 for no limit or a positive number of seconds")
-    if t.micro_batch_size:
-        _require(t.batch_size % t.micro_batch_size == 0, f"train.batch_size={t.batch_size} is not divisible by train.micro_batch_size={t.micro_batch_size}; choose a micro batch that divides the batch")
+    # micro_batch_size is per rank: parallel.mesh.parallel_dims checks it against the layout.
     for name in ("dp_replicate", "dp_shard", "tp", "pp", "cp"):
         value = getattr(p, name)
         _require(value >= 1 or value == -1, f"parallel.{name}={value} is not valid; use a positive degree or -1 to infer it from the world size")

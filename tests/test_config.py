@@ -30,7 +30,8 @@ def test_round_trip_through_toml(tmp_path):
     ("--model.preset=gpt5", ["model.preset", "llama3-8b"]),
     ("--train.lr=-1", ["train.lr", "positive"]),
     ("--model.n_kv_heads=3", ["n_kv_heads", "divisible"]),
-    ("--train.micro_batch_size=5", ["micro_batch_size", "divisible"]),
+    ("--parallel.pp_schedule=ZeroBubbleX", ["parallel.pp_schedule", "GPipe", "Interleaved1F1B"]),
+    ("--parallel.tp=0", ["parallel.tp", "-1"]),
     ("train.lr", ["--section.key=value"]),
 ])
 def test_bad_input_names_the_key(override, words):

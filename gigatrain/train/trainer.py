@@ -323,8 +323,12 @@ class Trainer:
         display.message(message + f"; run directory {self.run_dir}")
         return TrainResult(self.run_dir, self.step, stopped_by, loss, *val)
 
-    def close(self) -> None:
+    def close(self, clean: bool = True) -> None:
         if self.owns_process_group:
+            if clean:
+                # Ranks leave together: one that tears its group down while rank 0 still
+                # writes plots can abort inside gloo. (After an error, peers may never come.)
+                torch.distributed.barrier()
             torch.distributed.destroy_process_group()
 
     def run_info(self) -> dict:
@@ -363,6 +367,9 @@ def resolve_run_config(config_path: str | None, overrides: list[str]) -> Config:
 def train(cfg: Config) -> TrainResult:
     trainer = Trainer(cfg)
     try:
-        return trainer.run()
-    finally:
-        trainer.close()
+        result = trainer.run()
+    except BaseException:
+        trainer.close(clean=False)
+        raise
+    trainer.close()
+    return result

@@ -1,0 +1,75 @@
+"""Layouts are checked from the config and the world size alone, before any process group
+or memory exists; each broken constraint is one line that says what would fix it."""
+
+import pytest
+
+from gigatrain.config import ConfigError, load_config, resolve_model_args
+from gigatrain.parallel.context import rank_positions
+from gigatrain.parallel.mesh import parallel_dims
+from gigatrain.parallel.pipeline import stage_indices
+from helpers import TINY, run_cli
+
+SHAPE = ["--model.n_layers=8", "--model.n_heads=8", "--model.n_kv_heads=4", "--model.tie_embeddings=false"]
+
+
+def dims(*overrides: str, world: int = 8):
+    cfg = load_config(None, [*TINY, *SHAPE, *overrides])
+    return parallel_dims(cfg, resolve_model_args(cfg), n_processes=world)
+
+
+def test_dp_shard_is_inferred_and_the_config_keeps_minus_one():
+    cfg = load_config(None, [*TINY, *SHAPE, "--parallel.tp=2"])
+    d = parallel_dims(cfg, resolve_model_args(cfg), n_processes=8)
+    assert (d.pp, d.dp_replicate, d.dp_shard, d.cp, d.tp) == (1, 1, 4, 1, 2)
+    assert d.dp == 4 and d.fsdp
+    assert cfg.parallel.dp_shard == -1  # so the run resumes under another number of processes
+
+
+def test_all_five_axes_at_once():
+    d = dims("--parallel.pp=2", "--parallel.dp_replicate=2", "--parallel.dp_shard=2", "--parallel.cp=2",
+             "--parallel.tp=2", "--train.batch_size=8", world=32)
+    assert d.world_size == 32 and d.dp == 4 and d.microbatches == 2
+
+
+@pytest.mark.parametrize("overrides, world, message", [
+    (["--parallel.dp_shard=1", "--parallel.tp=2"], 4, "needs 2 processes but this run has 4"),
+    (["--parallel.tp=3"], 6, "parallel.tp=3 does not divide model.n_heads=8"),
+    (["--parallel.tp=8"], 8, "parallel.tp=8 does not divide model.n_kv_heads=4"),
+    (["--parallel.cp=2", "--data.seq_len=34"], 2, "not divisible by 2*parallel.cp=4"),
+    (["--parallel.pp=3"], 3, "model.n_layers=8 cannot be split into 3 equal pipeline stages"),
+    (["--parallel.pp=2", "--parallel.pp_schedule=Interleaved1F1B", "--model.n_layers=6"], 2,
+     "model.n_layers=6 cannot be split into 4 equal pipeline stages"),
+    (["--parallel.pp=2", "--model.tie_embeddings=true"], 2, "tie_embeddings=true cannot be pipelined"),
+    (["--parallel.tp=2", "--model.tie_embeddings=true"], 2, "tie_embeddings=true cannot be tensor-parallel"),
+    (["--train.batch_size=6"], 4, "train.batch_size=6 is not divisible by the data-parallel degree"),
+    (["--train.micro_batch_size=4"], 4, "train.micro_batch_size=4 does not divide the per-rank batch batch_size/dp=2"),
+    (["--parallel.pp=2", "--parallel.pp_microbatches=3"], 2, "parallel.pp_microbatches=3 does not divide"),
+    (["--parallel.pp=2", "--parallel.pp_stages_per_rank=2"], 2, "needs a multi-stage schedule"),
+    (["--parallel.tp=3", "--parallel.dp_shard=1", "--parallel.cp=-1"], 8, "(tp=3) multiply to 3, which does not divide the world size 8"),
+])
+def test_impossible_layouts_are_named(overrides, world, message):
+    with pytest.raises(ConfigError) as err:
+        dims(*overrides, world=world)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_bad_layout_stops_before_start_up_with_exit_2():
+    """Checked against torchrun's WORLD_SIZE before joining the process group: no rendezvous,
+    no memory, one line."""
+    result = run_cli("train", *TINY, "--parallel.tp=3", env={"WORLD_SIZE": "4", "RANK": "0"})
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
+    assert "(tp=3) multiply to 3, which does not divide the world size 4" in result.stderr
+
+
+def test_context_parallel_chunks_cover_the_sequence_with_equal_causal_work():
+    seq, cp = 32, 4
+    held = [rank_positions(seq, cp, r) for r in range(cp)]
+    assert sorted(int(p) for h in held for p in h) == list(range(seq))
+    # Causal work of a query at position p is p + 1 keys: head-tail pairing evens it out.
+    assert len({int((h + 1).sum()) for h in held}) == 1
+
+
+def test_looped_schedules_place_stages_round_robin():
+    d = dims("--parallel.pp=4", "--parallel.pp_schedule=Interleaved1F1B", "--parallel.dp_shard=1", world=4)
+    assert [stage_indices(d, r) for r in range(4)] == [[0, 4], [1, 5], [2, 6], [3, 7]]
