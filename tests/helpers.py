@@ -1,6 +1,7 @@
 """Shared by the tests: the repository root, a small real-code corpus, and the CLI in a subprocess."""
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +27,20 @@ def run_cli(*args: str, timeout: float = 300, env: dict | None = None, check: bo
     if check and result.returncode != 0:
         raise AssertionError(f"gigatrain {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def run_group(command: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """Run a launcher (torchrun, several agents...) in its own session and, if it overruns,
+    kill the whole session: killing torchrun alone would leave its workers running."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                               start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        raise AssertionError(f"{' '.join(command[:6])} ... did not finish in {timeout} s:\n{stderr[-4000:]}") from None
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 TINY = ["--model.preset=tiny", "--data.seq_len=64", "--train.batch_size=8", "--train.eval_batches=2",

@@ -18,7 +18,6 @@ process, and the next step's loss must equal the uninterrupted run's.
 
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from gigatrain.config import load_config, resolve_model_args
 from gigatrain.metrics.logger import read_metrics
 from gigatrain.models.transformer import Transformer
 from gigatrain.train.trainer import train
-from helpers import REPO
+from helpers import REPO, run_group
 
 # Small enough for 4 processes on 2 cores, shaped so every layout applies: 8 heads and 4 KV
 # heads split over tp=4, 8 layers into 4 stages x 2 per rank, 32 positions into 2*cp=8 chunks.
@@ -93,10 +92,10 @@ def runs(tmp_path_factory, byte_data):
     plan += [{"name": run_name(label), "overrides": overrides, "resume_from": "fsdp_at_2"}
              for label, overrides in RESHARDS.items()]
     plan.insert(0, {"name": "fsdp_at_2", "overrides": ["--train.stop_at_step=2"]})
-    result = subprocess.run(
+    result = run_group(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=4", "--standalone",
          str(REPO / "tests/parallel/layouts_worker.py"), str(byte_data), str(out), json.dumps(BASE), json.dumps(plan)],
-        capture_output=True, text=True, timeout=480, cwd=REPO)
+        timeout=480)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return out, result.stdout
 

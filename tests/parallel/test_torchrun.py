@@ -3,14 +3,14 @@ torchrun agents meeting at a c10d rendezvous on 127.0.0.1), and a run started on
 processes that resumes in one, continuing the same metrics file."""
 
 import json
+import shlex
 import socket
-import subprocess
 import sys
 
 import pytest
 
 from gigatrain.metrics.logger import read_metrics
-from helpers import REPO, TINY, run_cli
+from helpers import TINY, run_cli, run_group
 
 STEPS = ["--train.eval_every=1000", "--train.checkpoint_every=1000", "--train.device=cpu"]
 
@@ -38,10 +38,9 @@ def one_process(tmp_path_factory, byte_data):
 
 def test_two_processes_then_one_continue_the_same_run(tmp_path, byte_data, one_process):
     run_dir = tmp_path / "run"
-    result = subprocess.run(
+    result = run_group(
         torchrun("--standalone", "--nproc-per-node=2", "-m", "gigatrain", "train", *TINY, *STEPS,
-                 f"--data.path={byte_data}", f"--run.dir={run_dir}", "--train.max_steps=2"),
-        capture_output=True, text=True, timeout=300, cwd=REPO)
+                 f"--data.path={byte_data}", f"--run.dir={run_dir}", "--train.max_steps=2"), timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     assert result.stdout.count(f"run {run_dir}") == 1  # rank 0 alone prints
     assert "2 processes: pp=1 x dp_replicate=1 x dp_shard=2" in result.stdout
@@ -61,11 +60,11 @@ def test_two_torchrun_agents_train_as_two_nodes(tmp_path, byte_data, one_process
     command = torchrun("--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
                        f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=gigatrain-test", "-m", "gigatrain", "train",
                        *TINY, *STEPS, f"--data.path={byte_data}", f"--run.dir={run_dir}", "--train.max_steps=4")
-    agents = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
-              for _ in range(2)]
-    outputs = [agent.communicate(timeout=300) for agent in agents]
-    for agent, (_, err) in zip(agents, outputs):
-        assert agent.returncode == 0, err[-4000:]
+    # Two agents in one session: if they overrun, both and all their workers are killed.
+    both = (f"{shlex.join(command)} & first=$!; {shlex.join(command)} & second=$!; "
+            f"wait $first; a=$?; wait $second; b=$?; exit $((a | b))")
+    result = run_group(["bash", "-c", both], timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
     assert json.loads((run_dir / "run.json").read_text())["world_size"] == 2
     trained = losses(run_dir)
     for step, loss in one_process.items():
