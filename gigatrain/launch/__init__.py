@@ -71,16 +71,10 @@ def check_layout(cfg: Config, world_size: int) -> None:
     if not inferred and fixed != world_size:
         raise LaunchError(f"parallel layout {layout} needs {fixed} processes but this launch starts {world_size} "
                           f"(nodes x gpus-per-node); make them equal or set one degree to -1")
-    _check_full_layout(cfg, world_size)
+    # Then the trainer's own check, from the config and the world size alone: tp divides the
+    # heads, dp the batch, the pipeline stages the layers.
+    from gigatrain.parallel.mesh import parallel_dims
 
-
-def _check_full_layout(cfg: Config, world_size: int) -> None:
-    """The trainer's own layout check (heads divisible by tp, batch by dp, layers by stages),
-    from the config and the world size alone, where this gigatrain has it."""
-    try:
-        from gigatrain.parallel.mesh import parallel_dims
-    except ImportError:
-        return
     parallel_dims(cfg, resolve_model_args(cfg), world_size)
 
 

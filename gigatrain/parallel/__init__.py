@@ -22,7 +22,7 @@ from torch.distributed.tensor import DTensor
 from gigatrain.config import Config
 from gigatrain.parallel.context import apply_cp, shard_sequence
 from gigatrain.parallel.fsdp import apply_fsdp
-from gigatrain.parallel.mesh import ParallelDims, world_size  # noqa: F401  (world_size: re-exported)
+from gigatrain.parallel.mesh import ParallelDims
 from gigatrain.parallel.pipeline import build_schedule, split_model
 from gigatrain.parallel.tensor import apply_tp, loss_context
 from gigatrain.train.evaluate import autocast, loss_fn
@@ -111,10 +111,13 @@ class ParallelModel:
                 if not self.has_last_stage:
                     return torch.zeros((), device=self.device)
                 return torch.stack([_local(loss).detach() for loss in losses]).mean()
-            n_micro = self.dims.microbatches
+            n_micro, model = self.dims.microbatches, self.parts[0]
             total = torch.zeros((), device=self.device)
-            for micro_inputs, micro_targets in zip(inputs.chunk(n_micro), targets.chunk(n_micro)):
-                loss = loss_fn(self.parts[0](micro_inputs), micro_targets) / n_micro
+            for index, (micro_inputs, micro_targets) in enumerate(zip(inputs.chunk(n_micro), targets.chunk(n_micro))):
+                if self.dims.fsdp:
+                    # Accumulate locally; reduce-scatter once, in the last micro-batch's backward.
+                    model.set_requires_gradient_sync(index == n_micro - 1)
+                loss = loss_fn(model(micro_inputs), micro_targets) / n_micro
                 loss.backward()
                 total += _local(loss).detach()
             return total
