@@ -9,15 +9,13 @@ text. Nothing here starts a process or touches the network.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from gigatrain.config import Config, load_config, resolve_model_args
+from gigatrain.config import Config, ConfigError, load_config, resolve_model_args
 
 DEFAULT_PORT = 29500
-AXES = ("dp_replicate", "dp_shard", "tp", "pp", "cp")
 
 
 class LaunchError(ValueError):
@@ -54,28 +52,18 @@ def _at_least(name: str, value: int, minimum: int) -> None:
 
 
 def check_layout(cfg: Config, world_size: int) -> None:
-    """The parallel degrees must multiply to the number of processes (one may be -1, inferred,
-    when the others divide it). Checked here so a wrong layout fails at the desk, not after
-    the job has waited in a queue. `parallel.auto` is the planner's choice on the nodes."""
-    p = cfg.parallel
-    if p.auto:
+    """The trainer's own layout check (degrees against the world size, tp against the heads,
+    dp against the batch, stages against the layers), run at the desk so that a wrong layout
+    fails now, not after the job has waited in a queue. `parallel.auto` is the planner's
+    choice on the nodes."""
+    if cfg.parallel.auto:
         return
-    degrees = {name: getattr(p, name) for name in AXES}
-    fixed = math.prod(v for v in degrees.values() if v != -1)
-    inferred = [name for name, v in degrees.items() if v == -1]
-    layout = " x ".join(f"{name}={v}" for name, v in degrees.items())
-    if inferred and world_size % fixed:
-        raise LaunchError(f"parallel.{inferred[0]}=-1 cannot be inferred: the other degrees ({layout}) multiply to "
-                          f"{fixed}, which does not divide the {world_size} processes of this launch; "
-                          f"change --nodes/--gpus-per-node or the degrees")
-    if not inferred and fixed != world_size:
-        raise LaunchError(f"parallel layout {layout} needs {fixed} processes but this launch starts {world_size} "
-                          f"(nodes x gpus-per-node); make them equal or set one degree to -1")
-    # Then the trainer's own check, from the config and the world size alone: tp divides the
-    # heads, dp the batch, the pipeline stages the layers.
     from gigatrain.parallel.mesh import parallel_dims
 
-    parallel_dims(cfg, resolve_model_args(cfg), world_size)
+    try:
+        parallel_dims(cfg, resolve_model_args(cfg), world_size)
+    except ConfigError as err:
+        raise LaunchError(f"{err} (this launch starts nodes x gpus-per-node = {world_size} processes)") from None
 
 
 def _default_name(cfg: Config) -> str:

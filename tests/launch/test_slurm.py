@@ -130,7 +130,7 @@ def test_default_output_is_in_the_run_directory(capsys, tmp_path):
     (["--nodes", "1", "--gpus-per-node", "8", "--job-name", "my job"], ["job-name", "my job"]),
     (["--nodes", "1", "--gpus-per-node", "8", "--cpus-per-task", "4"], ["--cpus-per-task=4", "at least 8"]),
     (["--nodes", "1", "--gpus-per-node", "8", "--train.lrr=1"], ["train.lrr"]),
-    (["--nodes", "2", "--gpus-per-node", "4", "--parallel.dp_shard=3"], ["dp_shard=3", "8 (nodes x gpus-per-node)"]),
+    (["--nodes", "2", "--gpus-per-node", "4", "--parallel.dp_shard=3"], ["dp_shard=3", "nodes x gpus-per-node = 8 processes"]),
     (["--nodes", "2", "--gpus-per-node", "4", "--parallel.dp_shard=-1", "--parallel.tp=3"],
      ["parallel.dp_shard=-1", "tp=3", "8 processes"]),
     (["--nodes", "1", "--gpus-per-node", "2", "--cpu", "--train.device=cuda"], ["--cpu", "train.device=cuda"]),
