@@ -31,8 +31,7 @@ from gigatrain.train.trainer import Trainer, open_data
 def bare_loop(cfg, batches) -> float:
     """Tokens per second of a plain PyTorch loop, timed from the end of the first step."""
     t = cfg.train
-    torch.manual_seed(t.seed)
-    model = Transformer(resolve_model_args(cfg, vocab_size=open_data(cfg).vocab_size))
+    model = Transformer(resolve_model_args(cfg, vocab_size=open_data(cfg).vocab_size), seed=t.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2),
                                   weight_decay=t.weight_decay, fused=True)
     ends = []

@@ -10,6 +10,7 @@ compile, mixed precision, the loss) is applied from outside.
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -47,9 +48,6 @@ class RMSNorm(nn.Module):
         # Normalise in fp32 so bf16 activations do not lose the small variances.
         normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
         return normed.type_as(x) * self.weight
-
-    def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,8 +124,31 @@ class TransformerBlock(nn.Module):
         return x + self.feed_forward(self.ffn_norm(x))
 
 
+def parameter_generator(seed: int, name: str, device: torch.device) -> torch.Generator:
+    """Each parameter draws from its own stream, named by (seed, parameter name): a rank that
+    holds a shard of a parameter can draw the very numbers one process would, whatever the
+    layout and whatever else it holds."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed((seed * 0x9E3779B97F4A7C15 + zlib.crc32(name.encode())) % 2**63)
+    return generator
+
+
+@torch.no_grad()
+def init_parameter(name: str, tensor: torch.Tensor, args: ModelArgs, generator: torch.Generator) -> None:
+    """The initial value of the parameter called `name` (its name in the whole model): norm
+    gains 1, matrices N(0, 0.02), with the residual-branch outputs scaled by 1/sqrt(2 L) so
+    the residual stream's variance does not grow with depth (GPT-2 / Llama recipe)."""
+    if name.endswith("norm.weight"):
+        tensor.fill_(1.0)
+        return
+    std = 0.02
+    if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+        std /= math.sqrt(2 * args.n_layers)
+    tensor.normal_(0.0, std, generator=generator)
+
+
 class Transformer(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, seed: int = 0):
         super().__init__()
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.d_model)
@@ -139,32 +160,22 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.d_model, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        cos, sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)
         # Not persistent: derived from the shape, so checkpoints hold only learned state.
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
-        self.init_weights()
+        self.register_buffer("rope_cos", torch.empty(args.max_seq_len, args.head_dim // 2), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(args.max_seq_len, args.head_dim // 2), persistent=False)
+        if self.rope_cos.device.type != "meta":  # a meta model is initialised after it is sharded
+            self.init_weights(seed)
 
     @torch.no_grad()
-    def init_weights(self) -> None:
-        """Scaled initialisation; callable again after materialising a meta-device model."""
-        std = 0.02
-        # Residual-branch outputs are scaled so the residual stream's variance does not
-        # grow with depth (GPT-2 / Llama recipe).
-        residual_std = std / math.sqrt(2 * self.args.n_layers)
-        if self.tok_embeddings is not None:
-            nn.init.normal_(self.tok_embeddings.weight, std=std)
-        for block in self.layers.values():
-            for linear in (block.attention.wq, block.attention.wk, block.attention.wv, block.feed_forward.w1, block.feed_forward.w3):
-                nn.init.normal_(linear.weight, std=std)
-            nn.init.normal_(block.attention.wo.weight, std=residual_std)
-            nn.init.normal_(block.feed_forward.w2.weight, std=residual_std)
-            block.attention_norm.reset_parameters()
-            block.ffn_norm.reset_parameters()
-        if self.norm is not None:
-            self.norm.reset_parameters()
-        if self.output is not None and not self.args.tie_embeddings:
-            nn.init.normal_(self.output.weight, std=std)
+    def init_weights(self, seed: int) -> None:
+        if self.args.tie_embeddings and self.output is not None and self.output.weight is not self.tok_embeddings.weight:
+            self.output.weight = self.tok_embeddings.weight  # to_empty() allocates the two apart
+        for name, param in self.named_parameters():
+            init_parameter(name, param, self.args, parameter_generator(seed, name, param.device))
+        self.init_buffers()
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
         cos, sin = rope_tables(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)

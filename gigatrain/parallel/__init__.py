@@ -3,9 +3,12 @@
 `parallelize` follows the order that composes with PyTorch's distributed stack:
 
     pipeline split -> tensor/sequence parallel -> context parallel
-        -> activation checkpointing -> compile -> FSDP2
+        -> activation checkpointing -> compile -> FSDP2 -> initialise this rank's shards
 
-and returns a `ParallelModel`: the model parts this rank holds and how to run a forward
+A model built on the meta device (every multi-process run) allocates nothing until its
+shards exist, so no rank ever holds the whole model; each shard is then filled with the
+very numbers one process would draw for it (`init_parameter`, one random stream per
+parameter name). `parallelize` returns a `ParallelModel`: the model parts this rank holds and how to run a forward
 and backward pass over this rank's share of a batch under the layout. One process is the
 layout with every degree 1, and goes through the same code.
 """
@@ -18,9 +21,11 @@ from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from gigatrain.config import Config
-from gigatrain.parallel.context import apply_cp, shard_sequence
+from gigatrain.models.transformer import init_parameter, parameter_generator
+from gigatrain.parallel.context import apply_cp, shard_rope, shard_sequence
 from gigatrain.parallel.fsdp import apply_fsdp
 from gigatrain.parallel.mesh import ParallelDims
 from gigatrain.parallel.pipeline import build_schedule, split_model
@@ -160,17 +165,46 @@ class ParallelModel:
         return values
 
 
+def plain_name(name: str) -> str:
+    """A parameter's name in the whole model, without the wrappers' prefixes."""
+    return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
+
+
+@torch.no_grad()
+def materialize(part: nn.Module, device: torch.device, seed: int) -> None:
+    """Allocate a meta-device (possibly sharded) part on `device` and initialise it. A sharded
+    parameter's whole value is drawn on the device one parameter at a time and this rank
+    keeps its slice: exact, with a peak of one full parameter, and free of DTensor's random
+    ops (which on CPU give every shard the same numbers)."""
+    part.to_empty(device=device)
+    for name, param in part.named_parameters():
+        name = plain_name(name)
+        generator = parameter_generator(seed, name, device)
+        if not isinstance(param, DTensor):
+            init_parameter(name, param, part.args, generator)
+            continue
+        full = torch.empty(param.shape, dtype=param.dtype, device=device)
+        init_parameter(name, full, part.args, generator)
+        shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+        local = param.to_local()
+        assert tuple(local.shape) == tuple(shape), f"{name}: local shard {tuple(local.shape)} != {shape}"
+        local.copy_(full[tuple(slice(o, o + n) for o, n in zip(offset, shape))])
+    part.init_buffers()
+
+
 def parallelize(model: nn.Module, dims: ParallelDims, mesh: dict[str, DeviceMesh] | None, cfg: Config,
                 device: torch.device, dtype: torch.dtype | None) -> ParallelModel:
+    on_meta = model.rope_cos.is_meta
     stage_indices, parts = [0], [model]
     if dims.pp > 1:
         stage_indices, parts = split_model(model, dims, mesh["pp"].get_local_rank())
     for part in parts:
-        part.to(device)
+        if not on_meta:
+            part.to(device)
         if dims.tp > 1:
             apply_tp(part, mesh["tp"])
         if dims.cp > 1:
-            apply_cp(part, mesh["cp"], cfg.data.seq_len)
+            apply_cp(part, mesh["cp"], cfg.data.seq_len, device)
         apply_activation_checkpointing(part, cfg.train.activation_checkpointing)
         if cfg.train.compile:
             apply_compile(part)
@@ -178,4 +212,8 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh: dict[str, DeviceMesh
             # Under a pipeline, the weights a stage gathers for its forward are needed again
             # by its backward a few microbatches later: keep them gathered.
             apply_fsdp(part, mesh["fsdp"], param_dtype=dtype, reshard_after_forward=dims.pp == 1)
+        if on_meta:
+            materialize(part, device, cfg.train.seed)
+        if dims.cp > 1:
+            shard_rope(part, mesh["cp"], cfg.data.seq_len)
     return ParallelModel(parts, dims, mesh, cfg, device, dtype, stage_indices)

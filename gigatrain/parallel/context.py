@@ -31,14 +31,15 @@ def rank_positions(seq_len: int, cp: int, cp_rank: int) -> torch.Tensor:
 class ContextParallelAttention(nn.Module):
     """CoreAttention for local queries against the whole sequence's keys and values."""
 
-    def __init__(self, cp_mesh: DeviceMesh, seq_len: int):
+    def __init__(self, cp_mesh: DeviceMesh, seq_len: int, device: torch.device):
         super().__init__()
         self.cp_mesh = cp_mesh
         cp, rank = cp_mesh.size(), cp_mesh.get_local_rank()
         query_positions = rank_positions(seq_len, cp, rank)
         # Gathered keys arrive rank by rank, each rank's in its own order.
         key_positions = torch.cat([rank_positions(seq_len, cp, r) for r in range(cp)])
-        self.register_buffer("mask", query_positions[:, None] >= key_positions[None, :], persistent=False)
+        # A plain attribute, not a buffer: materialising a meta model (to_empty) would wipe it.
+        self.mask = (query_positions[:, None] >= key_positions[None, :]).to(device)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k = all_gather_single_autograd(k.contiguous(), gather_dim=2, group=self.cp_mesh)
@@ -46,12 +47,16 @@ class ContextParallelAttention(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, enable_gqa=k.shape[1] != q.shape[1])
 
 
-def apply_cp(model: nn.Module, cp_mesh: DeviceMesh, seq_len: int) -> None:
-    """Swap every block's core attention, and keep only this rank's rows of the rotary
-    tables, so position p is rotated by p's angle wherever it lives."""
+def apply_cp(model: nn.Module, cp_mesh: DeviceMesh, seq_len: int, device: torch.device) -> None:
+    """Swap every block's core attention for one that attends over the whole sequence."""
     for block in model.layers.values():
-        block.attention.core = ContextParallelAttention(cp_mesh, seq_len)
-    positions = rank_positions(seq_len, cp_mesh.size(), cp_mesh.get_local_rank())
+        block.attention.core = ContextParallelAttention(cp_mesh, seq_len, device)
+
+
+def shard_rope(model: nn.Module, cp_mesh: DeviceMesh, seq_len: int) -> None:
+    """Keep only this rank's rows of the (initialised) rotary tables, so position p is
+    rotated by p's angle wherever it lives."""
+    positions = rank_positions(seq_len, cp_mesh.size(), cp_mesh.get_local_rank()).to(model.rope_cos.device)
     model.register_buffer("rope_cos", model.rope_cos[positions].clone(), persistent=False)
     model.register_buffer("rope_sin", model.rope_sin[positions].clone(), persistent=False)
 

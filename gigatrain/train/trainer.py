@@ -142,10 +142,11 @@ class Trainer:
         self.data = open_data_once(cfg)
         self.seq_len = cfg.data.seq_len
         self.model_args = resolve_model_args(cfg, vocab_size=self.data.vocab_size)
-        # Every rank builds the same full model from the same seed and keeps its share, so a
-        # layout starts from exactly the weights one process would.
-        torch.manual_seed(t.seed)
-        self.parallel = parallelize(Transformer(self.model_args), self.dims, self.mesh, cfg, self.device, self.dtype)
+        # Several processes build the model on the meta device: nothing is allocated until
+        # it is sharded, and then each rank draws exactly its shard of one process's weights.
+        with torch.device("meta" if self.mesh is not None else "cpu"):
+            model = Transformer(self.model_args, seed=t.seed)
+        self.parallel = parallelize(model, self.dims, self.mesh, cfg, self.device, self.dtype)
         self.optimizers = [build_optimizer(part, t, self.device) for part in self.parallel.parts]
         self.loader = BatchLoader(self.data.split("train"), self.seq_len, t.batch_size, seed=t.seed,
                                   rank=self.parallel.dp_rank, world_size=self.dims.dp)

@@ -69,3 +69,34 @@ def test_tied_embeddings_share_storage():
     assert model.output.weight is model.tok_embeddings.weight
     untied = tiny(tie_embeddings=False)
     assert untied.output.weight is not untied.tok_embeddings.weight
+
+
+def test_initialisation_is_a_function_of_seed_and_parameter_name():
+    """What lets a rank that holds one shard draw exactly one process's numbers for it."""
+    from gigatrain.models.transformer import init_parameter, parameter_generator
+
+    args = get_preset("tiny")
+    a, b, other = Transformer(args, seed=3), Transformer(args, seed=3), Transformer(args, seed=4)
+    for (name, p), q, r in zip(a.named_parameters(), b.parameters(), other.parameters()):
+        assert torch.equal(p, q), name
+        if not name.endswith("norm.weight"):
+            assert not torch.equal(p, r), name
+        alone = torch.empty_like(p)
+        init_parameter(name, alone, args, parameter_generator(3, name, p.device))
+        assert torch.equal(alone, p), name
+    assert torch.all(a.layers["0"].attention_norm.weight == 1)
+    residual = a.layers["1"].feed_forward.w2.weight.std().item()
+    assert abs(residual - 0.02 / (2 * args.n_layers) ** 0.5) < 0.003
+    assert abs(a.layers["1"].feed_forward.w1.weight.std().item() - 0.02) < 0.002
+
+
+def test_meta_model_initialised_later_equals_an_eager_one():
+    args = get_preset("tiny")
+    with torch.device("meta"):
+        late = Transformer(args, seed=5)
+    late.to_empty(device="cpu")
+    late.init_weights(5)
+    for (name, p), q in zip(Transformer(args, seed=5).state_dict().items(), late.state_dict().values()):
+        assert torch.equal(p, q), name
+    assert torch.equal(late.rope_cos, Transformer(args).rope_cos)
+    assert late.output.weight is late.tok_embeddings.weight  # still tied
