@@ -54,7 +54,8 @@ class DataConfig:
 class TrainConfig:
     seed: int = 1337
     max_steps: int = 600
-    batch_size: int = 16  # global: sequences per optimizer step
+    batch_size: int = 16  # global: sequences per optimizer step, whatever the layout
+    batch_tokens: int = 0  # global batch in tokens instead (sets batch_size = batch_tokens / seq_len); 0: unused
     micro_batch_size: int = 0  # sequences per forward/backward; 0: the whole batch at once
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
@@ -246,6 +247,11 @@ def validate(cfg: Config) -> None:
     _require(args.n_heads % args.n_kv_heads == 0, f"model.n_heads={args.n_heads} is not divisible by model.n_kv_heads={args.n_kv_heads}; grouped-query attention needs n_heads % n_kv_heads == 0")
     _require(d.seq_len >= 2, f"data.seq_len={d.seq_len} is not valid; it must be at least 2")
     _require(d.vocab_size >= 257, f"data.vocab_size={d.vocab_size} is not valid; a BPE vocabulary needs more than the 256 bytes (e.g. 4096)")
+    _require(t.batch_tokens >= 0, f"train.batch_tokens={t.batch_tokens} is not valid; use 0 or a positive number of tokens")
+    if t.batch_tokens:
+        _require(t.batch_tokens % d.seq_len == 0, f"train.batch_tokens={t.batch_tokens} is not a multiple of data.seq_len={d.seq_len}; "
+                 f"use a multiple such as {max(1, t.batch_tokens // d.seq_len) * d.seq_len}")
+        t.batch_size = t.batch_tokens // d.seq_len  # the one the rest of the system reads
     for name in ("max_steps", "batch_size", "eval_batches", "checkpoint_every", "keep_checkpoints", "eval_every"):
         value = getattr(t, name)
         _require(value >= 1, f"train.{name}={value} is not valid; it must be at least 1")

@@ -33,6 +33,7 @@ def test_round_trip_through_toml(tmp_path):
     ("--parallel.pp_schedule=ZeroBubbleX", ["parallel.pp_schedule", "GPipe", "Interleaved1F1B"]),
     ("--parallel.tp=0", ["parallel.tp", "-1"]),
     ("train.lr", ["--section.key=value"]),
+    ("--train.batch_tokens=1000", ["train.batch_tokens=1000", "data.seq_len=256", "768"]),
 ])
 def test_bad_input_names_the_key(override, words):
     with pytest.raises(ConfigError) as err:
@@ -53,3 +54,8 @@ def test_bad_toml_types(tmp_path):
         load_config(path)
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.toml")
+
+
+def test_global_batch_in_tokens():
+    cfg = load_config(None, ["--data.seq_len=64", "--train.batch_tokens=1024"])
+    assert cfg.train.batch_size == 16
