@@ -64,11 +64,10 @@ def _local(value: torch.Tensor) -> torch.Tensor:
 class ParallelModel:
     """This rank's model parts under a layout, and the passes that run them."""
 
-    def __init__(self, parts: list[nn.Module], dims: ParallelDims, mesh: dict[str, DeviceMesh] | None, cfg: Config,
+    def __init__(self, parts: list[nn.Module], dims: ParallelDims, mesh: dict[str, DeviceMesh] | None,
                  device: torch.device, dtype: torch.dtype | None, stage_indices: list[int]):
         self.parts, self.dims, self.mesh = parts, dims, mesh
         self.device, self.dtype = device, dtype
-        self.seq_len = cfg.data.seq_len
         self.has_last_stage = dims.num_stages - 1 in stage_indices
         self.schedule = self.eval_schedule = None
         if dims.pp > 1:
@@ -216,4 +215,4 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh: dict[str, DeviceMesh
             materialize(part, device, cfg.train.seed)
         if dims.cp > 1:
             shard_rope(part, mesh["cp"], cfg.data.seq_len)
-    return ParallelModel(parts, dims, mesh, cfg, device, dtype, stage_indices)
+    return ParallelModel(parts, dims, mesh, device, dtype, stage_indices)

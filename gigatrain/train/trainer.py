@@ -143,8 +143,9 @@ class Trainer:
         self.seq_len = cfg.data.seq_len
         self.model_args = resolve_model_args(cfg, vocab_size=self.data.vocab_size)
         # Several processes build the model on the meta device: nothing is allocated until
-        # it is sharded, and then each rank draws exactly its shard of one process's weights.
-        with torch.device("meta" if self.mesh is not None else "cpu"):
+        # it is sharded, and then each rank draws exactly its shard of one process's weights
+        # (on its device, as one process does: a GPU's random streams differ from a CPU's).
+        with torch.device("meta" if self.mesh is not None else self.device):
             model = Transformer(self.model_args, seed=t.seed)
         self.parallel = parallelize(model, self.dims, self.mesh, cfg, self.device, self.dtype)
         self.optimizers = [build_optimizer(part, t, self.device) for part in self.parallel.parts]
