@@ -4,9 +4,10 @@ directory per layout; the test compares them with one-process training.
 
     torchrun --nproc-per-node 4 tests/parallel/layouts_worker.py DATA OUT BASE_OVERRIDES_JSON PLAN_JSON
 
-PLAN_JSON is a list of {"name", "overrides", "resume_from"?}; "resume_from" names an
-earlier run of the plan whose directory is copied first, so the run resumes from its
-checkpoint under a new layout (resharding).
+PLAN_JSON is a list of {"name", "overrides", "resume_from"?, "probe_logits"?};
+"resume_from" names an earlier run of the plan whose directory is copied first, so the run
+resumes from its checkpoint under a new layout (resharding); with "probe_logits" each rank
+records the shape it holds of the model's logits for one batch (logits_rank<R>.json).
 """
 
 import json
@@ -14,10 +15,23 @@ import shutil
 import sys
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from gigatrain.config import load_config
-from gigatrain.train.trainer import train
+from gigatrain.train.trainer import Trainer, train
+
+
+def probe_logits(trainer: Trainer, run_dir: Path) -> None:
+    inputs, _ = trainer.loader.next_batch()
+    with torch.no_grad():
+        logits = trainer.model(inputs)
+    local = logits.to_local() if isinstance(logits, DTensor) else logits
+    record = {"type": type(logits).__name__, "local_shape": list(local.shape),
+              "sharded_dims": [p.dim if p.is_shard() else None for p in getattr(logits, "placements", [])]}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / f"logits_rank{dist.get_rank()}.json").write_text(json.dumps(record))
 
 
 def main(data: str, out: str, base_json: str, plan_json: str) -> None:
@@ -30,7 +44,10 @@ def main(data: str, out: str, base_json: str, plan_json: str) -> None:
             shutil.copytree(out_dir / entry["resume_from"], run_dir)
         dist.barrier()
         cfg = load_config(None, [f"--data.path={data}", f"--run.dir={run_dir}", *base, *entry["overrides"]])
-        train(cfg)
+        if entry.get("probe_logits"):
+            probe_logits(Trainer(cfg), run_dir)
+        else:
+            train(cfg)
         dist.barrier()
     dist.destroy_process_group()
 

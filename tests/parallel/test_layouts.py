@@ -92,6 +92,7 @@ def runs(tmp_path_factory, byte_data):
     plan += [{"name": run_name(label), "overrides": overrides, "resume_from": "fsdp_at_2"}
              for label, overrides in RESHARDS.items()]
     plan.insert(0, {"name": "fsdp_at_2", "overrides": ["--train.stop_at_step=2"]})
+    plan.append({"name": "tp_logits", "overrides": LAYOUTS["TP + sequence parallel"], "probe_logits": True})
     result = run_group(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=4", "--standalone",
          str(REPO / "tests/parallel/layouts_worker.py"), str(byte_data), str(out), json.dumps(BASE), json.dumps(plan)],
@@ -143,3 +144,13 @@ def test_checkpoint_from_four_processes_resumes_in_one(runs, byte_data, tmp_path
 def test_only_rank_zero_prints(runs):
     _, stdout = runs
     assert stdout.count("stopped by max_steps") == len(LAYOUTS) + len(RESHARDS)
+
+
+def test_tensor_parallel_never_holds_full_vocabulary_logits(runs):
+    """Loss parallel: each of the 4 TP ranks holds a quarter of the vocabulary's logits."""
+    out, _ = runs
+    for rank in range(4):
+        record = json.loads((out / "tp_logits" / f"logits_rank{rank}.json").read_text())
+        assert record["type"] == "DTensor" and record["sharded_dims"] == [2]  # split over the vocabulary
+        # The whole batch (tp ranks share it) and sequence, a quarter of the 256 byte-level ids.
+        assert record["local_shape"] == [8, 32, 256 // 4]
