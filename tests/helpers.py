@@ -29,6 +29,27 @@ def run_cli(*args: str, timeout: float = 300, env: dict | None = None, check: bo
     return result
 
 
+def step_values(run_dir: Path, key: str = "loss") -> dict[int, float]:
+    """metrics.jsonl's `key` by step."""
+    from gigatrain.metrics.logger import read_metrics
+
+    return {r["step"]: r[key] for r in read_metrics(run_dir / "metrics.jsonl") if key in r}
+
+
+def final_weights(run_dir: Path) -> dict:
+    """The run's latest checkpoint loaded strictly into a plain one-process model (whatever
+    layout wrote it), as a state dict."""
+    import json
+
+    from gigatrain.checkpoint import dcp as checkpoint
+    from gigatrain.models.transformer import ModelArgs, Transformer
+
+    info = json.loads((run_dir / "run.json").read_text())
+    model = Transformer(ModelArgs(**info["model_args"]))
+    checkpoint.load(checkpoint.latest(run_dir / "checkpoints"), [model])
+    return model.state_dict()
+
+
 def run_group(command: list[str], timeout: float) -> subprocess.CompletedProcess:
     """Run a launcher (torchrun, several agents...) in its own session and, if it overruns,
     kill the whole session: killing torchrun alone would leave its workers running."""

@@ -92,7 +92,7 @@ def open_data_once(cfg: Config) -> TokenData:
         return open_data(cfg)
     data = open_data(cfg) if is_main_process() else None
     torch.distributed.barrier()
-    return data or open_data(cfg)
+    return data if data is not None else open_data(cfg)
 
 
 def pad_batch(inputs: torch.Tensor, targets: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,7 +162,7 @@ class Trainer:
     @property
     def model(self) -> torch.nn.Module:
         """The whole model, where one process holds it (every layout but pipelines)."""
-        if len(self.parallel.parts) != 1 or self.dims.pp > 1:
+        if self.dims.pp > 1:
             raise AttributeError("a pipeline-parallel rank holds stages, not the whole model; use trainer.parallel.parts")
         return self.parallel.parts[0]
 

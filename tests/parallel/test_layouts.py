@@ -19,17 +19,14 @@ process, and the next step's loss must equal the uninterrupted run's.
 import json
 import shutil
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from gigatrain.checkpoint import dcp as checkpoint
-from gigatrain.config import load_config, resolve_model_args
+from gigatrain.config import load_config
 from gigatrain.metrics.logger import read_metrics
-from gigatrain.models.transformer import Transformer
 from gigatrain.train.trainer import train
-from helpers import REPO, run_group
+from helpers import REPO, final_weights, run_group, step_values
 
 # Small enough for 4 processes on 2 cores, shaped so every layout applies: 8 heads and 4 KV
 # heads split over tp=4, 8 layers into 4 stages x 2 per rank, 32 positions into 2*cp=8 chunks.
@@ -66,22 +63,11 @@ def run_name(label: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in label)
 
 
-def losses(run_dir: Path, key: str = "loss") -> dict[int, float]:
-    return {r["step"]: r[key] for r in read_metrics(run_dir / "metrics.jsonl") if key in r}
-
-
 def assert_weights_match(got: torch.Tensor, expected: torch.Tensor, name: str) -> None:
     close = torch.isclose(got, expected, rtol=1e-5, atol=1e-6)
     assert close.float().mean() >= 0.999, f"{name}: {int((~close).sum())} of {close.numel()} elements differ"
     worst = (got - expected).abs().max().item()
     assert worst <= 5e-5, f"{name}: an element differs by {worst:.2e}"
-
-
-def weights(run_dir: Path, data: Path) -> dict[str, torch.Tensor]:
-    cfg = load_config(None, [f"--data.path={data}", *BASE])
-    model = Transformer(resolve_model_args(cfg, vocab_size=256))
-    checkpoint.load(checkpoint.latest(run_dir / "checkpoints"), [model])
-    return model.state_dict()
 
 
 @pytest.fixture(scope="module")
@@ -105,15 +91,15 @@ def runs(tmp_path_factory, byte_data):
 def test_layout_matches_one_process(runs, byte_data, label):
     out, _ = runs
     reference, parallel = out / "one_process", out / run_name(label)
-    expected, got = losses(reference), losses(parallel)
+    expected, got = step_values(reference), step_values(parallel)
     assert sorted(got) == [1, 2, 3]
     for step in expected:
         assert got[step] == pytest.approx(expected[step], rel=1e-5), f"loss at step {step}"
-    expected_norms, got_norms = losses(reference, "grad_norm"), losses(parallel, "grad_norm")
+    expected_norms, got_norms = step_values(reference, "grad_norm"), step_values(parallel, "grad_norm")
     for step in expected_norms:
         assert got_norms[step] == pytest.approx(expected_norms[step], rel=1e-5), f"gradient norm at step {step}"
-    ref_weights = weights(reference, byte_data)
-    for name, tensor in weights(parallel, byte_data).items():
+    ref_weights = final_weights(reference)
+    for name, tensor in final_weights(parallel).items():
         assert_weights_match(tensor, ref_weights[name], name)
     # One file, written once, by rank 0: the same keys as a one-process run.
     records = read_metrics(parallel / "metrics.jsonl")
@@ -126,10 +112,10 @@ def test_layout_matches_one_process(runs, byte_data, label):
 @pytest.mark.parametrize("label", list(RESHARDS))
 def test_checkpoint_reshards_to_another_layout(runs, label):
     out, _ = runs
-    assert max(losses(out / "fsdp_at_2")) == 2
-    resumed = losses(out / run_name(label))
-    assert resumed[3] == pytest.approx(losses(out / "one_process")[3], rel=1e-5)
-    assert resumed[1] == losses(out / "fsdp_at_2")[1]  # the metrics file continued, not restarted
+    assert max(step_values(out / "fsdp_at_2")) == 2
+    resumed = step_values(out / run_name(label))
+    assert resumed[3] == pytest.approx(step_values(out / "one_process")[3], rel=1e-5)
+    assert resumed[1] == step_values(out / "fsdp_at_2")[1]  # the metrics file continued, not restarted
 
 
 def test_checkpoint_from_four_processes_resumes_in_one(runs, byte_data, tmp_path):
@@ -138,7 +124,7 @@ def test_checkpoint_from_four_processes_resumes_in_one(runs, byte_data, tmp_path
     shutil.copytree(out / "fsdp_at_2", run_dir)
     result = train(load_config(None, [f"--data.path={byte_data}", f"--run.dir={run_dir}", *BASE]))
     assert result.step == 3
-    assert losses(run_dir)[3] == pytest.approx(losses(out / "one_process")[3], rel=1e-5)
+    assert step_values(run_dir)[3] == pytest.approx(step_values(out / "one_process")[3], rel=1e-5)
 
 
 def test_only_rank_zero_prints(runs):

@@ -9,8 +9,7 @@ import sys
 
 import pytest
 
-from gigatrain.metrics.logger import read_metrics
-from helpers import TINY, run_cli, run_group
+from helpers import TINY, run_cli, run_group, step_values
 
 STEPS = ["--train.eval_every=1000", "--train.checkpoint_every=1000", "--train.device=cpu"]
 
@@ -25,15 +24,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def losses(run_dir) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r}
-
-
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory, byte_data):
     run_dir = tmp_path_factory.mktemp("torchrun") / "one_process"
     run_cli("train", *TINY, *STEPS, f"--data.path={byte_data}", f"--run.dir={run_dir}", "--train.max_steps=4", check=True)
-    return losses(run_dir)
+    return step_values(run_dir)
 
 
 def test_two_processes_then_one_continue_the_same_run(tmp_path, byte_data, one_process):
@@ -48,7 +43,7 @@ def test_two_processes_then_one_continue_the_same_run(tmp_path, byte_data, one_p
 
     # The saved config keeps dp_shard=-1, so the same run directory resumes in one process.
     run_cli("train", f"--run.dir={run_dir}", "--train.max_steps=4", check=True)
-    resumed = losses(run_dir)
+    resumed = step_values(run_dir)
     assert sorted(resumed) == [1, 2, 3, 4]
     for step, loss in one_process.items():
         assert resumed[step] == pytest.approx(loss, rel=1e-5), f"step {step}"
@@ -66,6 +61,6 @@ def test_two_torchrun_agents_train_as_two_nodes(tmp_path, byte_data, one_process
     result = run_group(["bash", "-c", both], timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     assert json.loads((run_dir / "run.json").read_text())["world_size"] == 2
-    trained = losses(run_dir)
+    trained = step_values(run_dir)
     for step, loss in one_process.items():
         assert trained[step] == pytest.approx(loss, rel=1e-5), f"step {step}"

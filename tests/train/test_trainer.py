@@ -6,23 +6,15 @@ import math
 import pytest
 import torch
 
-from helpers import TINY
+from helpers import TINY, final_weights
 from gigatrain.checkpoint import dcp as checkpoint
 from gigatrain.config import ConfigError
 from gigatrain.metrics.logger import read_metrics
-from gigatrain.models.transformer import ModelArgs, Transformer
 from gigatrain.train.trainer import Trainer, resolve_run_config, train
 
 
 def config(run_dir, data, *extra):
     return resolve_run_config(None, [*TINY, f"--run.dir={run_dir}", f"--data.path={data}", *extra])
-
-
-def final_weights(run_dir):
-    info = json.loads((run_dir / "run.json").read_text())
-    model = Transformer(ModelArgs(**info["model_args"]))
-    checkpoint.load(checkpoint.latest(run_dir / "checkpoints"), [model])
-    return model.state_dict()
 
 
 def step_losses(run_dir):
