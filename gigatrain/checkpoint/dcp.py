@@ -156,9 +156,12 @@ def load(path: Path, parts: list[nn.Module], optimizers: list[torch.optim.Optimi
     """Load weights (and optimizer state and RNG, when optimizers are given) in place, whatever
     the layout they were saved under; returns the trainer state saved with them."""
     trainer_state = read_trainer_state(path)
-    tensors = {"model": _model_tensors(parts)}
+    # Each part's state dicts once: they name what DCP loads, and which names go back to which part.
+    model_dicts = [get_model_state_dict(part) for part in parts]
+    tensors = {"model": {name: t for own in model_dicts for name, t in own.items()}}
     if optimizers is not None:
-        tensors["optimizer"] = _optimizer_tensors(parts, optimizers)
+        optimizer_dicts = [get_optimizer_state_dict(part, optimizer) for part, optimizer in zip(parts, optimizers)]
+        tensors["optimizer"] = {name: state for full in optimizer_dicts for name, state in full["state"].items()}
         tensors["rng"] = {"torch_cpu": torch.get_rng_state()}
     try:
         with _single_process_ok():
@@ -166,12 +169,10 @@ def load(path: Path, parts: list[nn.Module], optimizers: list[torch.optim.Optimi
     except Exception as err:  # DCP raises many kinds; the user needs the path and the cause
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"cannot load checkpoint {path}: {first_line}") from None
-    for part in parts:
-        own = get_model_state_dict(part).keys()
+    for part, own in zip(parts, model_dicts):
         set_model_state_dict(part, {name: tensors["model"][name] for name in own}, options=StateDictOptions(strict=True))
     if optimizers is not None:
-        for part, optimizer in zip(parts, optimizers):
-            full = get_optimizer_state_dict(part, optimizer)
+        for part, optimizer, full in zip(parts, optimizers, optimizer_dicts):
             full["state"] = {name: tensors["optimizer"][name] for name in full["state"]}
             set_optimizer_state_dict(part, optimizer, full)
         torch.set_rng_state(tensors["rng"]["torch_cpu"])
