@@ -16,7 +16,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed._functional_collectives import all_gather_single_autograd
+
+try:  # torch >= 2.12, where all_gather_tensor_autograd, its older name, warns on every call
+    from torch.distributed._functional_collectives import all_gather_single_autograd
+except ImportError:  # torch 2.11
+    from torch.distributed._functional_collectives import all_gather_tensor_autograd as all_gather_single_autograd
 from torch.distributed.device_mesh import DeviceMesh
 
 
