@@ -45,14 +45,24 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 # -- train ----------------------------------------------------------------------------------
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
-    import signal
-
-    from gigatrain.train.trainer import resolve_run_config, train
+    from gigatrain.checkpoint.dcp import CheckpointWriteError
+    from gigatrain.fault import EXIT_CHECKPOINT_WRITE, EXIT_DIVERGED, EXIT_REQUEUE, EXIT_SIGINT
+    from gigatrain.fault.guard import TrainingDiverged
+    from gigatrain.train.trainer import PREEMPTION_SIGNALS, resolve_run_config, train
 
     cfg = resolve_run_config(args.config, overrides)
-    result = train(cfg)
-    if result.stopped_by in ("SIGINT", "SIGTERM"):
-        return 128 + signal.Signals[result.stopped_by].value
+    try:
+        result = train(cfg)
+    except TrainingDiverged as err:
+        print(f"gigatrain: error: {err}", file=sys.stderr)
+        return EXIT_DIVERGED
+    except CheckpointWriteError as err:
+        print(f"gigatrain: error: {err}", file=sys.stderr)
+        return EXIT_CHECKPOINT_WRITE
+    if result.stopped_by in PREEMPTION_SIGNALS:
+        return EXIT_REQUEUE  # a checkpoint was saved: the launcher requeues the job to resume
+    if result.stopped_by == "SIGINT":
+        return EXIT_SIGINT
     return 0
 
 

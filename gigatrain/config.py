@@ -70,6 +70,7 @@ class TrainConfig:
     eval_batches: int = 16
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
+    async_checkpoint: bool = True  # write checkpoints in the background; training stalls only to copy the state
     time_limit_s: float = 0.0  # 0: no wall-clock budget
     stop_at_step: int = 0  # 0: run to max_steps
     compile: bool = False
@@ -99,12 +100,24 @@ class ParallelConfig:
 
 
 @dataclass
+class FaultConfig:
+    """Surviving failures: docs/fault-tolerance.md. Faults to rehearse come from GIGATRAIN_FAULT."""
+
+    watchdog_s: float = 600.0  # no step, evaluation or checkpoint for this long: dump stacks, exit 3; 0: off
+    loss_spike_factor: float = 3.0  # skip an update whose loss exceeds this times the recent mean; 0: off
+    spike_window: int = 20  # good steps in the recent mean (the spike check starts once it is full)
+    rollback_after: int = 3  # consecutive skipped updates that roll back to the last checkpoint
+    max_rollbacks: int = 3  # rollbacks after which the run stops as diverged (exit 4)
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -265,6 +278,12 @@ def validate(cfg: Config) -> None:
     _require(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay} is not valid; it must be 0 or more")
     _require(t.grad_clip >= 0, f"train.grad_clip={t.grad_clip} is not valid; use 0 to disable clipping or a positive norm")
     _require(t.time_limit_s >= 0, f"train.time_limit_s={t.time_limit_s} is not valid; use 0 for no limit or a positive number of seconds")
+    f = cfg.fault
+    _require(f.watchdog_s >= 0, f"fault.watchdog_s={f.watchdog_s} is not valid; use 0 to disable the watchdog or a positive number of seconds")
+    _require(f.loss_spike_factor == 0 or f.loss_spike_factor > 1, f"fault.loss_spike_factor={f.loss_spike_factor} is not valid; use 0 to disable or a factor above 1 (e.g. 3)")
+    for name in ("spike_window", "rollback_after"):
+        _require(getattr(f, name) >= 1, f"fault.{name}={getattr(f, name)} is not valid; it must be at least 1")
+    _require(f.max_rollbacks >= 0, f"fault.max_rollbacks={f.max_rollbacks} is not valid; it must be 0 or more")
     # micro_batch_size is per rank: parallel.mesh.parallel_dims checks it against the layout.
     for name in ("dp_replicate", "dp_shard", "tp", "pp", "cp"):
         value = getattr(p, name)

@@ -50,15 +50,40 @@ def final_weights(run_dir: Path) -> dict:
     return model.state_dict()
 
 
-def run_group(command: list[str], timeout: float) -> subprocess.CompletedProcess:
+def torchrun(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", *args]
+
+
+def children(pid: int) -> list[int]:
+    """The processes `pid` started, oldest first."""
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return sorted(int(p) for p in out.split())
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants (torchrun starts each worker in a session
+    of its own, so killing the launcher's session alone would leave them running)."""
+    for child in children(pid):
+        kill_tree(child)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def run_group(command: list[str], timeout: float, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run a launcher (torchrun, several agents...) in its own session and, if it overruns,
-    kill the whole session: killing torchrun alone would leave its workers running."""
+    kill the session and every process under it."""
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                               start_new_session=True)
+                               start_new_session=True, env={**os.environ, **(env or {})})
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
+        kill_tree(process.pid)
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         stdout, stderr = process.communicate()
         raise AssertionError(f"{' '.join(command[:6])} ... did not finish in {timeout} s:\n{stderr[-4000:]}") from None
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)

@@ -12,6 +12,7 @@ import pytest
 
 from helpers import REPO, TINY, run_cli
 from gigatrain.checkpoint import dcp as checkpoint
+from gigatrain.fault import EXIT_REQUEUE
 from gigatrain.data.tokenizers import load_tokenizer
 from gigatrain.metrics.logger import read_metrics
 
@@ -93,7 +94,7 @@ def test_bits_per_byte_is_tokenizer_independent(tmp_path, byte_data, bpe_data, h
     assert results["byte"]["bits_per_byte"] == pytest.approx(results["byte"]["loss"] / math.log(2), rel=1e-6)
 
 
-def test_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path, byte_data):
+def test_sigterm_saves_a_checkpoint_exits_for_requeue_and_resume_finishes(tmp_path, byte_data):
     run_dir = tmp_path / "run"
     process = subprocess.Popen([sys.executable, "-m", "gigatrain", "train", *TINY, f"--data.path={byte_data}",
                                 f"--run.dir={run_dir}", "--train.max_steps=100000", "--train.checkpoint_every=100000"],
@@ -103,7 +104,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path, byte_data):
         time.sleep(0.2)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 128 + signal.SIGTERM, stderr
+    assert process.returncode == EXIT_REQUEUE, stderr
     last_step = read_metrics(run_dir / "metrics.jsonl")[-1]["step"]
     assert checkpoint.latest(run_dir / "checkpoints").name == f"step_{last_step:08d}"
     run_cli("train", f"--run.dir={run_dir}", f"--train.max_steps={last_step + 3}", check=True)

@@ -1,4 +1,5 @@
-"""Checkpoints in torch.distributed.checkpoint (DCP) format, committed atomically.
+"""Checkpoints in torch.distributed.checkpoint (DCP) format: committed atomically, checksummed,
+written in the background.
 
 Layout of a run's checkpoints::
 
@@ -6,28 +7,36 @@ Layout of a run's checkpoints::
       step_00000500/          one committed checkpoint
         .metadata, *.distcp   DCP: tensors only (model, optimizer state, RNG), keyed by name
         trainer_state.json    step, data-loader position, counters: plain JSON
+        manifest.json         every file's size and sha256, verified before loading
       latest                  the name of the newest committed checkpoint
+      .tmp-step_00000600/     a checkpoint being written (removed if its writer died)
+      corrupt-step_00000400/  a committed checkpoint that failed verification, kept for inspection
 
-A checkpoint is written into a temporary folder, renamed into place once whole,
-and only then named in ``latest``; a crash at any point leaves the previous
-checkpoint intact. DCP files hold tensors only, so loading never unpickles an
-arbitrary object, and they reshard: a checkpoint saved under one layout loads
-under another.
+A checkpoint is written into a temporary folder, checksummed, renamed into place once whole,
+and only then named in ``latest``; a crash or a full disk at any point leaves the previous
+checkpoint intact. Loading verifies the checksums and falls back to the previous checkpoint
+if the newest is damaged. DCP files hold tensors only, so loading never unpickles an arbitrary
+object, and they reshard: a checkpoint saved under one layout loads under another.
 """
 
 from __future__ import annotations
 
-import contextlib
+import hashlib
 import json
 import os
 import shutil
+import sys
+import time
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -47,12 +56,9 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read; the message names it."""
 
 
-@contextlib.contextmanager
-def _single_process_ok():
-    # DCP warns that it assumes one process when no process group exists; that is the intent.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
+# DCP warns that it assumes one process when no process group exists; that is the intent.
+# (A module-wide filter: background saves warn from their own thread.)
+warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 
 
 def checkpoint_name(step: int) -> str:
@@ -71,14 +77,15 @@ def _is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def _barrier() -> None:
+def _barrier(group=None) -> None:
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=group)
 
 
 def _model_tensors(parts: list[nn.Module]) -> dict:
     """The parts' weights by their names in the whole model (pipeline stages keep those names)."""
-    return {name: tensor for part in parts for name, tensor in get_model_state_dict(part).items()}
+    # Detached: plain tensors (not nn.Parameters), which every torch's async stager can copy.
+    return {name: tensor.detach() for part in parts for name, tensor in get_model_state_dict(part).items()}
 
 
 def _optimizer_tensors(parts: list[nn.Module], optimizers: list[torch.optim.Optimizer]) -> dict:
@@ -89,34 +96,231 @@ def _optimizer_tensors(parts: list[nn.Module], optimizers: list[torch.optim.Opti
             for name, state in get_optimizer_state_dict(part, optimizer)["state"].items()}
 
 
-def save(directory: Path, step: int, parts: list[nn.Module], optimizers: list[torch.optim.Optimizer] | None,
-         trainer_state: dict, keep: int) -> Path:
-    """Write checkpoint `step` under `directory`, commit it, and prune to the newest `keep`.
+MANIFEST_FILE = "manifest.json"
+CORRUPT_PREFIX = "corrupt-"
+HASH_CHUNK = 8 << 20
 
-    Every rank writes its shards (DCP); rank 0 alone commits, once all have finished.
+
+def _rank_and_world(group=None) -> tuple[int, int]:
+    if not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _gather(value, group=None) -> list:
+    """Every rank's `value` (small JSON-like objects between the job's own processes)."""
+    if not dist.is_initialized():
+        return [value]
+    out = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, value, group=group)
+    return out
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _checkpoint_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != MANIFEST_FILE)
+
+
+def _hash_share(folder: Path, names: list[str], group=None) -> dict:
+    """Each rank hashes every world-th file, so checksumming takes 1/world of the time."""
+    rank, world = _rank_and_world(group)
+    share = {}
+    for name in names[rank::world]:
+        path = folder / name
+        share[name] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    return share
+
+
+def verify(folder: Path, group=None) -> str | None:
+    """What is wrong with a checkpoint's files against its manifest, or None if they match;
+    the same answer on every rank (each checks its share of the files)."""
+    problem = None
+    try:
+        manifest = json.loads((folder / MANIFEST_FILE).read_text())
+        expected = manifest["files"]
+    except FileNotFoundError:
+        expected, problem = None, "legacy"
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        expected, problem = None, f"{MANIFEST_FILE} is unreadable ({err})"
+    if expected is not None:
+        names = sorted(expected)
+        rank, world = _rank_and_world(group)
+        for name in names[rank::world]:
+            path, want = folder / name, expected[name]
+            if not path.is_file():
+                problem = f"{name} is missing"
+            elif path.stat().st_size != want["bytes"]:
+                problem = f"{name} has {path.stat().st_size} bytes, the manifest says {want['bytes']} (truncated or overwritten)"
+            elif sha256_file(path) != want["sha256"]:
+                problem = f"{name} does not match its sha256 in {MANIFEST_FILE}"
+            if problem:
+                break
+    problems = [p for p in _gather(problem, group) if p]
+    if problems and all(p == "legacy" for p in problems):
+        return None  # written before manifests existed: nothing to check against
+    problems = [p for p in problems if p != "legacy"]
+    return problems[0] if problems else None
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (disk full, I/O error); the previous one stands."""
+
+
+class Checkpointer:
+    """Saves checkpoints, synchronously or in the background (DCP's async_save).
+
+    An asynchronous save copies the state to host memory (the only time training stalls),
+    then a background thread writes the files, checksums them and commits the checkpoint,
+    while training goes on. At most one save is in flight: a new one first waits for the
+    last. The background collectives run on a gloo group of their own, so that they never
+    interleave with the training collectives.
     """
-    final = directory / checkpoint_name(step)
-    tmp = directory / (TMP_PREFIX + final.name)
-    if _is_main():
-        directory.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-    _barrier()
-    tensors = {"model": _model_tensors(parts), "rng": {"torch_cpu": torch.get_rng_state()}}
-    if optimizers is not None:
-        tensors["optimizer"] = _optimizer_tensors(parts, optimizers)
-    with _single_process_ok():
-        dcp.save(tensors, checkpoint_id=str(tmp))
-    if _is_main():
+
+    def __init__(self, directory: Path, keep: int, async_save: bool, faults=None, on_event=None):
+        self.directory = directory
+        self.keep = keep
+        self.async_save = async_save
+        self.faults = faults
+        self.on_event = on_event or (lambda event: None)
+        self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        self._pending: Future | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gigatrain-checkpoint") if async_save else None
+        self.failures = 0
+
+    def save(self, step: int, parts: list[nn.Module], optimizers: list[torch.optim.Optimizer] | None,
+             trainer_state: dict) -> float:
+        """Start (async) or write (sync) checkpoint `step`; returns the seconds training stalled."""
+        started = time.perf_counter()
+        self.wait()
+        final = self.directory / checkpoint_name(step)
+        tmp = self.directory / (TMP_PREFIX + final.name)
+        if _is_main():
+            self.directory.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+        _barrier(self.group)
+        tensors = {"model": _model_tensors(parts), "rng": {"torch_cpu": torch.get_rng_state()}}
+        if optimizers is not None:
+            tensors["optimizer"] = _optimizer_tensors(parts, optimizers)
+        writer = self._writer(tmp, step)
+        state = dict(trainer_state)
+        if self.async_save:
+            response = dcp.async_save(tensors, checkpoint_id=str(tmp), storage_writer=writer, process_group=self.group)
+            upload = response.upload_completion if hasattr(response, "upload_completion") else response
+            stall = time.perf_counter() - started
+            self._pending = self._executor.submit(self._finish, upload, step, tmp, final, state, started, stall)
+            return stall
+        error = None
+        try:
+            dcp.save(tensors, checkpoint_id=str(tmp), storage_writer=writer, process_group=self.group)
+        except (Exception, CheckpointException) as err:  # DCP gathers every rank's failure; all ranks see it
+            error = err
+        done: Future = Future()  # so that wait() reports a synchronous save's outcome too
+        done.set_result(self._finish(None, step, tmp, final, state, started, None, error))
+        self._pending = done
+        return time.perf_counter() - started
+
+    def wait(self) -> bool:
+        """Wait for the save in flight, if any; returns whether it was committed."""
+        if self._pending is None:
+            return True
+        pending, self._pending = self._pending, None
+        return pending.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+
+    def _writer(self, tmp: Path, step: int) -> FileSystemWriter:
+        # A fresh writer per save: its blocking stager copies the state into host memory (any
+        # torch from 2.11 on, DTensors included). Keeping one writer with its pinned copy cached
+        # between saves failed on torch 2.11 ("unexpected pos" at the second save, on an H100).
+        if self.faults is not None and self.faults.checkpoint_write_fails(step):
+            return _FailingWriter(str(tmp))
+        return FileSystemWriter(str(tmp))
+
+    def _finish(self, upload: Future | None, step: int, tmp: Path, final: Path, trainer_state: dict,
+                started: float, stall: float | None, error: BaseException | None = None) -> bool:
+        """Checksum and commit a written checkpoint, on every rank (in the background for an
+        async save). A failed write is reported, its partial files removed, and training goes on."""
+        if upload is not None:
+            try:
+                upload.result()
+            except (Exception, CheckpointException) as err:  # CheckpointException is a BaseException
+                error = err
+        share: dict | str = {}
+        if error is None:
+            try:
+                if self.faults is not None:
+                    self.faults.during_save(step)
+                share = _hash_share(tmp, _checkpoint_files(tmp), self.group)
+            except OSError as err:
+                share = f"{type(err).__name__}: {err}"
+        shares = _gather(share if error is None else _describe(error), self.group)
+        failed = next((s for s in shares if isinstance(s, str)), None)
+        if failed is None and _is_main():
+            try:
+                self._commit(step, tmp, final, trainer_state, {k: v for s in shares for k, v in s.items()})
+            except OSError as err:
+                failed = f"{type(err).__name__}: {err}"
+        failed = _gather(failed, self.group)[0]  # rank 0's commit decides for all
+        stall_s = stall if stall is not None else time.perf_counter() - started
+        if failed is not None:
+            self.failures += 1
+            if _is_main():
+                shutil.rmtree(tmp, ignore_errors=True)
+                self.on_event({"event": "checkpoint_failed", "step": step, "error": failed, "stall_s": stall_s})
+                print(f"gigatrain: warning: checkpoint at step {step} was not written ({failed}); "
+                      f"its partial files were removed and the previous checkpoint stands", file=sys.stderr, flush=True)
+            return False
+        if _is_main():
+            self.on_event({"event": "checkpoint", "step": step, "async": stall is not None, "stall_s": stall_s,
+                           "write_s": time.perf_counter() - started})
+        return True
+
+    def _commit(self, step: int, tmp: Path, final: Path, trainer_state: dict, files: dict) -> None:
         write_atomic(tmp / STATE_FILE, json.dumps(trainer_state, indent=1, sort_keys=True))
+        files[STATE_FILE] = {"bytes": (tmp / STATE_FILE).stat().st_size, "sha256": sha256_file(tmp / STATE_FILE)}
+        write_atomic(tmp / MANIFEST_FILE, json.dumps({"format": 1, "step": step, "files": files}, indent=1, sort_keys=True))
         _fsync_dir(tmp)
         if final.exists():  # the same step saved again (e.g. resumed and stopped at once)
             shutil.rmtree(final)
         os.replace(tmp, final)
-        write_atomic(directory / LATEST_FILE, final.name + "\n")
-        _fsync_dir(directory)
-        prune(directory, keep)
-    _barrier()
-    return final
+        write_atomic(self.directory / LATEST_FILE, final.name + "\n")
+        _fsync_dir(self.directory)
+        prune(self.directory, self.keep)
+
+
+class _FailingWriter(FileSystemWriter):
+    """GIGATRAIN_FAULT=ckpt_fail: the disk fills up once part of the checkpoint is written."""
+
+    def write_data(self, plan, planner):
+        from gigatrain.fault.inject import disk_full
+
+        super().write_data(plan, planner).wait()
+        written = sorted(Path(self.path).glob("*.distcp"))
+        if written:
+            with open(written[0], "r+b") as file:
+                file.truncate(written[0].stat().st_size // 2)
+        raise disk_full(Path(self.path))
+
+
+def _describe(err: BaseException) -> str:
+    """One line for a failed save: DCP gathers every rank's exception into a CheckpointException."""
+    if isinstance(err, CheckpointException):  # failures: rank -> (exception, stack)
+        return "; ".join(f"rank {rank}: {_describe(failure[0] if isinstance(failure, tuple) else failure)}"
+                         for rank, failure in sorted(err.failures.items()))
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
 
 
 def committed(directory: Path) -> list[Path]:
@@ -127,10 +331,15 @@ def committed(directory: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
+def partial(directory: Path) -> list[Path]:
+    """Checkpoints whose writer died before committing them."""
+    return sorted(directory.glob(TMP_PREFIX + "*")) if directory.is_dir() else []
+
+
 def prune(directory: Path, keep: int) -> None:
     for old in committed(directory)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    for stale in directory.glob(TMP_PREFIX + "*"):
+    for stale in partial(directory):
         shutil.rmtree(stale, ignore_errors=True)
 
 
@@ -143,6 +352,48 @@ def latest(directory: Path) -> Path | None:
             return named
     found = committed(directory)
     return found[-1] if found else None
+
+
+def restore(directory: Path, parts: list[nn.Module], optimizers: list[torch.optim.Optimizer] | None = None,
+            report=print, group=None, repair: bool = True) -> tuple[Path, dict] | None:
+    """Load the newest checkpoint that verifies, into `parts` (and `optimizers`); None if the
+    run has none yet.
+
+    A damaged checkpoint is reported and the one before it is used. With `repair` (the
+    trainer, which owns the folder), partial checkpoints are removed and a damaged one is
+    renamed corrupt-step_... (kept for inspection) once an older one has loaded; if none
+    can be loaded, nothing is renamed and CheckpointError says so. Readers (eval, generate)
+    change nothing: a training run may be writing beside them.
+    """
+    if repair and _is_main():
+        for stale in partial(directory):
+            report(f"removing {stale.name}: a checkpoint whose writer stopped before committing it")
+            shutil.rmtree(stale, ignore_errors=True)
+    _barrier(group)
+    candidates = list(reversed(committed(directory)))
+    problems = []
+    for i, path in enumerate(candidates):
+        problem = verify(path, group)
+        if problem is None:
+            try:
+                state = load(path, parts, optimizers)
+            except CheckpointError as err:
+                problem = str(err)
+            else:
+                if repair and problems and _is_main():
+                    for bad in problems:
+                        bad.rename(bad.with_name(CORRUPT_PREFIX + bad.name))
+                    write_atomic(directory / LATEST_FILE, path.name + "\n")
+                _barrier(group)
+                return path, state
+        fallback = candidates[i + 1].name if i + 1 < len(candidates) else None
+        report(f"checkpoint {path} is damaged: {problem}; "
+               + (f"falling back to {fallback}" if fallback else "no older checkpoint is left"))
+        problems.append(path)
+    if problems:
+        raise CheckpointError(f"no loadable checkpoint in {directory}: all {len(problems)} are damaged (see above); "
+                              f"restore one from a backup, or move {directory} away to train from scratch")
+    return None
 
 
 def read_trainer_state(path: Path) -> dict:
@@ -164,11 +415,9 @@ def load(path: Path, parts: list[nn.Module], optimizers: list[torch.optim.Optimi
         tensors["optimizer"] = {name: state for full in optimizer_dicts for name, state in full["state"].items()}
         tensors["rng"] = {"torch_cpu": torch.get_rng_state()}
     try:
-        with _single_process_ok():
-            dcp.load(tensors, checkpoint_id=str(path))
-    except Exception as err:  # DCP raises many kinds; the user needs the path and the cause
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"cannot load checkpoint {path}: {first_line}") from None
+        dcp.load(tensors, checkpoint_id=str(path))
+    except (Exception, CheckpointException) as err:  # DCP raises many kinds; the user needs the path and the cause
+        raise CheckpointError(f"cannot load checkpoint {path}: {_describe(err)}") from None
     for part, own in zip(parts, model_dicts):
         set_model_state_dict(part, {name: tensors["model"][name] for name in own}, options=StateDictOptions(strict=True))
     if optimizers is not None:

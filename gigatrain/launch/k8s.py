@@ -27,6 +27,10 @@ CONFIG_DIR = "/etc/gigatrain"
 CONFIG_FILE = "config.toml"
 REPLICATED_JOB = "node"
 CONTAINER = "pytorch"  # the training operator looks for a container of this name
+# On eviction or pre-emption the kubelet sends SIGTERM and waits GRACE_S before SIGKILL;
+# torchrun forwards the SIGTERM and waits SHUTDOWN_S for the workers' checkpoint (Slurm's values).
+SHUTDOWN_S = 100
+GRACE_S = 120
 DNS_1035 = r"[a-z]([-a-z0-9]*[a-z0-9])?"
 DNS_1123 = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
 
@@ -101,7 +105,11 @@ def container(job: Job, kind: str, image: str, volumes: list[tuple[str, str]]) -
             "image": image,
             "command": command(job, kind),
             "env": [{"name": "PYTHONUNBUFFERED", "value": "1"},
-                    {"name": "OMP_NUM_THREADS", "value": "1"}],
+                    {"name": "OMP_NUM_THREADS", "value": "1"},
+                    # torchrun restarts must not read the previous workers' addresses (docs/fault-tolerance.md)
+                    {"name": "TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "value": "1"},
+                    # On SIGTERM (eviction), torchrun waits this long for its workers' checkpoint.
+                    {"name": "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "value": str(SHUTDOWN_S)}],
             "ports": [port],
             "resources": resources,
             "volumeMounts": mounts}
@@ -127,7 +135,8 @@ def _labels(job: Job) -> dict:
 
 def pytorchjob(job: Job, image: str, namespace: str, volumes: list[tuple[str, str]]) -> dict:
     pod = {"metadata": {"labels": _labels(job)},
-           "spec": {"containers": [container(job, "pytorchjob", image, volumes)],
+           "spec": {"terminationGracePeriodSeconds": GRACE_S,
+                    "containers": [container(job, "pytorchjob", image, volumes)],
                     "volumes": pod_volumes(job, volumes)}}
     return {"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob",
             "metadata": {"name": job.name, "namespace": namespace, "labels": _labels(job)},
@@ -145,6 +154,7 @@ def jobset(job: Job, image: str, namespace: str, volumes: list[tuple[str, str]])
     pod = {"metadata": {"labels": _labels(job)},
            "spec": {"subdomain": job.name,  # the JobSet's headless service: <pod hostname>.<jobset>
                     "restartPolicy": "Never",  # a failed pod fails its Job; the JobSet restarts them all
+                    "terminationGracePeriodSeconds": GRACE_S,
                     "containers": [container(job, "jobset", image, volumes)],
                     "volumes": pod_volumes(job, volumes)}}
     return {"apiVersion": "jobset.x-k8s.io/v1alpha2", "kind": "JobSet",

@@ -2,11 +2,12 @@
 
 The nodes meet through torchrun's c10d rendezvous on the job's first node. Slurm warns the
 job WARNING_S seconds before its time limit with SIGUSR1, delivered to the batch shell
-only (`--signal=B:...`): the trainer and torchrun take SIGTERM as "checkpoint and stop",
-but SIGUSR1 would kill both outright. So the shell sends SIGTERM to the job's steps
-(`scancel --signal=TERM`), waits for the checkpoint, and requeues the job, which resumes
-from it. A pre-emption's SIGTERM reaches every process directly and Slurm requeues the
-job itself (`--requeue`).
+only (`--signal=B:...`): the trainer takes SIGTERM and SIGUSR1 alike as "checkpoint, stop
+and exit 75 (requeue)", but SIGUSR1 would kill torchrun outright. So the shell sends SIGTERM
+to the job's steps (`scancel --signal=TERM`), which torchrun passes to its workers, waits
+for the checkpoint, and requeues the job, which resumes from it. The shell also requeues
+when the step itself exits with the requeue code. A pre-emption's SIGTERM reaches every
+process directly and Slurm requeues the job itself (`--requeue`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from gigatrain.fault import EXIT_REQUEUE
 from gigatrain.launch import Job, LaunchError, require_match
 
 WARNING_S = 120  # SIGUSR1 this long before the time limit
@@ -109,10 +111,13 @@ head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
 export OMP_NUM_THREADS={max(1, cpus // job.procs_per_node)}
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT={SHUTDOWN_S}
 export PYTHONUNBUFFERED=1  # the log shows each step as it happens, and survives a killed process
+# torchrun --max-restarts: restarted workers must not find their predecessors' addresses in a
+# rendezvous store kept across restarts (docs/fault-tolerance.md).
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 echo "gigatrain: job $SLURM_JOB_ID (restart ${{SLURM_RESTART_COUNT:-0}}) on $SLURM_NNODES node(s) $SLURM_JOB_NODELIST; rendezvous on $head_node:{job.port}"
 
-# SIGTERM makes every trainer finish its step, save a checkpoint and exit. SIGUSR1 is Slurm's
-# warning {WARNING_S} s before the time limit: stop the same way, then requeue to resume.
+# SIGTERM makes every trainer finish its step, save a checkpoint and exit {EXIT_REQUEUE}. SIGUSR1 is
+# Slurm's warning {WARNING_S} s before the time limit: stop the same way, then requeue to resume.
 requeue=0
 stop_training() {{
     echo "gigatrain: $1: asking the trainers to save a checkpoint and stop" >&2
@@ -131,6 +136,9 @@ while kill -0 "$srun_pid" 2>/dev/null; do
 done
 wait "$srun_pid"
 status=$?
+if [ "$status" = {EXIT_REQUEUE} ]; then
+    requeue=1  # the trainer checkpointed and asked to be run again
+fi
 if [ "$requeue" = 1 ]; then
     echo "gigatrain: requeueing job $SLURM_JOB_ID; it resumes from the checkpoint in {quote(str(run_dir))}" >&2
     scontrol requeue "$SLURM_JOB_ID"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,22 +23,45 @@ def _clean(value):
 
 
 class MetricsFile:
-    """Append-only JSON lines, one object per optimizer step or evaluation."""
+    """Append-only JSON lines: one object per optimizer step or evaluation (metrics.jsonl), or
+    per event (events.jsonl). Writes are whole lines and thread-safe: background checkpoint
+    saves log from their own thread."""
 
     def __init__(self, path: Path | None):
         """path None: discard (ranks other than 0 of a multi-process run)."""
         self.path = path
-        self._file = open(path, "a") if path is not None else None
+        self._lock = threading.Lock()
+        self._file = self._open() if path is not None else None
+
+    def _open(self):
+        file = open(self.path, "a+")
+        if file.tell() > 0:
+            file.seek(file.tell() - 1)
+            if file.read(1) != "\n":  # a line torn by a killed process: end it, do not extend it
+                file.write("\n")
+        return file
 
     def write(self, record: dict) -> None:
         if self._file is None:
             return
-        self._file.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
-        self._file.flush()
+        line = json.dumps({k: _clean(v) for k, v in record.items()}) + "\n"
+        with self._lock:
+            self._file.write(line)
+            self._file.flush()
+
+    def truncate_after(self, step: int) -> None:
+        """Drop the records of steps after `step` (they are about to be recomputed)."""
+        if self._file is None:
+            return
+        with self._lock:
+            self._file.close()
+            truncate_after(self.path, step)
+            self._file = self._open()
 
     def close(self) -> None:
         if self._file is not None:
-            self._file.close()
+            with self._lock:
+                self._file.close()
 
 
 def read_metrics(path: Path) -> list[dict]:

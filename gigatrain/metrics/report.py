@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from gigatrain.config import ConfigError
+from gigatrain.fault.goodput import summarize as goodput_summary
 from gigatrain.metrics.logger import read_metrics
 from gigatrain.metrics.plots import plot_run
 
@@ -30,6 +31,9 @@ def summarize(run_dir: Path) -> dict:
         "step_time_s": statistics.median(r["step_time_s"] for r in steady),
         "train_time_s": sum(r["step_time_s"] for r in steps),
     }
+    goodput = goodput_summary(run_dir)
+    if goodput is not None:  # runs from before events.jsonl have none
+        summary.update(goodput)
     if evals:
         best = min(evals, key=lambda r: r["val_loss"])
         summary.update({"val_loss": evals[-1]["val_loss"], "val_bpb": evals[-1]["val_bpb"],

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import platform
 import subprocess
+import sys
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -82,14 +83,18 @@ def load_run(run_dir: Path, device: torch.device) -> LoadedRun:
     cfg = from_dict(saved_config(run_dir))
     info = json.loads((run_dir / RUN_FILE).read_text())
     args = ModelArgs(**info["model_args"])
-    ckpt = checkpoint.latest(run_dir / "checkpoints")
-    if ckpt is None:
-        raise ConfigError(f"{run_dir} has no checkpoint yet; train it first (gigatrain train --run.dir={run_dir})")
     with torch.device(device):
         model = Transformer(args)
-    state = checkpoint.load(ckpt, [model])
+    restored = checkpoint.restore(run_dir / "checkpoints", [model], report=_warn, repair=False)
+    if restored is None:
+        raise ConfigError(f"{run_dir} has no checkpoint yet; train it first (gigatrain train --run.dir={run_dir})")
+    state = restored[1]
     tokenizer = load_tokenizer(run_dir / TOKENIZER_FILE)
     return LoadedRun(cfg=cfg, model=model, tokenizer=tokenizer, step=state["step"], device=device)
+
+
+def _warn(message: str) -> None:
+    print(f"gigatrain: warning: {message}", file=sys.stderr)
 
 
 def model_args_dict(args: ModelArgs) -> dict:

@@ -61,7 +61,8 @@ VOLUME = obj(["name"], name=DNS_1123, configMap=obj(["name"], name=STRING, items
              persistentVolumeClaim=obj(["claimName"], claimName=STRING, readOnly=BOOL))
 POD_SPEC = obj(["containers"], containers=array(CONTAINER, min_items=1), volumes=array(VOLUME),
                restartPolicy=enum("Always", "OnFailure", "Never"), subdomain=DNS_1123, hostname=DNS_1123,
-               nodeSelector=mapping(STRING), tolerations=array(mapping({})), serviceAccountName=STRING)
+               nodeSelector=mapping(STRING), tolerations=array(mapping({})), serviceAccountName=STRING,
+               terminationGracePeriodSeconds=INT)
 POD_TEMPLATE = obj(["spec"], metadata=obj([], labels=mapping(STRING), annotations=mapping(STRING)), spec=POD_SPEC)
 CONFIG_MAP = obj(["apiVersion", "kind", "metadata"], apiVersion=const("v1"), kind=const("ConfigMap"),
                  metadata=OBJECT_META, data=mapping(STRING))
@@ -201,6 +202,9 @@ def test_pytorchjob(capsys, tmp_path):
     assert container["name"] == "pytorch" and container["image"] == "registry.example/gigatrain:1.0"
     assert container["resources"] == {"limits": {"nvidia.com/gpu": 8}}
     assert {"name": "PYTHONUNBUFFERED", "value": "1"} in container["env"]
+    # Restarts must not reuse torchrun's rendezvous store; eviction leaves time to checkpoint.
+    assert {"name": "TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "value": "1"} in container["env"]
+    assert worker["template"]["spec"]["terminationGracePeriodSeconds"] > 100
     # The operator finds the rendezvous port by this port name; the command says the same.
     assert {"containerPort": 29500, "name": "pytorchjob-port"} in container["ports"]
     flags, train_args = torchrun_flags(container["command"])

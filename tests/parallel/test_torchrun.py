@@ -5,17 +5,12 @@ processes that resumes in one, continuing the same metrics file."""
 import json
 import shlex
 import socket
-import sys
 
 import pytest
 
-from helpers import TINY, run_cli, run_group, step_values
+from helpers import TINY, run_cli, run_group, step_values, torchrun
 
 STEPS = ["--train.eval_every=1000", "--train.checkpoint_every=1000", "--train.device=cpu"]
-
-
-def torchrun(*args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", *args]
 
 
 def free_port() -> int:

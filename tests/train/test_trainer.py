@@ -85,8 +85,8 @@ def test_gradient_accumulation_matches_full_batch(tmp_path, byte_data):
     full = Trainer(config(tmp_path / "a", byte_data))
     accumulated = Trainer(config(tmp_path / "b", byte_data, "--train.micro_batch_size=2"))
     inputs, targets = full.loader.next_batch()
-    loss_full, norm_full = full.train_step(inputs, targets, lr=1e-3)
-    loss_acc, norm_acc = accumulated.train_step(inputs, targets, lr=1e-3)
+    loss_full, norm_full, _ = full.train_step(inputs, targets, lr=1e-3)
+    loss_acc, norm_acc, _ = accumulated.train_step(inputs, targets, lr=1e-3)
     assert loss_acc == pytest.approx(loss_full, rel=1e-5)
     assert norm_acc == pytest.approx(norm_full, rel=1e-4)
     for p, q in zip(full.model.parameters(), accumulated.model.parameters()):

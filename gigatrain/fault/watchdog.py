@@ -1,0 +1,62 @@
+"""The hang watchdog: a rank that completes no step, evaluation or checkpoint for too long
+dumps every thread's stack into the run directory and exits, so that the launcher
+(torchrun --max-restarts, Slurm, Kubernetes) restarts the job from its last checkpoint.
+
+A rank stuck in a collective never returns to Python, so the check runs in its own thread;
+waits in gloo and NCCL release the GIL, which is all that thread needs.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+from gigatrain.fault import EXIT_HANG
+
+STACKS_DIR = "stacks"
+STARTUP_FACTOR = 5  # the first step after a (re)start may compile and warm up
+
+
+class Watchdog:
+    def __init__(self, timeout_s: float, run_dir: Path, rank: int):
+        self.timeout_s = timeout_s
+        self.run_dir = run_dir
+        self.rank = rank
+        self._deadline = time.monotonic() + STARTUP_FACTOR * timeout_s
+        self._what = "the first step"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="gigatrain-watchdog", daemon=True)
+        if timeout_s > 0:
+            self._thread.start()
+
+    def beat(self, next_what: str = "a step") -> None:
+        """Progress was made; the next `next_what` must finish within the timeout."""
+        self._deadline = time.monotonic() + self.timeout_s
+        self._what = next_what
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(min(1.0, self.timeout_s / 10)):
+            if time.monotonic() > self._deadline:
+                self._fire()
+
+    def _fire(self) -> None:
+        folder = self.run_dir / STACKS_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"rank{self.rank}-pid{os.getpid()}-{time.strftime('%Y%m%dT%H%M%S')}.txt"
+        with open(path, "w") as file:
+            file.write(f"gigatrain watchdog: rank {self.rank} waited more than {self.timeout_s:g} s for {self._what}\n\n")
+            file.flush()
+            faulthandler.dump_traceback(file, all_threads=True)
+            file.flush()
+            os.fsync(file.fileno())
+        print(f"gigatrain: error: watchdog: rank {self.rank} made no progress for {self.timeout_s:g} s "
+              f"(waiting for {self._what}); every thread's stack is in {path}; exiting with code {EXIT_HANG} "
+              f"so the launcher restarts the job from its last checkpoint", file=sys.stderr, flush=True)
+        os._exit(EXIT_HANG)  # the main thread is stuck: no clean shutdown is possible
