@@ -18,24 +18,25 @@ from pathlib import Path
 from gigatrain.fault import EXIT_HANG
 
 STACKS_DIR = "stacks"
-STARTUP_FACTOR = 5  # the first step after a (re)start may compile and warm up
+STARTUP_FACTOR = 5  # loading a checkpoint, and the first step after a (re)start (compilation, warm-up)
 
 
 class Watchdog:
-    def __init__(self, timeout_s: float, run_dir: Path, rank: int):
+    def __init__(self, timeout_s: float, run_dir: Path, rank: int, first: str = "the first step"):
         self.timeout_s = timeout_s
         self.run_dir = run_dir
         self.rank = rank
         self._deadline = time.monotonic() + STARTUP_FACTOR * timeout_s
-        self._what = "the first step"
+        self._what = first
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="gigatrain-watchdog", daemon=True)
         if timeout_s > 0:
             self._thread.start()
 
-    def beat(self, next_what: str = "a step") -> None:
-        """Progress was made; the next `next_what` must finish within the timeout."""
-        self._deadline = time.monotonic() + self.timeout_s
+    def beat(self, next_what: str = "a step", startup: bool = False) -> None:
+        """Progress was made; the next `next_what` must finish within the timeout (times
+        STARTUP_FACTOR for start-up work)."""
+        self._deadline = time.monotonic() + self.timeout_s * (STARTUP_FACTOR if startup else 1)
         self._what = next_what
 
     def stop(self) -> None:

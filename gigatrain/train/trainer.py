@@ -318,8 +318,17 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------
     def run(self) -> TrainResult:
+        # Watched from here on: a rank stuck loading the checkpoint is a hang like any other.
+        watchdog = Watchdog(self.cfg.fault.watchdog_s, self.run_dir, global_rank(), first="loading the checkpoint")
+        try:
+            return self._run(watchdog)
+        finally:
+            watchdog.stop()
+
+    def _run(self, watchdog: Watchdog) -> TrainResult:
         cfg, t = self.cfg, self.cfg.train
         resumed = self.resume()
+        watchdog.beat("the first step", startup=True)
         start_step = self.step
         metrics_path = self.run_dir / rundir.METRICS_FILE
         restart = self.previous_segment() if self.is_main else None
@@ -344,7 +353,6 @@ class Trainer:
         stopped_by, loss, val = "max_steps", float("nan"), (None, None)
         started = time.perf_counter()
         last_step_time = 0.0
-        watchdog = Watchdog(cfg.fault.watchdog_s, self.run_dir, global_rank())
         try:
             with StopSignal() as stop:
                 while self.step < t.max_steps:
@@ -403,7 +411,6 @@ class Trainer:
                     if self.is_main:
                         self.write_samples()
         finally:
-            watchdog.stop()
             self.checkpointer.close()
         self.event({"event": "stop", "step": self.step, "reason": stopped_by})
         metrics.close()
