@@ -27,12 +27,10 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from gigatrain.checkpoint import dcp as checkpoint  # noqa: E402
 from gigatrain.data.prepare import default_corpus_files, prepare  # noqa: E402
 from gigatrain.fault.goodput import summarize  # noqa: E402
 from gigatrain.fault.inject import FIRED_DIR  # noqa: E402
-from gigatrain.models.transformer import ModelArgs, Transformer  # noqa: E402
-from gigatrain.train.rundir import RUN_FILE  # noqa: E402
+from gigatrain.train.rundir import load_run  # noqa: E402
 
 ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "OMP_NUM_THREADS": "1"}
 
@@ -74,12 +72,7 @@ def run(cmd: list[str], fault: str = "", killer=None) -> int:
 
 
 def final_weights(run_dir: Path) -> dict:
-    import json
-
-    info = json.loads((run_dir / RUN_FILE).read_text())
-    model = Transformer(ModelArgs(**info["model_args"]))
-    checkpoint.restore(run_dir / "checkpoints", [model], report=lambda message: None, repair=False)
-    return model.state_dict()
+    return load_run(run_dir, torch.device("cpu")).model.state_dict()
 
 
 def main() -> None:

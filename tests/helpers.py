@@ -38,16 +38,12 @@ def step_values(run_dir: Path, key: str = "loss") -> dict[int, float]:
 
 def final_weights(run_dir: Path) -> dict:
     """The run's latest checkpoint loaded strictly into a plain one-process model (whatever
-    layout wrote it), as a state dict."""
-    import json
+    layout wrote it), as a state dict: what `gigatrain eval` and `generate` load."""
+    import torch
 
-    from gigatrain.checkpoint import dcp as checkpoint
-    from gigatrain.models.transformer import ModelArgs, Transformer
+    from gigatrain.train.rundir import load_run
 
-    info = json.loads((run_dir / "run.json").read_text())
-    model = Transformer(ModelArgs(**info["model_args"]))
-    checkpoint.load(checkpoint.latest(run_dir / "checkpoints"), [model])
-    return model.state_dict()
+    return load_run(run_dir, torch.device("cpu")).model.state_dict()
 
 
 def torchrun(*args: str) -> list[str]:

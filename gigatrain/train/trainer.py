@@ -217,11 +217,9 @@ class Trainer:
         return loss, grad_norm, skipped
 
     def _local_gradients(self):
-        for part in self.parallel.parts:
-            for param in part.parameters():
-                if param.grad is not None:
-                    grad = param.grad
-                    yield grad.to_local() if hasattr(grad, "to_local") else grad
+        """This rank's own gradient shards, which a fault may poison."""
+        return (p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+                for p in self.parallel.parameters() if p.grad is not None)
 
     # -- state --------------------------------------------------------------------------
     def trainer_state(self) -> dict:
