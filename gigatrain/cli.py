@@ -29,9 +29,17 @@ def _fail(message: str) -> int:
 
 
 # -- prepare --------------------------------------------------------------------------------
+def _exit_on_sigterm(signum, frame) -> None:
+    # SystemExit unwinds the stack, so `prepare` removes its temporary folder on the way out.
+    sys.exit(128 + signum)
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
+    import signal
+
     from gigatrain.data.prepare import prepare
 
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     manifest = prepare(args.sources, Path(args.out), val_sources=args.val, tokenizer=args.tokenizer,
                        vocab_size=args.vocab_size, val_fraction=args.val_fraction, text_field=args.text_field,
                        seed=args.seed, overwrite=args.overwrite)
@@ -211,7 +219,7 @@ def build_parser() -> Parser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--val", nargs="+", default=None, help="explicit validation sources (default: split by document)")
     p.add_argument("--tokenizer", default="bpe", help="byte, bpe (trained on the data) or a path to a tokenizer.json")
-    p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size")
+    p.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary size (default 4096; --tokenizer bpe only)")
     p.add_argument("--val-fraction", type=float, default=0.05, help="share of documents held out for validation")
     p.add_argument("--text-field", default="text", help="the text field of .jsonl / column of .parquet")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val split")

@@ -6,6 +6,7 @@ Sources (expanded, de-duplicated and sorted by path, so the order never depends 
 the file system or on the order they were given in):
   - a text file: one document. Read as UTF-8; bytes that are not UTF-8 become U+FFFD
     (the stdlib alone has a few latin-1 files; one bad byte should not stop a run).
+    A file with a NUL byte is not text (an image or archive named .txt): it is refused.
   - a folder: every file under it (recursively, hidden names skipped) whose suffix
     is in TEXT_SUFFIXES, or .jsonl / .parquet.
   - a glob pattern ("data/*.txt", "corpus/**"): the matching files, filtered like a folder.
@@ -16,23 +17,33 @@ Empty documents (and null jsonl/parquet values) are skipped.
 The validation split is `val_sources` when given; otherwise each document goes to
 val when hash(seed, its key) < val_fraction. The key is the file's path relative to
 its source (plus ":line" / ":row"), so a document's split depends on nothing else:
-adding files, or moving the data folder, does not reshuffle the others.
+adding files, or moving the data folder, does not reshuffle the others. The split is
+by document, so a few large documents can hold out far more (or less) than
+val_fraction of the tokens: `prepare` then warns on stderr.
 
 Each split's token stream is, per document, [eot] + encode(document); it is cut
 into shards `train_000000.bin`, ... of at most `shard_tokens` raw little-endian
 uint16 (uint32 when the vocabulary is over 65536) tokens. The folder is built
-under a temporary name beside `out_dir` and renamed into place when complete, so a
-folder with a manifest.json is always a complete one.
+under a temporary name beside `out_dir` (`.NAME.tmp-HOST-PID-RANDOM`) and renamed
+into place when complete, so a folder with a manifest.json is always a complete one.
+A temporary folder left by a killed `prepare` is removed by the next `prepare` into
+the same `out_dir` on the same host, once its process is gone; a concurrent one is
+left alone. `overwrite` replaces only a folder that `prepare` wrote (its manifest,
+tokenizer and shards, nothing else); any other folder is never deleted.
 """
 
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import json
 import os
 import platform
+import re
 import shutil
+import socket
+import sys
 import sysconfig
 import uuid
 from collections.abc import Iterable, Iterator
@@ -43,9 +54,10 @@ from pathlib import Path
 import numpy as np
 
 from gigatrain.data import DataError
-from gigatrain.data.tokenizers import TOKENIZER_FILE, Tokenizer, make_tokenizer
+from gigatrain.data.tokenizers import ENCODE_BATCH_CHARS, TOKENIZER_FILE, Tokenizer, make_tokenizer
 
 MANIFEST_FILE = "manifest.json"
+DEFAULT_VOCAB_SIZE = 4096
 FORMAT_NAME = "gigatrain-tokens"
 FORMAT_VERSION = 1
 
@@ -59,9 +71,6 @@ SUPPORTED_SUFFIXES = TEXT_SUFFIXES | TABLE_SUFFIXES
 # The BPE learns its merges from at most this many characters of the train split:
 # BPE statistics settle long before that, and training time grows with it.
 MAX_BPE_TRAINING_CHARS = 20_000_000
-# Documents are tokenized in batches of about this many characters, so that the
-# Rust tokenizer has work for all its threads while memory stays bounded.
-ENCODE_BATCH_CHARS = 4_000_000
 
 
 @dataclass(frozen=True)
@@ -135,8 +144,12 @@ def expand_sources(sources: Iterable[str]) -> list[SourceFile]:
 
 
 def _read_text(path: Path) -> str:
+    data = path.read_bytes()
+    # NUL never occurs in text (and would read as the byte tokenizer's separator).
+    if b"\0" in data:
+        raise DataError(f"{path} is not a text file (it holds NUL bytes): remove it from the sources")
     # utf-8-sig drops a leading byte-order mark, which is not part of the text.
-    return path.read_bytes().decode("utf-8-sig", errors="replace")
+    return data.decode("utf-8-sig", errors="replace")
 
 
 def _jsonl_documents(file: SourceFile, text_field: str) -> Iterator[Document]:
@@ -330,22 +343,86 @@ def _write_splits(
 # The output folder
 
 
+_SHARD_NAME = re.compile(r"(train|val)_\d{6}\.bin")
+
+
+def _is_our_file(path: Path) -> bool:
+    """A name `prepare` writes into its folder."""
+    return path.is_file() and (path.name in (MANIFEST_FILE, TOKENIZER_FILE) or bool(_SHARD_NAME.fullmatch(path.name)))
+
+
+def _foreign_entry(folder: Path) -> Path | None:
+    """Something in `folder` that `prepare` did not write (None: only our own files)."""
+    return next((entry for entry in sorted(folder.iterdir()) if not _is_our_file(entry)), None)
+
+
+def _is_prepared_data(folder: Path) -> bool:
+    """True for a folder `prepare` wrote: our manifest format, and nothing else of anyone's inside."""
+    try:
+        manifest = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == FORMAT_NAME and _foreign_entry(folder) is None
+
+
 def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
     """Fail before the work, not after, when out_dir cannot be (re)placed."""
     if not out_dir.exists():
         return
-    if out_dir.is_dir() and not any(out_dir.iterdir()):
+    if not out_dir.is_dir():
+        raise DataError(f"{out_dir} exists and is not a folder: choose another --out")
+    if not any(out_dir.iterdir()):
         return  # an empty folder is simply replaced
-    if not (out_dir / MANIFEST_FILE).is_file():
-        raise DataError(f"{out_dir} exists and is not a gigatrain data folder: choose another --out")
+    if not _is_prepared_data(out_dir):
+        # Never deleted, --overwrite or not: it may be anyone's.
+        found = _foreign_entry(out_dir) or out_dir / MANIFEST_FILE
+        raise DataError(f"{out_dir} is not a gigatrain data folder (it holds {found.name}): choose another --out; "
+                        f"prepare replaces only folders it wrote")
     if not overwrite:
         raise DataError(f"{out_dir} already holds prepared data: pass --overwrite to replace it, or choose another --out")
+
+
+def _scratch_name(out_dir: Path, kind: str) -> Path:
+    """`.NAME.KIND-HOST-PID-RANDOM` beside out_dir: who made it, so a later run can tell a stale one."""
+    return out_dir.with_name(f".{out_dir.name}.{kind}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def _remove_stale_scratch(out_dir: Path) -> None:
+    """Remove the temporary folders that killed runs of `prepare` left beside out_dir.
+
+    Only ours (our name pattern, this host, only files prepare writes inside) and only
+    stale ones (their process is gone: a concurrent prepare keeps its folder). An `.old-`
+    folder (the data being replaced) goes only once the replacement is in place.
+    """
+    pattern = re.compile(rf"\.{re.escape(out_dir.name)}\.(tmp|old)-(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{{8}}")
+    if not out_dir.parent.is_dir():
+        return
+    for entry in out_dir.parent.iterdir():
+        match = pattern.fullmatch(entry.name)
+        if not match or match["host"] != socket.gethostname() or _process_exists(int(match["pid"])):
+            continue
+        if match[1] == "old" and not out_dir.is_dir():
+            continue
+        if entry.is_dir() and not entry.is_symlink() and _foreign_entry(entry) is None:
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def _publish(built: Path, out_dir: Path, overwrite: bool) -> None:
     """Move the finished folder into place in one rename."""
     if overwrite and (out_dir / MANIFEST_FILE).is_file():
-        old = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
+        if not _is_prepared_data(out_dir):  # checked again: it may have changed while we worked
+            raise DataError(f"{out_dir} changed while preparing and is no longer only prepared data: choose another --out")
+        old = _scratch_name(out_dir, "old")
         out_dir.rename(old)
         try:
             built.rename(out_dir)
@@ -392,6 +469,37 @@ def _rebalance(split_of: HashSplit, splits: dict) -> bool:
     return False
 
 
+def _check_documents(splits: dict, explicit_val: bool) -> None:
+    """Both splits need documents; say what to do when they have none."""
+    if not explicit_val and splits["train"]["documents"] + splits["val"]["documents"] == 1:
+        raise DataError("the sources hold a single document: a validation split needs at least two; "
+                        "pass --val SOURCE with held-out text (a file or folder), or add documents")
+    for name in ("train", "val"):
+        if splits[name]["documents"] == 0:
+            sources = "--val sources" if name == "val" and explicit_val else "sources"
+            hint = "add documents" if explicit_val else "add documents or pass --val SOURCE"
+            raise DataError(f"no {name} documents (non-empty texts) found in the {sources}: {hint}")
+
+
+def _warn_if_split_is_skewed(splits: dict, val_fraction: float) -> None:
+    """The split is by document: a few big documents can make the val share of tokens far from val_fraction."""
+    share = splits["val"]["tokens"] / (splits["train"]["tokens"] + splits["val"]["tokens"])
+    if val_fraction / 2 <= share <= 2 * val_fraction or abs(share - val_fraction) < 0.01:
+        return
+    print(f"gigatrain: warning: the validation split holds {share:.1%} of the tokens ({splits['val']['documents']:,} of "
+          f"{splits['train']['documents'] + splits['val']['documents']:,} documents), far from --val-fraction "
+          f"{val_fraction:g}: documents are split whole; pass --val SOURCE to choose the validation text",
+          file=sys.stderr)
+
+
+def _no_space_error(error: OSError, out_dir: Path) -> DataError | None:
+    """A one-line DataError for a full disk or quota; None for any other OSError."""
+    if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    return DataError(f"no space left on the device holding {out_dir.parent.resolve()} ({error.strerror}): "
+                     f"free some space or choose another --out; nothing was written")
+
+
 def _prepare_files(
     train_files: list[SourceFile],
     val_files: list[SourceFile] | None,
@@ -409,11 +517,12 @@ def _prepare_files(
 ) -> dict:
     _check_out_dir(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_scratch(out_dir)
     # A hidden sibling: same file system, so the final rename is atomic. (Not mkdtemp:
     # its 0700 mode would end up on the published folder.)
-    building = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    building.mkdir()
+    building = _scratch_name(out_dir, "tmp")
     try:
+        building.mkdir()
         split_of = HashSplit(seed, val_fraction)
         args = (train_files, val_files, split_of, tokenizer, vocab_size, text_field, shard_tokens)
         built_tokenizer, splits = _build(building, *args)
@@ -422,11 +531,9 @@ def _prepare_files(
             shutil.rmtree(building)
             building.mkdir()
             built_tokenizer, splits = _build(building, *args)
-        for name in ("train", "val"):
-            if splits[name]["documents"] == 0:
-                sources = "--val sources" if name == "val" and val_files is not None else "sources"
-                hint = "add documents" if val_files is not None else "add documents or pass --val SOURCE"
-                raise DataError(f"no {name} documents (non-empty texts) found in the {sources}: {hint}")
+        _check_documents(splits, explicit_val=val_files is not None)
+        if val_files is None:
+            _warn_if_split_is_skewed(splits, val_fraction)
         manifest = {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
@@ -448,18 +555,20 @@ def _prepare_files(
         (building / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
         _publish(building, out_dir, overwrite)
         return manifest
+    except OSError as error:
+        raise _no_space_error(error, out_dir) or error
     finally:
         shutil.rmtree(building, ignore_errors=True)  # gone already when published
 
 
-def _check_options(vocab_size: int, val_fraction: float, text_field: str, shard_tokens: int, has_val: bool) -> None:
+def _check_options(vocab_size: int | None, val_fraction: float, text_field: str, shard_tokens: int, has_val: bool) -> None:
     if not isinstance(shard_tokens, int) or shard_tokens < 1:
         raise DataError(f"shard size {shard_tokens!r} must be a positive number of tokens")
     if not text_field:
         raise DataError("--text-field must not be empty: pass the name of the field/column holding the text")
     if not has_val and not 0.0 < val_fraction < 1.0:
         raise DataError(f"--val-fraction {val_fraction} must be between 0 and 1 (exclusive), or pass --val SOURCE")
-    if not isinstance(vocab_size, int) or vocab_size < 1:
+    if vocab_size is not None and (not isinstance(vocab_size, int) or vocab_size < 1):
         raise DataError(f"--vocab-size {vocab_size!r} must be a positive integer")
 
 
@@ -469,7 +578,7 @@ def prepare(
     *,
     val_sources: list[str] | None = None,
     tokenizer: str = "bpe",
-    vocab_size: int = 4096,
+    vocab_size: int | None = None,
     val_fraction: float = 0.05,
     text_field: str = "text",
     shard_tokens: int = 2**24,
@@ -478,13 +587,18 @@ def prepare(
 ) -> dict:
     """Tokenize `sources` into `out_dir` (see the module docstring); returns the manifest.
 
-    `tokenizer` is "byte", "bpe" (trained on the train split, vocab_size tokens) or
-    the path of a tokenizer.json. Refuses to replace prepared data unless `overwrite`.
+    `tokenizer` is "byte", "bpe" (trained on the train split, vocab_size tokens,
+    default DEFAULT_VOCAB_SIZE) or the path of a tokenizer.json; only "bpe" takes a
+    vocab_size. Refuses to replace prepared data unless `overwrite`.
     """
     if not sources:
         raise DataError("no sources given: pass text files, folders, glob patterns, .jsonl or .parquet files")
     out_dir = Path(out_dir)
     _check_options(vocab_size, val_fraction, text_field, shard_tokens, bool(val_sources))
+    if vocab_size is not None and tokenizer != "bpe":
+        fixed = "fixed at 256" if tokenizer == "byte" else "that of the tokenizer.json"
+        raise DataError(f"--vocab-size {vocab_size} applies only to --tokenizer bpe: the vocabulary of "
+                        f"--tokenizer {tokenizer} is {fixed}; drop --vocab-size")
     train_files = expand_sources(sources)
     val_files = expand_sources(val_sources) if val_sources else None
     overlap = {file.path.resolve() for file in train_files} & {file.path.resolve() for file in val_files or []}
@@ -497,7 +611,7 @@ def prepare(
         manifest_sources=[str(source) for source in sources],
         manifest_val_sources=[str(source) for source in val_sources] if val_sources else None,
         tokenizer=tokenizer,
-        vocab_size=vocab_size,
+        vocab_size=DEFAULT_VOCAB_SIZE if vocab_size is None else vocab_size,
         val_fraction=val_fraction,
         text_field=text_field,
         shard_tokens=shard_tokens,
@@ -536,7 +650,7 @@ def _default_data_key(tokenizer: str, vocab_size: int) -> str:
     return f"stdlib-py{platform.python_version()}-{spec}-v{FORMAT_VERSION}"
 
 
-def ensure_default_data(cache_dir: Path, tokenizer: str = "bpe", vocab_size: int = 4096) -> Path:
+def ensure_default_data(cache_dir: Path, tokenizer: str = "bpe", vocab_size: int = DEFAULT_VOCAB_SIZE) -> Path:
     """Prepare the default corpus into cache_dir/<key> once; return that folder.
 
     Safe to call from several processes at once: each builds its own temporary

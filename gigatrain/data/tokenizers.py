@@ -18,12 +18,24 @@ save -> load round trips all three kinds.
 Every kind saves to `directory/tokenizer.json`. Special-token text inside a
 document (a literal "<|endoftext|>") is encoded as ordinary text: only `prepare`
 inserts separators.
+
+Long documents (a minified file, a huge JSON line) are encoded in pieces of at most
+PIECE_CHARS characters, ENCODE_BATCH_CHARS characters at a time, so the tokenizer's
+working memory is bounded whatever the document's length (the document's own text and
+its token array still grow with it). A byte-level BPE (ours, or any tokenizer.json with
+the same ByteLevel pre-tokenizer) is cut only right before a space that precedes a
+non-space character, where its pre-tokenizer cuts anyway: the tokens are exactly those
+of the whole document. A run of PIECE_CHARS characters without such a space (base64,
+a megabyte of one character) is cut hard at PIECE_CHARS, which can change a token or
+two at the cut. Other tokenizers (their pre-tokenizer's boundaries are unknown) are
+given whole documents.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +48,37 @@ TOKENIZER_FILE = "tokenizer.json"
 EOT_TOKEN = "<|endoftext|>"
 EOT_CANDIDATES = (EOT_TOKEN, "</s>", "<|end_of_text|>")  # searched in this order
 KINDS = ("byte", "bpe", "json")
+
+# The longest piece of a document handed to the tokenizer at once: the BPE's memory and
+# time grow with it (one 10 MB line, encoded whole, peaked at 2.2 GB).
+PIECE_CHARS = 100_000
+# Pieces are encoded in batches of about this many characters, so that the Rust
+# tokenizer has work for all its threads while memory stays bounded.
+ENCODE_BATCH_CHARS = 1_000_000
+# Where a ByteLevel pre-tokenizer always starts a pre-token: its regex gives a space
+# only to the pre-token that follows it (` ?\p{L}+`, ` ?[^\s\p{L}\p{N}]+`, ...), and a
+# run of whitespace keeps its last space for the next pre-token. Python's \S excludes
+# every character the regex's \s matches (and a few more), so this never cuts wrongly.
+_PIECE_BOUNDARY = re.compile(r" (?=\S)")
+
+
+def split_long_text(text: str, max_chars: int) -> list[str]:
+    """`text` cut into pieces of at most max_chars characters, at pre-token boundaries.
+
+    Each cut is the first boundary in the second half of the window, so pieces are
+    at least max_chars / 2 long; a window without one is cut hard at max_chars.
+    """
+    if len(text) <= max_chars:
+        return [text]
+    pieces, start = [], 0
+    while len(text) - start > max_chars:
+        # endpos one past the window: the lookahead may see the character after a space.
+        boundary = _PIECE_BOUNDARY.search(text, start + max_chars // 2, start + max_chars + 1)
+        end = boundary.start() if boundary else start + max_chars
+        pieces.append(text[start:end])
+        start = end
+    pieces.append(text[start:])
+    return pieces
 
 
 class Tokenizer:
@@ -51,18 +94,23 @@ class Tokenizer:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         raise NotImplementedError
 
+    def pieces(self, text: str) -> list[str]:
+        """`text` in pieces whose encodings, concatenated, are its encoding (see the module docstring)."""
+        return [text]
+
     def encode_documents(self, texts: list[str], dtype: np.dtype) -> np.ndarray:
         """[eot] + encode(text) for each text, concatenated: the token stream of `prepare`."""
         # Separator first, so every document (including the first) starts after an eot:
         # at sampling time the model starts from [eot], exactly like in training.
-        encoded = self.encode_batch(texts)
-        stream = np.empty(sum(len(ids) + 1 for ids in encoded), dtype=dtype)
-        position = 0
-        for ids in encoded:
-            stream[position] = self.eot_id
-            stream[position + 1 : position + 1 + len(ids)] = ids
-            position += len(ids) + 1
-        return stream
+        eot = np.array([self.eot_id], dtype=dtype)
+        parts: list[np.ndarray] = []
+        for batch in _piece_batches(self, texts):
+            starts, pieces = zip(*batch)
+            for starts_document, ids in zip(starts, self.encode_batch(list(pieces))):
+                if starts_document:
+                    parts.append(eot)
+                parts.append(np.array(ids, dtype=dtype))
+        return np.concatenate(parts) if parts else np.empty(0, dtype=dtype)
 
     def decode(self, ids: Iterable[int]) -> str:
         raise NotImplementedError
@@ -72,6 +120,21 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(kind={self.kind!r}, vocab_size={self.vocab_size}, eot_id={self.eot_id})"
+
+
+def _piece_batches(tokenizer: Tokenizer, texts: list[str]) -> Iterator[list[tuple[bool, str]]]:
+    """Every text's pieces, as (is the text's first piece, piece), about ENCODE_BATCH_CHARS characters a batch."""
+    batch: list[tuple[bool, str]] = []
+    chars = 0
+    for text in texts:
+        for index, piece in enumerate(tokenizer.pieces(text)):
+            batch.append((index == 0, piece))
+            chars += len(piece)
+            if chars >= ENCODE_BATCH_CHARS:
+                yield batch
+                batch, chars = [], 0
+    if batch:
+        yield batch
 
 
 class ByteTokenizer(Tokenizer):
@@ -118,6 +181,10 @@ class HFTokenizer(Tokenizer):
         self.eot_id = eot_id
         # ids may be sparse in a foreign tokenizer: size the vocabulary by the largest id.
         self.vocab_size = max(hf_tokenizer.get_vocab(with_added_tokens=True).values()) + 1
+        self._splits_at_spaces = _has_byte_level_boundaries(hf_tokenizer)
+
+    def pieces(self, text: str) -> list[str]:
+        return split_long_text(text, PIECE_CHARS) if self._splits_at_spaces else [text]
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         # Multi-threaded in Rust; add_special_tokens=False: no BOS/EOS from a post-processor.
@@ -131,6 +198,21 @@ class HFTokenizer(Tokenizer):
         path.parent.mkdir(parents=True, exist_ok=True)
         self.hf.save(str(path))
         return path
+
+
+def _has_byte_level_boundaries(hf_tokenizer: hf.Tokenizer) -> bool:
+    """True when a space before a non-space always starts a pre-token (`split_long_text` is exact).
+
+    That takes a GPT-2 style ByteLevel regex with no prefix space, no normalizer that could
+    move characters across a cut, and no added token with a space inside (it is matched
+    before pre-tokenizing and could straddle a cut).
+    """
+    config = json.loads(hf_tokenizer.to_str())
+    pre_tokenizer = config.get("pre_tokenizer") or {}
+    byte_level = pre_tokenizer.get("type") == "ByteLevel" and pre_tokenizer.get("use_regex", True)
+    no_prefix_space = not pre_tokenizer.get("add_prefix_space", False)
+    spaced_added = any(" " in token["content"] for token in config.get("added_tokens") or [])
+    return bool(byte_level and no_prefix_space and config.get("normalizer") is None and not spaced_added)
 
 
 def _new_bpe() -> hf.Tokenizer:
@@ -174,7 +256,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(texts, trainer)
+    # The same pieces the encoder sees: training's memory stays bounded too.
+    tokenizer.train_from_iterator((piece for text in texts for piece in split_long_text(text, PIECE_CHARS)), trainer)
     return HFTokenizer(tokenizer, kind="bpe", eot_id=tokenizer.token_to_id(EOT_TOKEN))
 
 

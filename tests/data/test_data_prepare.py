@@ -2,6 +2,12 @@
 
 import hashlib
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +18,7 @@ import tokenizers as hf
 from tokenizers import models, pre_tokenizers
 
 import gigatrain.data.prepare as prepare_module
+from gigatrain.cli import run as cli_run
 from gigatrain.data import DataError, default_corpus_files, ensure_default_data, load_tokenizer
 from gigatrain.data.prepare import prepare, token_dtype, val_score
 
@@ -208,7 +215,7 @@ def test_tiny_corpus_still_gets_one_val_document(tmp_path):
         manifest = prepare([str(tmp_path)], tmp_path / f"out{fraction}", tokenizer="bpe", vocab_size=300, val_fraction=fraction)
         assert manifest["splits"]["train"]["documents"] == manifest["splits"]["val"]["documents"] == 1
     (tmp_path / "b.txt").unlink()
-    with pytest.raises(DataError, match="--val"):
+    with pytest.raises(DataError, match=r"single document: a validation split needs at least two; pass --val SOURCE"):
         prepare([str(tmp_path / "a.txt")], tmp_path / "one", tokenizer="byte")
 
 
@@ -326,3 +333,123 @@ def test_ensure_default_data_loser_of_a_race_uses_the_winners_folder(tmp_path, m
     assert folder == winner["folder"]
     assert (folder / "manifest.json").read_bytes() == winner["manifest"]  # the winner's folder, untouched
     assert [path.name for path in (tmp_path / "cache").iterdir()] == [folder.name]  # loser's temp folder removed
+
+
+def prepare_cli(args: list[str], capsys) -> tuple[int, str]:
+    """`gigatrain prepare ARGS` in this process: exit code and stderr."""
+    code = cli_run(["prepare", *args])
+    return code, capsys.readouterr().err
+
+
+def test_overwrite_never_deletes_a_folder_prepare_did_not_write(tmp_path, capsys):
+    make_corpus(tmp_path / "corpus")
+    webapp = tmp_path / "webapp"  # a manifest.json, but not ours
+    webapp.mkdir()
+    (webapp / "manifest.json").write_text('{"name": "x"}')
+    (webapp / "index.html").write_text("precious")
+    for overwrite in ([], ["--overwrite"]):
+        code, err = prepare_cli([str(tmp_path / "corpus"), "--out", str(webapp), "--tokenizer", "byte", *overwrite], capsys)
+        assert code == 2 and err.startswith("gigatrain: error: ") and err.count("\n") == 1
+        assert "not a gigatrain data folder" in err and "--out" in err
+    assert (webapp / "index.html").read_text() == "precious"
+    # Our own data with a user's file added: not only ours any more, so not replaced either.
+    out = tmp_path / "out"
+    prepare([str(tmp_path / "corpus")], out, tokenizer="byte")
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match=r"not a gigatrain data folder \(it holds notes\.txt\)"):
+        prepare([str(tmp_path / "corpus")], out, tokenizer="byte", overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine" and (out / "train_000000.bin").is_file()
+
+
+def test_full_disk_is_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch):
+    make_corpus(tmp_path / "corpus")
+    # The first shard goes to /dev/full, where every write fails with a real ENOSPC.
+    monkeypatch.setattr(prepare_module.ShardWriter, "_file_name", lambda self: "/dev/full")
+    code, err = prepare_cli([str(tmp_path / "corpus"), "--out", str(tmp_path / "data" / "out"), "--tokenizer", "byte"], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith(f"gigatrain: error: no space left on the device holding {tmp_path / 'data'}")
+    assert list((tmp_path / "data").iterdir()) == []
+
+
+def scratch_folders(parent: Path) -> list[str]:
+    return sorted(path.name for path in parent.iterdir() if path.name.startswith(".out."))
+
+
+# A prepare that stops in its first shard write: killed by SIGKILL ("kill"), or, as
+# `gigatrain prepare`, waiting there for a SIGTERM ("wait").
+STOPPED_PREPARE = textwrap.dedent("""
+    import os, signal, sys, time
+    import gigatrain.data.prepare as prepare_module
+    from gigatrain.cli import main
+    mode, source, out = sys.argv[1:]
+    def write(self, tokens):
+        if mode == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        print("writing", flush=True)
+        time.sleep(60)
+    prepare_module.ShardWriter.write = write
+    if mode == "kill":
+        prepare_module.prepare([source], out, tokenizer="byte")
+    sys.argv[1:] = ["prepare", source, "--out", out, "--tokenizer", "byte"]
+    main()
+""")
+
+
+def test_a_killed_prepare_leaves_nothing_after_the_next_run(tmp_path):
+    make_corpus(tmp_path / "corpus")
+    out = tmp_path / "out"
+    command = [sys.executable, "-c", STOPPED_PREPARE, "kill", str(tmp_path / "corpus"), str(out)]
+    assert subprocess.run(command).returncode == -signal.SIGKILL
+    stale = scratch_folders(tmp_path)
+    assert len(stale) == 1 and (tmp_path / stale[0] / "tokenizer.json").is_file()
+    host = socket.gethostname()
+    running = tmp_path / f".out.tmp-{host}-{os.getpid()}-0123abcd"  # a concurrent prepare (this process is alive)
+    elsewhere = tmp_path / ".out.tmp-other-host-1-0123abcd"  # another host's: its pid means nothing here
+    not_ours = tmp_path / f".out.tmp-{host}-999999999-0123abcd"  # our name, but a user's file inside
+    for folder in (running, elsewhere, not_ours):
+        folder.mkdir()
+    (not_ours / "thesis.tex").write_text("precious")
+    prepare([str(tmp_path / "corpus")], out, tokenizer="byte")
+    assert scratch_folders(tmp_path) == sorted(folder.name for folder in (running, elsewhere, not_ours))
+
+
+def test_sigterm_removes_the_temporary_folder(tmp_path):
+    make_corpus(tmp_path / "corpus")
+    command = [sys.executable, "-c", STOPPED_PREPARE, "wait", str(tmp_path / "corpus"), str(tmp_path / "out")]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline() == "writing\n"
+    assert len(scratch_folders(tmp_path)) == 1
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 128 + signal.SIGTERM
+    assert scratch_folders(tmp_path) == [] and not (tmp_path / "out").exists()
+
+
+def test_binary_files_are_refused_by_name(tmp_path):
+    make_corpus(tmp_path / "corpus")
+    (tmp_path / "corpus" / "photo.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    with pytest.raises(DataError, match=r"photo\.txt is not a text file \(it holds NUL bytes\)"):
+        prepare([str(tmp_path / "corpus")], tmp_path / "out", tokenizer="byte")
+    assert not (tmp_path / "out").exists()
+
+
+def test_vocab_size_is_refused_for_fixed_vocabularies(tmp_path, capsys):
+    make_corpus(tmp_path / "corpus")
+    code, err = prepare_cli([str(tmp_path / "corpus"), "--out", str(tmp_path / "out"), "--tokenizer", "byte",
+                             "--vocab-size", "100"], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert "--vocab-size 100 applies only to --tokenizer bpe" in err and "fixed at 256" in err
+    assert not (tmp_path / "out").exists()
+    assert prepare([str(tmp_path / "corpus")], tmp_path / "out", tokenizer="byte")["tokenizer"]["vocab_size"] == 256
+
+
+def test_a_skewed_split_warns(tmp_path, capsys):
+    keys = [f"docs.jsonl:{line}" for line in range(1, 41)]
+    big = next(key for key in keys if val_score(key, 0) < 0.05)  # a val document, made 100 times longer
+    lines = [{"text": ("long " * 500 if key == big else "short doc " * 2)} for key in keys]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    manifest = prepare([str(tmp_path / "docs.jsonl")], tmp_path / "out", tokenizer="byte", val_fraction=0.05)
+    share = manifest["splits"]["val"]["tokens"] / sum(manifest["splits"][split]["tokens"] for split in ("train", "val"))
+    assert share > 0.5
+    err = capsys.readouterr().err
+    assert err.startswith(f"gigatrain: warning: the validation split holds {share:.1%} of the tokens") and err.count("\n") == 1
+    assert "--val-fraction 0.05" in err and "--val SOURCE" in err
