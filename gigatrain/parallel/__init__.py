@@ -68,6 +68,7 @@ class ParallelModel:
                  device: torch.device, dtype: torch.dtype | None, stage_indices: list[int]):
         self.parts, self.dims, self.mesh = parts, dims, mesh
         self.device, self.dtype = device, dtype
+        self.has_first_stage = 0 in stage_indices
         self.has_last_stage = dims.num_stages - 1 in stage_indices
         self.schedule = self.eval_schedule = None
         if dims.pp > 1:
@@ -92,6 +93,17 @@ class ParallelModel:
     def parameters(self) -> list[nn.Parameter]:
         return [p for part in self.parts for p in part.parameters()]
 
+    def _lay_out_gradients(self) -> None:
+        """Give each DTensor gradient its parameter's placements, as FSDP does for the
+        parameters it shards. Tensor parallelism alone leaves the sequence-parallel norms'
+        replicated weights a partial gradient (each rank's share of the sequence) and the
+        vocabulary-sharded embeddings a replicated one; torch 2.11 clips a partial gradient
+        wrongly."""
+        for param in self.parameters():
+            grad = param.grad
+            if isinstance(grad, DTensor) and grad.placements != param.placements:
+                param.grad = grad.redistribute(grad.device_mesh, param.placements)
+
     def train(self, mode: bool = True) -> None:
         for part in self.parts:
             part.train(mode)
@@ -104,6 +116,11 @@ class ParallelModel:
             inputs, targets = shard_sequence(inputs, cp_mesh), shard_sequence(targets, cp_mesh)
         return inputs, targets
 
+    def _pipeline_batch(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[tuple, torch.Tensor | None]:
+        """What a pipeline schedule takes on this rank: the inputs where the first stage runs,
+        the targets where the last does (torch 2.11 refuses inputs on any other stage)."""
+        return (inputs,) if self.has_first_stage else (), targets if self.has_last_stage else None
+
     def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Accumulate the gradient of the mean loss over this rank's [local_batch, seq] share;
         returns that mean (meaningful where `holds_loss`)."""
@@ -111,7 +128,9 @@ class ParallelModel:
         with loss_context(self.dims.tp), autocast(self.device, self.dtype):
             if self.schedule is not None:
                 losses: list[torch.Tensor] = []
-                self.schedule.step(inputs, target=targets, losses=losses)
+                args, target = self._pipeline_batch(inputs, targets)
+                self.schedule.step(*args, target=target, losses=losses)
+                self._lay_out_gradients()
                 if not self.has_last_stage:
                     return torch.zeros((), device=self.device)
                 return torch.stack([_local(loss).detach() for loss in losses]).mean()
@@ -124,6 +143,7 @@ class ParallelModel:
                 loss = loss_fn(model(micro_inputs), micro_targets) / n_micro
                 loss.backward()
                 total += _local(loss).detach()
+            self._lay_out_gradients()
             return total
 
     @torch.no_grad()
@@ -133,7 +153,8 @@ class ParallelModel:
         with loss_context(self.dims.tp), autocast(self.device, self.dtype):
             if self.eval_schedule is not None:
                 losses: list[torch.Tensor] = []
-                self.eval_schedule.eval(inputs, target=targets, losses=losses)
+                args, target = self._pipeline_batch(inputs, targets)
+                self.eval_schedule.eval(*args, target=target, losses=losses)
                 if not self.has_last_stage:
                     return torch.zeros((), device=self.device)
                 return torch.stack([_local(loss) for loss in losses]).sum()
