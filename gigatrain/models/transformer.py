@@ -158,18 +158,24 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleDict({str(i): TransformerBlock(args) for i in range(args.n_layers)})
         self.norm = RMSNorm(args.d_model, args.norm_eps)
         self.output = nn.Linear(args.d_model, args.vocab_size, bias=False)
-        if args.tie_embeddings:
-            self.output.weight = self.tok_embeddings.weight
+        self.tie_weights()
         # Not persistent: derived from the shape, so checkpoints hold only learned state.
         self.register_buffer("rope_cos", torch.empty(args.max_seq_len, args.head_dim // 2), persistent=False)
         self.register_buffer("rope_sin", torch.empty(args.max_seq_len, args.head_dim // 2), persistent=False)
         if self.rope_cos.device.type != "meta":  # a meta model is initialised after it is sharded
             self.init_weights(seed)
 
+    def tie_weights(self) -> None:
+        """With tie_embeddings, make the head's weight the embeddings' own Parameter (one
+        [vocab, d_model] matrix, one name in the optimizer). Whatever replaces parameters module
+        by module (to_empty() from the meta device, tensor parallelism) parts the two; this
+        joins them again."""
+        if self.args.tie_embeddings and self.tok_embeddings is not None and self.output is not None:
+            self.output.weight = self.tok_embeddings.weight
+
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
-        if self.args.tie_embeddings and self.output is not None and self.output.weight is not self.tok_embeddings.weight:
-            self.output.weight = self.tok_embeddings.weight  # to_empty() allocates the two apart
+        self.tie_weights()
         for name, param in self.named_parameters():
             init_parameter(name, param, self.args, parameter_generator(seed, name, param.device))
         self.init_buffers()
@@ -181,9 +187,10 @@ class Transformer(nn.Module):
         self.rope_sin.copy_(sin)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [batch, seq] -> logits [batch, seq, vocab]. A pipeline stage without the
-        embeddings takes hidden states instead, and one without the head returns them."""
-        x = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        """tokens [batch, seq] -> logits [batch, seq, vocab]. A pipeline stage that starts
+        inside the model takes hidden states [batch, seq, d_model] instead (floating point:
+        they are not embedded), and one without the head returns them."""
+        x = tokens if tokens.is_floating_point() else self.tok_embeddings(tokens)
         for block in self.layers.values():
             # The whole tables: attention takes the rows of the sequence it sees.
             x = block(x, self.rope_cos, self.rope_sin)

@@ -28,7 +28,7 @@ from gigatrain.models.transformer import init_parameter, parameter_generator
 from gigatrain.parallel.context import apply_cp, shard_rope, shard_sequence
 from gigatrain.parallel.fsdp import apply_fsdp
 from gigatrain.parallel.mesh import ParallelDims
-from gigatrain.parallel.pipeline import build_schedule, split_model
+from gigatrain.parallel.pipeline import build_schedule, split_model, tied_weight_group
 from gigatrain.parallel.tensor import apply_tp, loss_context
 from gigatrain.train.evaluate import autocast, loss_fn
 
@@ -68,12 +68,15 @@ class ParallelModel:
                  device: torch.device, dtype: torch.dtype | None, stage_indices: list[int]):
         self.parts, self.dims, self.mesh = parts, dims, mesh
         self.device, self.dtype = device, dtype
+        self.has_first_stage = 0 in stage_indices
         self.has_last_stage = dims.num_stages - 1 in stage_indices
-        self.schedule = self.eval_schedule = None
+        self.schedule = self.eval_schedule = self.tied_group = None
         if dims.pp > 1:
             pp_mesh = mesh["pp"]
             self.schedule = build_schedule(parts, stage_indices, dims, pp_mesh, device, loss_fn, dims.microbatches)
             self.eval_schedule = build_schedule(parts, stage_indices, dims, pp_mesh, device, _sum_loss, dims.microbatches)
+            if parts[0].args.tie_embeddings:
+                self.tied_group = tied_weight_group(dims)
 
     # -- coordinates -----------------------------------------------------------------------
     def rank_in(self, axis: str) -> int:
@@ -92,6 +95,32 @@ class ParallelModel:
     def parameters(self) -> list[nn.Parameter]:
         return [p for part in self.parts for p in part.parameters()]
 
+    def _tied_copy(self) -> nn.Parameter | None:
+        """This rank's copy of a pipeline's tied embedding weight (first or last stage), if any."""
+        if self.tied_group is None:
+            return None
+        return next(part.tok_embeddings.weight for part in self.parts if part.tok_embeddings is not None)
+
+    def _sum_tied_gradients(self) -> None:
+        """Under a pipeline the first stage's embeddings and the last stage's head each hold a
+        copy of the tied weight, with the gradient of their own use: give both the sum."""
+        copy = self._tied_copy()
+        if copy is None:
+            return
+        grad = copy.grad
+        dist.all_reduce(grad.to_local() if isinstance(grad, DTensor) else grad, group=self.tied_group)
+
+    def _lay_out_gradients(self) -> None:
+        """Give each DTensor gradient its parameter's placements, as FSDP does for the
+        parameters it shards. Tensor parallelism alone leaves the sequence-parallel norms'
+        replicated weights a partial gradient (each rank's share of the sequence) and the
+        vocabulary-sharded embeddings a replicated one; torch 2.11 clips a partial gradient
+        wrongly, and the tied copies' sum needs the head's layout."""
+        for param in self.parameters():
+            grad = param.grad
+            if isinstance(grad, DTensor) and grad.placements != param.placements:
+                param.grad = grad.redistribute(grad.device_mesh, param.placements)
+
     def train(self, mode: bool = True) -> None:
         for part in self.parts:
             part.train(mode)
@@ -104,6 +133,11 @@ class ParallelModel:
             inputs, targets = shard_sequence(inputs, cp_mesh), shard_sequence(targets, cp_mesh)
         return inputs, targets
 
+    def _pipeline_batch(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[tuple, torch.Tensor | None]:
+        """What a pipeline schedule takes on this rank: the inputs where the first stage runs,
+        the targets where the last does (torch 2.11 refuses inputs on any other stage)."""
+        return (inputs,) if self.has_first_stage else (), targets if self.has_last_stage else None
+
     def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Accumulate the gradient of the mean loss over this rank's [local_batch, seq] share;
         returns that mean (meaningful where `holds_loss`)."""
@@ -111,7 +145,10 @@ class ParallelModel:
         with loss_context(self.dims.tp), autocast(self.device, self.dtype):
             if self.schedule is not None:
                 losses: list[torch.Tensor] = []
-                self.schedule.step(inputs, target=targets, losses=losses)
+                args, target = self._pipeline_batch(inputs, targets)
+                self.schedule.step(*args, target=target, losses=losses)
+                self._lay_out_gradients()
+                self._sum_tied_gradients()
                 if not self.has_last_stage:
                     return torch.zeros((), device=self.device)
                 return torch.stack([_local(loss).detach() for loss in losses]).mean()
@@ -124,6 +161,7 @@ class ParallelModel:
                 loss = loss_fn(model(micro_inputs), micro_targets) / n_micro
                 loss.backward()
                 total += _local(loss).detach()
+            self._lay_out_gradients()
             return total
 
     @torch.no_grad()
@@ -133,7 +171,8 @@ class ParallelModel:
         with loss_context(self.dims.tp), autocast(self.device, self.dtype):
             if self.eval_schedule is not None:
                 losses: list[torch.Tensor] = []
-                self.eval_schedule.eval(inputs, target=targets, losses=losses)
+                args, target = self._pipeline_batch(inputs, targets)
+                self.eval_schedule.eval(*args, target=target, losses=losses)
                 if not self.has_last_stage:
                     return torch.zeros((), device=self.device)
                 return torch.stack([_local(loss) for loss in losses]).sum()
@@ -144,9 +183,11 @@ class ParallelModel:
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """Clip by the norm of the whole model's gradient: DTensor shards are reduced to their
-        full norm, and pipeline stages add up their squares."""
+        full norm, and pipeline stages add up their squares (a tied weight's once: the last
+        stage's copy is left out)."""
         params = [p for p in self.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        repeated = self._tied_copy() if self.has_last_stage else None
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p is not repeated])
         norm = _local(norm)
         if self.dims.pp > 1:
             squared = norm.pow(2)
@@ -176,6 +217,7 @@ def materialize(part: nn.Module, device: torch.device, seed: int) -> None:
     keeps its slice: exact, with a peak of one full parameter, and free of DTensor's random
     ops (which on CPU give every shard the same numbers)."""
     part.to_empty(device=device)
+    part.tie_weights()
     for name, param in part.named_parameters():
         name = plain_name(name)
         generator = parameter_generator(seed, name, device)
@@ -202,6 +244,7 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh: dict[str, DeviceMesh
             part.to(device)
         if dims.tp > 1:
             apply_tp(part, mesh["tp"])
+            part.tie_weights()  # the embeddings and the head are sharded alike: Shard(0) of [vocab, d_model]
         if dims.cp > 1:
             apply_cp(part, mesh["cp"], cfg.data.seq_len, device)
         apply_activation_checkpointing(part, cfg.train.activation_checkpointing)

@@ -151,9 +151,6 @@ def parallel_dims(cfg: Config, model_args: ModelArgs, n_processes: int | None = 
             if value % p.tp:
                 raise ConfigError(f"parallel.tp={p.tp} does not divide model.{name}={value}; "
                                   f"use a tp that divides both n_heads and n_kv_heads")
-        if model_args.tie_embeddings:
-            raise ConfigError("model.tie_embeddings=true cannot be tensor-parallel: the embeddings are split by rows "
-                              "and the head by columns; set model.tie_embeddings=false or parallel.tp=1")
         if seq_len % p.tp:
             raise ConfigError(f"parallel.tp={p.tp} does not divide data.seq_len={seq_len}: sequence parallelism "
                               f"splits the sequence over tp ranks; pick a seq_len divisible by {p.tp}")
@@ -199,9 +196,6 @@ def _pipeline_shape(cfg: Config, model_args: ModelArgs, local_batch: int) -> tup
     if model_args.n_layers % n_stages:
         raise ConfigError(f"model.n_layers={model_args.n_layers} cannot be split into {n_stages} equal pipeline stages "
                           f"(parallel.pp={p.pp} x {stages_per_rank} per rank); use a layer count divisible by {n_stages}")
-    if model_args.tie_embeddings:
-        raise ConfigError("model.tie_embeddings=true cannot be pipelined: the embeddings and the output head live on "
-                          "different stages; set model.tie_embeddings=false or parallel.pp=1")
     microbatches = p.pp_microbatches
     if not microbatches:
         microbatches = local_batch // t.micro_batch_size if t.micro_batch_size else p.pp

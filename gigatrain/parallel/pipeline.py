@@ -5,6 +5,13 @@ embeddings or the head set to None), so parameter names stay those of the whole 
 and checkpoints load under any layout. Ranks hold one stage (GPipe, 1F1B) or several
 (the looped schedules: interleaved 1F1B, looped BFS, interleaved zero-bubble), which give
 rank r stages r, r+pp, r+2*pp, ...
+
+Tied embeddings (Megatron's way): the first stage embeds with the weight and the last
+stage's head projects with it, so each holds a copy, and the last stage keeps it under
+the embeddings' name, as one process does (its embedding module is never called: it is
+handed hidden states). Both copies start from the same draw, and after every backward
+the two gradients are summed over the pair of ranks holding them, so both take the same
+update and stay equal.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import copy
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage
@@ -32,9 +40,10 @@ def stage_module(model: nn.Module, stage: int, num_stages: int, keep_original: b
     owned = {str(i) for i in range(stage * per_stage, (stage + 1) * per_stage)}
     for name in [n for n in part.layers if n not in owned]:
         del part.layers[name]
-    if stage != 0:
+    last = stage == num_stages - 1
+    if stage != 0 and not (last and part.args.tie_embeddings):
         part.tok_embeddings = None
-    if stage != num_stages - 1:
+    if not last:
         part.norm = None
         part.output = None
     return part
@@ -44,6 +53,19 @@ def split_model(model: nn.Module, dims: ParallelDims, pp_rank: int) -> tuple[lis
     indices = stage_indices(dims, pp_rank)
     parts = [stage_module(model, s, dims.num_stages, keep_original=k == len(indices) - 1) for k, s in enumerate(indices)]
     return indices, parts
+
+
+def tied_weight_group(dims: ParallelDims) -> dist.ProcessGroup | None:
+    """The group of the two ranks that hold the tied embedding weight for this rank's place
+    off the pipeline axis: the first stage's and the last stage's (None on other ranks).
+    Every rank must call it: creating groups is collective."""
+    # Ranks are numbered with pp outermost (ParallelDims.build_meshes), and stage s runs on
+    # pipeline rank s % pp (stage_indices).
+    ranks_per_stage = dims.world_size // dims.pp
+    last = (dims.num_stages - 1) % dims.pp
+    pairs = [[i, last * ranks_per_stage + i] for i in range(ranks_per_stage)]
+    group, _ = dist.new_subgroups_by_enumeration(pairs)
+    return group
 
 
 def build_schedule(parts: list[nn.Module], indices: list[int], dims: ParallelDims, pp_mesh: DeviceMesh,

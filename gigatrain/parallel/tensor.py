@@ -6,6 +6,10 @@ all-gather before and one reduce-scatter after attention and the FFN. Between th
 activations (and the RMSNorms working on them) are split along the sequence, so no rank
 keeps a full copy. The output head keeps its logits split over the vocabulary and the
 loss is computed on the shards (loss parallel): no rank ever holds [batch, seq, vocab].
+
+The embeddings (a vocabulary-parallel lookup) and the head (vocabulary-parallel logits)
+both split their [vocab, d_model] weight by rows, Shard(0): tied, they are one and the
+same sharded weight, which `parallelize` ties again once each module has been sharded.
 """
 
 from __future__ import annotations

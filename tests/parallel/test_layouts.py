@@ -14,6 +14,9 @@ Measured on 2026-11-24: losses and gradient norms agree to 2e-7, at least 99.95%
 every tensor's elements are close, and the worst element is 1.1e-5 off (TP).
 Then checkpoints saved under FSDP are resumed under TP x FSDP, PP x FSDP and in one
 process, and the next step's loss must equal the uninterrupted run's.
+Tied embeddings (one [vocab, d_model] weight for the embeddings and the head) are compared
+with tied one-process training in the same way, under TP, PP and both, and resumed under
+PP x TP from a tied FSDP checkpoint.
 """
 
 import json
@@ -53,14 +56,36 @@ LAYOUTS = {
     "PP x TP": [*SOLO, "--parallel.pp=2", "--parallel.tp=2"],
     "HSDP with micro-batches": ["--parallel.dp_replicate=2", "--train.micro_batch_size=1"],
 }
-RESHARDS = {  # resumed at step 2 from the FSDP run's checkpoint
+TIED = ["--model.tie_embeddings=true"]
+TIED_LAYOUTS = {  # compared with tied one-process training
+    "TP + sequence parallel, tied embeddings": [*TIED, *SOLO, "--parallel.tp=4"],
+    "PP Interleaved1F1B, tied embeddings": [*TIED, *SOLO, "--parallel.pp=4", "--parallel.pp_schedule=Interleaved1F1B"],
+    "PP x FSDP, tied embeddings": [*TIED, "--parallel.pp=2"],
+    "PP x TP, tied embeddings": [*TIED, *SOLO, "--parallel.pp=2", "--parallel.tp=2"],
+}
+RESHARDS = {  # resumed at step 2 from the FSDP run's checkpoint (tied: the tied FSDP run's)
     "resumed under FSDP x TP": ["--parallel.tp=2"],
     "resumed under PP x FSDP": ["--parallel.pp=2", "--parallel.pp_schedule=GPipe"],
+    "resumed tied under PP x TP": [*TIED, *SOLO, "--parallel.pp=2", "--parallel.tp=2"],
 }
 
 
 def run_name(label: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in label)
+
+
+def is_tied(label: str) -> bool:
+    return TIED[0] in {**LAYOUTS, **TIED_LAYOUTS, **RESHARDS}[label]
+
+
+def reference_name(label: str) -> str:
+    """The one-process run a layout's run is compared with."""
+    return "one_process_tied" if is_tied(label) else "one_process"
+
+
+def saved_at_2(label: str) -> str:
+    """The run whose step-2 checkpoint a reshard run resumes from."""
+    return "fsdp_tied_at_2" if is_tied(label) else "fsdp_at_2"
 
 
 def assert_weights_match(got: torch.Tensor, expected: torch.Tensor, name: str) -> None:
@@ -73,11 +98,13 @@ def assert_weights_match(got: torch.Tensor, expected: torch.Tensor, name: str) -
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, byte_data):
     out = tmp_path_factory.mktemp("layouts")
-    train(load_config(None, [f"--data.path={byte_data}", f"--run.dir={out / 'one_process'}", *BASE]))
-    plan = [{"name": run_name(label), "overrides": overrides} for label, overrides in LAYOUTS.items()]
-    plan += [{"name": run_name(label), "overrides": overrides, "resume_from": "fsdp_at_2"}
+    for name, overrides in (("one_process", []), ("one_process_tied", TIED)):
+        train(load_config(None, [f"--data.path={byte_data}", f"--run.dir={out / name}", *BASE, *overrides]))
+    plan = [{"name": "fsdp_at_2", "overrides": ["--train.stop_at_step=2"]},
+            {"name": "fsdp_tied_at_2", "overrides": [*TIED, "--train.stop_at_step=2"]}]
+    plan += [{"name": run_name(label), "overrides": overrides} for label, overrides in {**LAYOUTS, **TIED_LAYOUTS}.items()]
+    plan += [{"name": run_name(label), "overrides": overrides, "resume_from": saved_at_2(label)}
              for label, overrides in RESHARDS.items()]
-    plan.insert(0, {"name": "fsdp_at_2", "overrides": ["--train.stop_at_step=2"]})
     plan.append({"name": "tp_logits", "overrides": LAYOUTS["TP + sequence parallel"], "probe_logits": True})
     result = run_group(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=4", "--standalone",
@@ -87,10 +114,10 @@ def runs(tmp_path_factory, byte_data):
     return out, result.stdout
 
 
-@pytest.mark.parametrize("label", list(LAYOUTS))
+@pytest.mark.parametrize("label", [*LAYOUTS, *TIED_LAYOUTS])
 def test_layout_matches_one_process(runs, byte_data, label):
     out, _ = runs
-    reference, parallel = out / "one_process", out / run_name(label)
+    reference, parallel = out / reference_name(label), out / run_name(label)
     expected, got = step_values(reference), step_values(parallel)
     assert sorted(got) == [1, 2, 3]
     for step in expected:
@@ -112,10 +139,11 @@ def test_layout_matches_one_process(runs, byte_data, label):
 @pytest.mark.parametrize("label", list(RESHARDS))
 def test_checkpoint_reshards_to_another_layout(runs, label):
     out, _ = runs
-    assert max(step_values(out / "fsdp_at_2")) == 2
+    saved = out / saved_at_2(label)
+    assert max(step_values(saved)) == 2
     resumed = step_values(out / run_name(label))
-    assert resumed[3] == pytest.approx(step_values(out / "one_process")[3], rel=1e-5)
-    assert resumed[1] == step_values(out / "fsdp_at_2")[1]  # the metrics file continued, not restarted
+    assert resumed[3] == pytest.approx(step_values(out / reference_name(label))[3], rel=1e-5)
+    assert resumed[1] == step_values(saved)[1]  # the metrics file continued, not restarted
 
 
 def test_checkpoint_from_four_processes_resumes_in_one(runs, byte_data, tmp_path):
@@ -129,7 +157,7 @@ def test_checkpoint_from_four_processes_resumes_in_one(runs, byte_data, tmp_path
 
 def test_only_rank_zero_prints(runs):
     _, stdout = runs
-    assert stdout.count("stopped by max_steps") == len(LAYOUTS) + len(RESHARDS)
+    assert stdout.count("stopped by max_steps") == len(LAYOUTS) + len(TIED_LAYOUTS) + len(RESHARDS)
 
 
 def test_tensor_parallel_never_holds_full_vocabulary_logits(runs):

@@ -39,8 +39,6 @@ def test_all_five_axes_at_once():
     (["--parallel.pp=3"], 3, "model.n_layers=8 cannot be split into 3 equal pipeline stages"),
     (["--parallel.pp=2", "--parallel.pp_schedule=Interleaved1F1B", "--model.n_layers=6"], 2,
      "model.n_layers=6 cannot be split into 4 equal pipeline stages"),
-    (["--parallel.pp=2", "--model.tie_embeddings=true"], 2, "tie_embeddings=true cannot be pipelined"),
-    (["--parallel.tp=2", "--model.tie_embeddings=true"], 2, "tie_embeddings=true cannot be tensor-parallel"),
     (["--train.batch_size=6"], 4, "train.batch_size=6 is not divisible by the data-parallel degree"),
     (["--train.micro_batch_size=4"], 4, "train.micro_batch_size=4 does not divide the per-rank batch batch_size/dp=2"),
     (["--parallel.pp=2", "--parallel.pp_microbatches=3"], 2, "parallel.pp_microbatches=3 does not divide"),
@@ -51,6 +49,12 @@ def test_impossible_layouts_are_named(overrides, world, message):
     with pytest.raises(ConfigError) as err:
         dims(*overrides, world=world)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("overrides", [["--parallel.tp=2"], ["--parallel.pp=2"], ["--parallel.pp=2", "--parallel.tp=2"]])
+def test_tied_embeddings_take_tensor_and_pipeline_parallelism(overrides):
+    d = dims(*overrides, "--model.tie_embeddings=true", world=4)
+    assert d.world_size == 4
 
 
 def test_bad_layout_stops_before_start_up_with_exit_2():
