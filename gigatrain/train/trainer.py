@@ -329,7 +329,7 @@ class Trainer:
             print(f"gigatrain: {message}", file=sys.stderr, flush=True)
             self.event({"event": "checkpoint_report", "message": message})
 
-    def evaluate(self, max_batches: int | None = None, cut=None) -> tuple[float, float] | None:
+    def evaluate(self, max_batches: int | None = None, cut=None) -> tuple[float, float]:
         """Mean loss over the first max_batches (default train.eval_batches) global batches of
         the val split (the same windows under every layout), and bits per byte. `cut`, asked
         before each batch after the first with the batch's cost (every rank must answer the
@@ -347,10 +347,11 @@ class Trainer:
             loss_sum += self.parallel.loss_sum(inputs[mine], targets[mine]).float()
             count += int((targets != IGNORE).sum())
             done += 1
-            self.costs.eval_batch_s = (time.perf_counter() - started) / done
         self.parallel.train(True)
         loss = self.parallel.reduce_sum(loss_sum).item() / max(1, count)
-        self.spent["evaluation"] += time.perf_counter() - started
+        elapsed = time.perf_counter() - started  # after .item(): a GPU has finished the batches too
+        self.costs.eval_batch_s = elapsed / max(1, done)
+        self.spent["evaluation"] += elapsed
         self.eval_batches_done = done
         # The evaluated windows are a sample of the split: convert with the split's bytes per token.
         return loss, loss / (math.log(2) * split.bytes_per_token)
@@ -550,9 +551,9 @@ class Trainer:
                     self.checkpointer.wait()
             # The run is finished once its final checkpoint is committed; a signal before that stops it as documented.
             stopped_by = self.agree(stop.received) or stopped_by
-            if stopped_by not in ("SIGINT", *PREEMPTION_SIGNALS):
+            if stopped_by in ("max_steps", "time_limit"):
                 watchdog.beat("the final evaluation")
-                val, cut_by = self.end_of_run(stopped_by, stop, metrics)
+                val, cut_by = self.end_of_run(stop, metrics)
         finally:
             self.checkpointer.close()
         metrics.close()
@@ -571,10 +572,10 @@ class Trainer:
         display.message(message + f"; run directory {self.run_dir}")
         return TrainResult(self.run_dir, self.step, stopped_by, loss, *val)
 
-    def end_of_run(self, stopped_by: str, stop: StopSignal, metrics: MetricsFile) -> tuple[tuple, str | None]:
-        """The optional work of a finished run: the final evaluation (not after stop_at_step) and
-        samples, as much as the time limit leaves room for. A signal now cuts it short and
-        discards a partial evaluation. Returns the evaluation and what cut the end short."""
+    def end_of_run(self, stop: StopSignal, metrics: MetricsFile) -> tuple[tuple, str | None]:
+        """The optional work of a finished run: the final evaluation and samples, as much as the
+        time limit leaves room for. A signal now cuts it short and drops a partial evaluation.
+        Returns the evaluation and what cut the end short (a signal, time_limit or None)."""
         cut_by = None
 
         def cut(next_s: float) -> bool:  # agreed by every rank, as evaluate() needs
@@ -585,7 +586,7 @@ class Trainer:
 
         batches, samples = self.end_plan()
         val = (None, None)
-        if stopped_by != "stop_at_step" and not cut(self.costs.eval_batch_s):
+        if not cut(self.costs.eval_batch_s):
             val = self.evaluate(batches, cut)
             if cut_by in (None, "time_limit"):  # a partial evaluation stands for its first batches
                 metrics.write({"step": self.step, "val_loss": val[0], "val_bpb": val[1],
