@@ -56,11 +56,11 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     from gigatrain.checkpoint.dcp import CheckpointWriteError
     from gigatrain.fault import EXIT_CHECKPOINT_WRITE, EXIT_DIVERGED, EXIT_REQUEUE, EXIT_SIGINT
     from gigatrain.fault.guard import TrainingDiverged
-    from gigatrain.train.trainer import PREEMPTION_SIGNALS, resolve_run_config, train
+    from gigatrain.train.trainer import PREEMPTION_SIGNALS, process_start_time, resolve_run_config, train
 
     cfg = resolve_run_config(args.config, overrides)
     try:
-        result = train(cfg)
+        result = train(cfg, started_at=process_start_time())  # train.time_limit_s covers the whole command
     except TrainingDiverged as err:
         print(f"gigatrain: error: {err}", file=sys.stderr)
         return EXIT_DIVERGED

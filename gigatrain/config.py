@@ -62,6 +62,7 @@ class TrainConfig:
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
     warmup_steps: int = 20
     decay_fraction: float = 0.2  # wsd: share of the steps spent decaying
+    schedule_steps: int = 0  # the schedule's horizon; 0: max_steps when the run starts, kept when it is raised later
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -268,7 +269,7 @@ def validate(cfg: Config) -> None:
     for name in ("max_steps", "batch_size", "eval_batches", "checkpoint_every", "keep_checkpoints", "eval_every"):
         value = getattr(t, name)
         _require(value >= 1, f"train.{name}={value} is not valid; it must be at least 1")
-    for name in ("warmup_steps", "stop_at_step", "micro_batch_size", "samples", "sample_tokens"):
+    for name in ("warmup_steps", "stop_at_step", "micro_batch_size", "samples", "sample_tokens", "schedule_steps"):
         value = getattr(t, name)
         _require(value >= 0, f"train.{name}={value} is not valid; it must be 0 or more")
     _require(t.lr > 0, f"train.lr={t.lr} is not valid; the learning rate must be positive")

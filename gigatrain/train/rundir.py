@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
+import fcntl
 import json
+import os
 import platform
+import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -23,6 +28,45 @@ CONFIG_FILE = "config.json"
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
 TOKENIZER_FILE = "tokenizer.json"
+LOCK_FILE = ".lock"
+
+
+class RunDirLock:
+    """One trainer at a time per run directory: an exclusive flock on RUN_DIR/.lock, which
+    the kernel drops when the holder's process ends however it ends (a `kill -9` leaves no
+    stale lock). The file stays; after locking, the holder writes its pid and host into it so
+    that a refused trainer can name it. (flock works across NFS clients since Linux 2.6.12.)"""
+
+    def __init__(self, run_dir: Path):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path = run_dir / LOCK_FILE
+        # O_NOFOLLOW: a .lock planted as a symlink must not make us write outside the run directory.
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            holder = self._read_holder()
+            os.close(self._fd)
+            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise
+            raise ConfigError(f"run directory {run_dir} is in use by another trainer ({holder}); wait for it to "
+                              f"finish or stop it, or train in another --run.dir") from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+
+    def _read_holder(self) -> str:
+        """'pid P on host H', from what the holder wrote just after locking (it may not have yet)."""
+        for _ in range(20):
+            fields = os.pread(self._fd, 300, 0).decode("utf-8", "replace").split()
+            if len(fields) == 2 and fields[0].isdigit():
+                return f"pid {fields[0]} on host {fields[1]}"
+            time.sleep(0.05)
+        return "pid and host not recorded yet"
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the only descriptor drops the flock
+            self._fd = None
 
 
 def git_sha() -> str:

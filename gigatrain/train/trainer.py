@@ -20,6 +20,7 @@ import resource
 import signal
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,12 +44,22 @@ from gigatrain.parallel import parallelize
 from gigatrain.parallel.mesh import AXES, global_rank, init_distributed, is_main_process, parallel_dims
 from gigatrain.paths import cache_dir
 from gigatrain.train import rundir
-from gigatrain.train.evaluate import sample_text
+from gigatrain.train.evaluate import generate, sample_text
 from gigatrain.train.optim import build_optimizer
-from gigatrain.train.schedule import lr_at
+from gigatrain.train.schedule import lr_at, schedule_horizon
 
 # No trailing space: BPE merges a space into the next word, so "def " would end on a lone space.
 DEFAULT_CORPUS_PROMPTS = ["def", "class", "import"]
+
+
+@dataclass
+class EndCosts:
+    """Seconds the work after the last step takes, as measured by this process; a time limit
+    leaves room for them."""
+    checkpoint_s: float  # one checkpoint, from its start to its commit: the longest seen, or an assumption
+    checkpoint_measured: bool = False
+    eval_batch_s: float = 0.0  # one global evaluation batch
+    sample_s: float = 0.0  # one sample of train.sample_tokens tokens
 
 
 @dataclass
@@ -65,6 +76,23 @@ class TrainResult:
 STOP_REASONS = [None, "stop_at_step", "time_limit", "SIGTERM", "SIGUSR1", "SIGINT"]
 PREEMPTION_SIGNALS = ("SIGTERM", "SIGUSR1")  # SIGUSR1: Slurm's warning before the time limit
 IGNORE = -100  # cross_entropy's ignore_index: padding targets that count for nothing
+# Under train.time_limit_s, the final evaluation and samples get at most this share of the
+# budget (the evaluation first): an expensive evaluation must not eat the training.
+END_SHARE = 0.1
+# A checkpoint's cost until one is measured: the state at a slow network filesystem's pace.
+ASSUMED_WRITE_BYTES_PER_S = 100e6
+
+
+def process_start_time() -> float | None:
+    """When this process started (from /proc on Linux; None elsewhere), so that a time limit
+    also covers the seconds Python and torch take to load, which are many on a busy machine."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
 
 
 def pick_device(name: str) -> torch.device:
@@ -114,6 +142,24 @@ def open_data_once(cfg: Config) -> TokenData:
     return data if data is not None else open_data(cfg)
 
 
+def lock_run_dir_once(run_dir: Path) -> rundir.RunDirLock | None:
+    """The job's lock on its run directory. Under torchrun rank 0 holds it for the whole job
+    (a restart starts a fresh rank 0, whose predecessor's lock died with it); if another
+    trainer holds it, every rank stops with rank 0's message rather than waiting for it."""
+    if not torch.distributed.is_initialized():
+        return rundir.RunDirLock(run_dir)
+    lock, refusal = None, [None]
+    if is_main_process():
+        try:
+            lock = rundir.RunDirLock(run_dir)
+        except ConfigError as err:
+            refusal = [str(err)]
+    torch.distributed.broadcast_object_list(refusal, src=0)
+    if refusal[0] is not None:
+        raise ConfigError(refusal[0])
+    return lock
+
+
 def pad_batch(inputs: torch.Tensor, targets: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Fill a short last evaluation batch up to `rows` with targets that count for nothing,
     so every rank of every layout runs the same shapes."""
@@ -126,7 +172,9 @@ def pad_batch(inputs: torch.Tensor, targets: torch.Tensor, rows: int) -> tuple[t
 
 class StopSignal:
     """Turns SIGINT/SIGTERM/SIGUSR1 into a flag the loop checks after each step, so the step in
-    flight finishes and a checkpoint is written before exiting."""
+    flight finishes and a checkpoint is written before exiting. Held until the trainer has
+    closed: once the final checkpoint is committed the run is finished, and a signal only cuts
+    the optional end (final evaluation, samples, plots) short; it cannot turn exit 0 into a crash."""
 
     def __init__(self):
         self.received: str | None = None
@@ -146,7 +194,9 @@ class StopSignal:
 
 
 class Trainer:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, started_at: float | None = None):
+        """`started_at`: when the command started (default now); train.time_limit_s counts from it."""
+        self.started_at = started_at or time.time()
         self.cfg = cfg
         t = cfg.train
         self.run_dir = cfg.run_dir
@@ -154,13 +204,20 @@ class Trainer:
         self.dims = parallel_dims(cfg, resolve_model_args(cfg))
         self.device = pick_device(t.device)
         self.dtype = pick_dtype(t.dtype, self.device)
-        self.started_at = time.time()
         self.owns_process_group = init_distributed(self.device)
-        self.mesh = self.dims.build_meshes(self.device.type) if self.dims.world_size > 1 else None
         self.is_main = is_main_process()
+        # One trainer per run directory, settled before anything in it is read or written.
+        self.lock = lock_run_dir_once(self.run_dir)
+        try:
+            self._build(cfg)
+        except BaseException:
+            self.release_run_dir()
+            raise
+
+    def _build(self, cfg: Config) -> None:
+        t = cfg.train
+        self.mesh = self.dims.build_meshes(self.device.type) if self.dims.world_size > 1 else None
         self.faults = FaultPlan.from_env(self.run_dir, global_rank(), self.dims.world_size)
-        if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
         # What earlier processes of this run left, read before this one writes anything.
         self.history = ((read_metrics(self.run_dir / rundir.METRICS_FILE), read_metrics(self.run_dir / EVENTS_FILE))
                         if self.is_main else ([], []))
@@ -184,9 +241,14 @@ class Trainer:
         self.peak_flops = peak_flops(self.device)
         self.step = 0
         self.train_time_s = 0.0
+        self.schedule_steps = schedule_horizon(t, None)
+        self.costs = EndCosts(checkpoint_s=self.assumed_checkpoint_s())
+        self.eval_batches_done = 0
+        # Where this process's time went (docs/training.md, "Time limit"); training is the rest.
+        self.spent = {"startup": 0.0, "checkpoints": 0.0, "evaluation": 0.0, "samples_plots": 0.0}
         self.checkpoint_dir = self.run_dir / "checkpoints"
         self.checkpointer = checkpoint.Checkpointer(self.checkpoint_dir, t.keep_checkpoints, t.async_checkpoint,
-                                                    faults=self.faults, on_event=self.event)
+                                                    faults=self.faults, on_event=self.on_checkpoint_event)
         self.guard = NumericalGuard(cfg.fault)
 
     @property
@@ -224,7 +286,8 @@ class Trainer:
     # -- state --------------------------------------------------------------------------
     def trainer_state(self) -> dict:
         return {"step": self.step, "loader": self.loader.state_dict(), "train_time_s": self.train_time_s,
-                "tokens_seen": self.step * self.tokens_per_step, "layout": self.layout()}
+                "tokens_seen": self.step * self.tokens_per_step, "layout": self.layout(),
+                "schedule_steps": self.schedule_steps}
 
     def layout(self) -> dict:
         return {axis: getattr(self.dims, axis) for axis in AXES}
@@ -253,6 +316,7 @@ class Trainer:
         state = restored[1]
         self.step = state["step"]
         self.train_time_s = state.get("train_time_s", 0.0)
+        self.schedule_steps = schedule_horizon(self.cfg.train, state.get("schedule_steps"))
         self.loader.load_state_dict(state["loader"])
         return True
 
@@ -265,65 +329,146 @@ class Trainer:
             print(f"gigatrain: {message}", file=sys.stderr, flush=True)
             self.event({"event": "checkpoint_report", "message": message})
 
-    def evaluate(self) -> tuple[float, float]:
-        """Mean loss over the first eval_batches global batches of the val split (the same
-        windows under every layout), and bits per byte."""
+    def evaluate(self, max_batches: int | None = None, cut=None) -> tuple[float, float]:
+        """Mean loss over the first max_batches (default train.eval_batches) global batches of
+        the val split (the same windows under every layout), and bits per byte. `cut`, asked
+        before each batch after the first with the batch's cost (every rank must answer the
+        same), may end it early; then the result stands for the batches done."""
         split = self.data.split("val")
         batch, local = self.cfg.train.batch_size, self.loader.local_batch
         mine = slice(self.parallel.dp_rank * local, (self.parallel.dp_rank + 1) * local)
-        loss_sum, count = torch.zeros((), device=self.device), 0
+        loss_sum, count, done = torch.zeros((), device=self.device), 0, 0
+        started = time.perf_counter()
         self.parallel.train(False)
-        for inputs, targets in eval_batches(split, self.seq_len, batch, self.cfg.train.eval_batches):
+        for inputs, targets in eval_batches(split, self.seq_len, batch, max_batches or self.cfg.train.eval_batches):
+            if done and cut is not None and cut(self.costs.eval_batch_s):
+                break
             inputs, targets = pad_batch(inputs, targets, batch)
             loss_sum += self.parallel.loss_sum(inputs[mine], targets[mine]).float()
             count += int((targets != IGNORE).sum())
+            done += 1
         self.parallel.train(True)
         loss = self.parallel.reduce_sum(loss_sum).item() / max(1, count)
+        elapsed = time.perf_counter() - started  # after .item(): a GPU has finished the batches too
+        self.costs.eval_batch_s = elapsed / max(1, done)
+        self.spent["evaluation"] += elapsed
+        self.eval_batches_done = done
         # The evaluated windows are a sample of the split: convert with the split's bytes per token.
         return loss, loss / (math.log(2) * split.bytes_per_token)
 
-    def write_samples(self) -> None:
-        t = self.cfg.train
-        if not t.samples or self.dims.world_size > 1:
+    def write_samples(self, count: int, cut=None) -> None:
+        """Up to `count` samples into samples.txt; `cut`, asked before each with its cost, may end them early."""
+        if not count or self.dims.world_size > 1:
             return  # sampling runs the whole model in one process: `gigatrain generate RUN` after training
-        tokenizer = self.data.tokenizer
         prompts = DEFAULT_CORPUS_PROMPTS if not self.cfg.data.path else [""]
-        generator = torch.Generator().manual_seed(t.seed)
+        generator = torch.Generator().manual_seed(self.cfg.train.seed)
         lines = []
-        for i in range(t.samples):
-            prompt = prompts[i % len(prompts)]
-            text = sample_text(self.model, tokenizer, prompt, t.sample_tokens, temperature=0.8, top_k=50,
-                               context_len=self.seq_len, device=self.device, dtype=self.dtype, generator=generator)
-            lines.append(f"--- sample {i + 1} (step {self.step}, prompt {prompt!r}) ---\n{text}\n")
-        (self.run_dir / "samples.txt").write_text("\n".join(lines))
+        with self.timed("samples_plots"):
+            for i in range(count):
+                if cut is not None and cut(self.costs.sample_s):
+                    break
+                started = time.perf_counter()
+                prompt = prompts[i % len(prompts)]
+                text = sample_text(self.model, self.data.tokenizer, prompt, self.cfg.train.sample_tokens,
+                                   generator=generator, **self.sampling())
+                lines.append(f"--- sample {i + 1} (step {self.step}, prompt {prompt!r}) ---\n{text}\n")
+                self.costs.sample_s = time.perf_counter() - started
+        if lines:
+            (self.run_dir / "samples.txt").write_text("\n".join(lines))
 
-    def should_stop(self, stop: StopSignal, started: float, last_step_time: float, start_step: int) -> str | None:
-        """Why to stop after this step, agreed by every rank: a signal or the clock may reach
-        one rank a step before another, and ranks that stop apart hang in a collective."""
+    def sampling(self) -> dict:
+        return dict(temperature=0.8, top_k=50, context_len=self.seq_len, device=self.device, dtype=self.dtype)
+
+    # -- the time budget (train.time_limit_s) ------------------------------------------------------
+    @contextmanager
+    def timed(self, phase: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.spent[phase] += time.perf_counter() - started
+
+    @property
+    def deadline(self) -> float:
         t = self.cfg.train
-        reason = None
-        if stop.received:
-            reason = stop.received
-        elif t.stop_at_step and self.step == t.stop_at_step and self.step > start_step:
-            reason = "stop_at_step"
-        elif t.time_limit_s and time.perf_counter() - started + last_step_time > t.time_limit_s:
-            reason = "time_limit"
+        return self.started_at + t.time_limit_s if t.time_limit_s else math.inf
+
+    def assumed_checkpoint_s(self) -> float:
+        """A checkpoint's cost until one is measured: this rank's weights and two AdamW moments
+        at ASSUMED_WRITE_BYTES_PER_S, plus a second for DCP's planning and commit."""
+        local = (p.to_local() if hasattr(p, "to_local") else p for p in self.parallel.parameters())
+        return 1.0 + 3 * sum(p.numel() * p.element_size() for p in local) / ASSUMED_WRITE_BYTES_PER_S
+
+    def on_checkpoint_event(self, record: dict) -> None:
+        if record["event"] == "checkpoint":  # the first measurement replaces the assumption
+            seen = self.costs.checkpoint_s if self.costs.checkpoint_measured else 0.0
+            self.costs.checkpoint_s, self.costs.checkpoint_measured = max(seen, record["write_s"]), True
+        self.event(record)
+
+    def measure_end_costs(self) -> None:
+        """Time one evaluation batch and one sampled token, what the end of the run is planned from."""
+        self.evaluate(max_batches=1)
+        if self.dims.world_size == 1 and self.cfg.train.samples:
+            with self.timed("samples_plots"):
+                started = time.perf_counter()
+                generate(self.model, [self.data.tokenizer.eot_id] * self.seq_len, 1, **self.sampling())
+                self.costs.sample_s = (time.perf_counter() - started) * self.cfg.train.sample_tokens
+
+    def end_plan(self) -> tuple[int, int]:
+        """How many evaluation batches and samples the end of the run has room for: all of them
+        without a time limit; under one, what fits in END_SHARE of it, the evaluation first."""
+        t = self.cfg.train
+        samples = t.samples if self.dims.world_size == 1 else 0
+        if not t.time_limit_s:
+            return t.eval_batches, samples
+        share = END_SHARE * t.time_limit_s
+        batches = min(t.eval_batches, max(1, int(share / max(self.costs.eval_batch_s, 1e-9))))
+        left = share - batches * self.costs.eval_batch_s
+        return batches, min(samples, int(left / self.costs.sample_s) if self.costs.sample_s else samples)
+
+    def end_reserve_s(self) -> float:
+        """Seconds the run needs after its last step: the final checkpoint, evaluation and samples."""
+        batches, samples = self.end_plan()
+        return self.costs.checkpoint_s + batches * self.costs.eval_batch_s + samples * self.costs.sample_s
+
+    def next_step_s(self, last_step_time: float) -> float:
+        """What the next step will take: as long as the last, plus an evaluation if one is due."""
+        t, step = self.cfg.train, self.step + 1
+        evaluates = step % t.eval_every == 0 and step < t.max_steps
+        return last_step_time + (t.eval_batches * self.costs.eval_batch_s if evaluates else 0.0)
+
+    def agree(self, reason: str | None) -> str | None:
+        """The reason every rank acts on: a signal or the clock may reach one rank before another,
+        and ranks that act apart hang in a collective. The highest of STOP_REASONS wins."""
         if self.mesh is None:
             return reason
         code = torch.tensor([STOP_REASONS.index(reason)], device=self.device)
         torch.distributed.all_reduce(code, op=torch.distributed.ReduceOp.MAX)
         return STOP_REASONS[int(code.item())]
 
+    def should_stop(self, stop: StopSignal, last_step_time: float, start_step: int) -> str | None:
+        """Why to stop after this step, agreed by every rank."""
+        t = self.cfg.train
+        reason = None
+        if stop.received:
+            reason = stop.received
+        elif t.stop_at_step and self.step == t.stop_at_step and self.step > start_step:
+            reason = "stop_at_step"
+        elif time.time() + self.next_step_s(last_step_time) + self.end_reserve_s() > self.deadline:
+            reason = "time_limit"
+        return self.agree(reason)
+
     # -- the loop -----------------------------------------------------------------------
-    def run(self) -> TrainResult:
+    def run(self, stop: StopSignal) -> TrainResult:
+        """Train to the end; `stop` is held by the caller until the trainer has closed (see StopSignal)."""
         # Watched from here on: a rank stuck loading the checkpoint is a hang like any other.
         watchdog = Watchdog(self.cfg.fault.watchdog_s, self.run_dir, global_rank(), first="loading the checkpoint")
         try:
-            return self._run(watchdog)
+            return self._run(watchdog, stop)
         finally:
             watchdog.stop()
 
-    def _run(self, watchdog: Watchdog) -> TrainResult:
+    def _run(self, watchdog: Watchdog, stop: StopSignal) -> TrainResult:
         cfg, t = self.cfg, self.cfg.train
         resumed = self.resume()
         watchdog.beat("the first step", startup=True)
@@ -336,7 +481,7 @@ class Trainer:
         metrics = MetricsFile(metrics_path if self.is_main else None)
         metrics.truncate_after(self.step)
         self.event({"event": "start", "step": self.step, "resumed": resumed, "world_size": self.dims.world_size,
-                    "process_start": self.started_at})
+                    "process_start": self.started_at, "schedule_steps": self.schedule_steps})
         display = ProgressDisplay(t.progress if self.is_main else "off", t.max_steps, self.step)
         counts = param_counts(self.model_args)
         display.message(f"run {self.run_dir}  model {cfg.model.preset} ({counts.total / 1e6:.2f}M params)  "
@@ -347,79 +492,123 @@ class Trainer:
         if self.step >= t.max_steps:
             display.message(f"the run is already at train.max_steps={t.max_steps}; raise it to train on "
                             f"(e.g. --train.max_steps={2 * t.max_steps})")
+        if t.time_limit_s:
+            self.measure_end_costs()
+        self.spent["startup"] = time.time() - self.started_at - self.spent["evaluation"] - self.spent["samples_plots"]
 
-        stopped_by, loss, val = "max_steps", float("nan"), (None, None)
-        started = time.perf_counter()
+        stopped_by, loss, val, cut_by = "max_steps", float("nan"), (None, None), None
         last_step_time = 0.0
         try:
-            with StopSignal() as stop:
-                while self.step < t.max_steps:
-                    if restart is not None:  # the first step of a resumed process: the restart is over
-                        previous_end = restart.pop("previous_end")
-                        self.event({**restart, "restart_s": time.time() - previous_end})
-                        restart = None
-                    step_start = time.perf_counter()
-                    self.faults.before_step(self.step + 1)
-                    inputs, targets = self.loader.next_batch()
-                    lr = lr_at(self.step + 1, t)
-                    loss, grad_norm, skipped = self.train_step(inputs, targets, lr)
-                    self.step += 1
-                    last_step_time = time.perf_counter() - step_start
-                    self.train_time_s += last_step_time
+            while self.step < t.max_steps:
+                if restart is not None:  # the first step of a resumed process: the restart is over
+                    previous_end = restart.pop("previous_end")
+                    self.event({**restart, "restart_s": time.time() - previous_end})
+                    restart = None
+                step_start = time.perf_counter()
+                self.faults.before_step(self.step + 1)
+                inputs, targets = self.loader.next_batch()
+                lr = lr_at(self.step + 1, t, self.schedule_steps)
+                loss, grad_norm, skipped = self.train_step(inputs, targets, lr)
+                self.step += 1
+                last_step_time = time.perf_counter() - step_start
+                self.train_time_s += last_step_time
+                watchdog.beat()
+                tokens_per_s = self.tokens_per_step / last_step_time  # the whole job's
+                record = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                          "tokens_per_s": tokens_per_s,
+                          "mfu": tokens_per_s * self.flops_per_token / (self.peak_flops * self.dims.world_size),
+                          "step_time_s": last_step_time, "tokens": self.step * self.tokens_per_step,
+                          "peak_memory_gb": peak_memory_gb(self.device), "time": time.time()}
+                if skipped:
+                    record["skipped"] = skipped
+                metrics.write(record)
+                display.step(record)
+                if skipped and self.on_skipped_update(skipped, loss, grad_norm, metrics, display):
+                    watchdog.beat("a step after the rollback")
+                    continue  # back at a checkpointed step: nothing to evaluate or save
+
+                at_end = self.step >= t.max_steps
+                if self.step % t.eval_every == 0 and not at_end:
+                    val = self.evaluate()
+                    metrics.write({"step": self.step, "val_loss": val[0], "val_bpb": val[1]})
+                    display.message(f"step {self.step}: val loss {val[0]:.4f}, {val[1]:.4f} bits/byte")
                     watchdog.beat()
-                    tokens_per_s = self.tokens_per_step / last_step_time  # the whole job's
-                    record = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                              "tokens_per_s": tokens_per_s,
-                              "mfu": tokens_per_s * self.flops_per_token / (self.peak_flops * self.dims.world_size),
-                              "step_time_s": last_step_time, "tokens": self.step * self.tokens_per_step,
-                              "peak_memory_gb": peak_memory_gb(self.device), "time": time.time()}
-                    if skipped:
-                        record["skipped"] = skipped
-                    metrics.write(record)
-                    display.step(record)
-                    if skipped and self.on_skipped_update(skipped, loss, grad_norm, metrics, display):
-                        watchdog.beat("a step after the rollback")
-                        continue  # back at a checkpointed step: nothing to evaluate or save
+                stopped_by = self.should_stop(stop, last_step_time, start_step) or "max_steps"
+                if stopped_by != "max_steps" or at_end:
+                    break
+                if self.step % t.checkpoint_every == 0:
+                    self.spent["checkpoints"] += self.save_checkpoint()
+                    watchdog.beat()
 
-                    at_end = self.step >= t.max_steps
-                    if self.step % t.eval_every == 0 and not at_end:
-                        val = self.evaluate()
-                        metrics.write({"step": self.step, "val_loss": val[0], "val_bpb": val[1]})
-                        display.message(f"step {self.step}: val loss {val[0]:.4f}, {val[1]:.4f} bits/byte")
-                        watchdog.beat()
-                    stopped_by = self.should_stop(stop, started, last_step_time, start_step) or "max_steps"
-                    if stopped_by != "max_steps" or at_end:
-                        break
-                    if self.step % t.checkpoint_every == 0:
-                        self.save_checkpoint()
-                        watchdog.beat()
-
-                display.close()
-                if stopped_by in PREEMPTION_SIGNALS:
-                    display.message(f"{stopped_by}: saving a checkpoint at step {self.step}, then exiting for a requeue")
-                watchdog.beat("the final checkpoint")
+            display.close()
+            if stopped_by in PREEMPTION_SIGNALS:
+                display.message(f"{stopped_by}: saving a checkpoint at step {self.step}, then exiting for a requeue")
+            watchdog.beat("the final checkpoint")
+            with self.timed("checkpoints"):
                 if self.step > start_step or not resumed:
                     self.final_checkpoint()
                 else:
                     self.checkpointer.wait()
-                if stopped_by in ("max_steps", "time_limit"):
-                    watchdog.beat("the final evaluation")
-                    val = self.evaluate()
-                    metrics.write({"step": self.step, "val_loss": val[0], "val_bpb": val[1]})
-                    if self.is_main:
-                        self.write_samples()
+            # The run is finished once its final checkpoint is committed; a signal before that stops it as documented.
+            stopped_by = self.agree(stop.received) or stopped_by
+            if stopped_by in ("max_steps", "time_limit"):
+                watchdog.beat("the final evaluation")
+                val, cut_by = self.end_of_run(stop, metrics)
         finally:
             self.checkpointer.close()
-        self.event({"event": "stop", "step": self.step, "reason": stopped_by})
         metrics.close()
-        self.events.close()
         if self.is_main:
-            plot_run(self.run_dir)
+            self.draw_plots(stop, cut_by)
+        spent = self.time_spent()
+        self.event({"event": "stop", "step": self.step, "reason": stopped_by, "cut_short_by": cut_by,
+                    "time_spent": spent})
+        self.events.close()
         message = f"stopped by {stopped_by} at step {self.step}"
         if val[0] is not None:
             message += f"; val loss {val[0]:.4f}, {val[1]:.4f} bits/byte"
+        if cut_by:
+            message += f"; {cut_by} cut the end short"
+        message += "; time " + ", ".join(f"{name.replace('_', '/')} {s:.1f} s" for name, s in spent.items())
         display.message(message + f"; run directory {self.run_dir}")
         return TrainResult(self.run_dir, self.step, stopped_by, loss, *val)
+
+    def end_of_run(self, stop: StopSignal, metrics: MetricsFile) -> tuple[tuple, str | None]:
+        """The optional work of a finished run: the final evaluation and samples, as much as the
+        time limit leaves room for. A signal now cuts it short and drops a partial evaluation.
+        Returns the evaluation and what cut the end short (a signal, time_limit or None)."""
+        cut_by = None
+
+        def cut(next_s: float) -> bool:  # agreed by every rank, as evaluate() needs
+            nonlocal cut_by
+            late = "time_limit" if time.time() + next_s > self.deadline else None
+            cut_by = cut_by or self.agree(stop.received or late)
+            return cut_by is not None
+
+        batches, samples = self.end_plan()
+        val = (None, None)
+        if not cut(self.costs.eval_batch_s):
+            val = self.evaluate(batches, cut)
+            if cut_by in (None, "time_limit"):  # a partial evaluation stands for its first batches
+                metrics.write({"step": self.step, "val_loss": val[0], "val_bpb": val[1],
+                               "val_batches": self.eval_batches_done})
+            else:
+                val = (None, None)
+        self.write_samples(samples, cut)
+        return val, cut_by
+
+    def draw_plots(self, stop: StopSignal, cut_by: str | None) -> None:
+        """loss.png and throughput.png, unless a signal or the time limit has cut the end short
+        (`gigatrain report RUN` draws them later)."""
+        if cut_by or stop.received or time.time() > self.deadline:
+            return
+        with self.timed("samples_plots"):
+            plot_run(self.run_dir)
+
+    def time_spent(self) -> dict:
+        """Seconds of this process by phase; training is what the others leave."""
+        total = time.time() - self.started_at
+        spent = {name: round(s, 2) for name, s in self.spent.items()}
+        return {"total": round(total, 2), "training": round(total - sum(self.spent.values()), 2), **spent}
 
     def on_skipped_update(self, reason: str, loss: float, grad_norm: float, metrics: MetricsFile,
                           display: ProgressDisplay) -> bool:
@@ -484,6 +673,12 @@ class Trainer:
                 # writes plots can abort inside gloo. (After an error, peers may never come.)
                 torch.distributed.barrier()
             torch.distributed.destroy_process_group()
+        self.release_run_dir()
+
+    def release_run_dir(self) -> None:
+        """Let the next trainer have the run directory (ending the process does the same)."""
+        if self.lock is not None:
+            self.lock.release()
 
     def run_info(self) -> dict:
         return {
@@ -518,20 +713,22 @@ def resolve_run_config(config_path: str | None, overrides: list[str]) -> Config:
     return resumed
 
 
-def train(cfg: Config) -> TrainResult:
+def train(cfg: Config, started_at: float | None = None) -> TrainResult:
     group_before = torch.distributed.is_initialized()
     try:
-        trainer = Trainer(cfg)
+        trainer = Trainer(cfg, started_at)
     except BaseException:
         # E.g. bad data found after the process group exists: leave it cleanly, so the
         # process ends with its error line and exit code rather than an abort in gloo.
         if torch.distributed.is_initialized() and not group_before:
             torch.distributed.destroy_process_group()
         raise
-    try:
-        result = trainer.run()
-    except BaseException:
-        trainer.close(clean=False)
-        raise
-    trainer.close()
+    # From the first step until the trainer has closed: see StopSignal.
+    with StopSignal() as stop:
+        try:
+            result = trainer.run(stop)
+        except BaseException:
+            trainer.close(clean=False)
+            raise
+        trainer.close()
     return result

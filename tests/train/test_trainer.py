@@ -2,14 +2,18 @@
 
 import json
 import math
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
-from helpers import TINY, final_weights
+from helpers import REPO, TINY, final_weights, step_values, write_corpus
 from gigatrain.checkpoint import dcp as checkpoint
 from gigatrain.config import ConfigError
 from gigatrain.metrics.logger import read_metrics
+from gigatrain.train.schedule import lr_at
 from gigatrain.train.trainer import Trainer, resolve_run_config, train
 
 
@@ -75,7 +79,7 @@ def test_keeps_last_k_checkpoints(tmp_path, byte_data):
 
 def test_time_limit_ends_with_checkpoint_and_eval(tmp_path, byte_data):
     run_dir = tmp_path / "run"
-    result = train(config(run_dir, byte_data, "--train.max_steps=100000", "--train.time_limit_s=2"))
+    result = train(config(run_dir, byte_data, "--train.max_steps=100000", "--train.time_limit_s=4"))
     assert result.stopped_by == "time_limit" and 0 < result.step < 100000
     assert checkpoint.latest(run_dir / "checkpoints").name == f"step_{result.step:08d}"
     assert read_metrics(run_dir / "metrics.jsonl")[-1]["val_bpb"] == pytest.approx(result.val_bpb)
@@ -126,3 +130,92 @@ def test_compiled_training_matches_eager_and_checkpoints_plain_names(tmp_path, b
     assert compiled.val_loss == pytest.approx(eager.val_loss, rel=1e-4)
     weights = final_weights(tmp_path / "compiled")  # strict load into an uncompiled model
     assert all("_orig_mod" not in name for name in weights)
+
+
+def test_raising_max_steps_continues_at_the_final_rate_unless_a_new_horizon_is_set(tmp_path, byte_data):
+    run_dir = tmp_path / "run"
+    first = config(run_dir, byte_data, "--train.max_steps=6")
+    train(first)
+    train(resolve_run_config(None, [f"--run.dir={run_dir}", "--train.max_steps=9"]))
+    lrs = step_values(run_dir, "lr")
+    floor = first.train.lr * first.train.min_lr_ratio
+    assert lrs[6] == pytest.approx(floor)
+    assert [lrs[s] for s in (7, 8, 9)] == pytest.approx([floor] * 3)  # not re-stretched over 9 steps
+    # train.schedule_steps is the explicit way to decay again, over a new horizon.
+    redecay = resolve_run_config(None, [f"--run.dir={run_dir}", "--train.max_steps=12", "--train.schedule_steps=12"])
+    train(redecay)
+    lrs = step_values(run_dir, "lr")
+    assert [lrs[s] for s in (10, 11, 12)] == pytest.approx([lr_at(s, redecay.train, 12) for s in (10, 11, 12)])
+    assert lrs[10] > floor
+
+
+@pytest.fixture(scope="module")
+def large_val_data(tmp_path_factory, corpus):
+    """A validation split larger than the training split: a full evaluation takes seconds."""
+    from gigatrain.data.prepare import prepare
+
+    val = write_corpus(tmp_path_factory.mktemp("large_val") / "val", n_files=40, offset=30)
+    out = tmp_path_factory.mktemp("data") / "large_val"
+    prepare([str(corpus)], out, val_sources=[str(val)], tokenizer="byte")
+    return out
+
+
+def test_time_limit_covers_the_whole_run_and_caps_an_expensive_final_evaluation(tmp_path, large_val_data):
+    """The final evaluation alone takes longer than the slack; the run still ends on time,
+    with an evaluation over the batches that fit, and says where the time went."""
+    limit, slack = 10, 2.0  # slack: the plots, and closing the run
+    run_dir = tmp_path / "run"
+    cfg = config(run_dir, large_val_data, "--train.max_steps=100000", f"--train.time_limit_s={limit}",
+                 "--model.d_model=128", "--train.eval_every=100000", "--train.eval_batches=100000")
+    started = time.time()
+    result = train(cfg)
+    assert time.time() - started < limit + slack
+    assert result.stopped_by == "time_limit" and result.val_loss is not None
+    final_eval = read_metrics(run_dir / "metrics.jsonl")[-1]
+    assert 1 <= final_eval["val_batches"] < 100
+    stop = read_metrics(run_dir / "events.jsonl")[-1]
+    spent = stop["time_spent"]
+    assert set(spent) == {"total", "startup", "training", "checkpoints", "evaluation", "samples_plots"}
+    assert spent["training"] > 0 and spent["evaluation"] > 0
+    assert sum(spent.values()) - spent["total"] == pytest.approx(spent["total"], abs=0.05)
+
+
+# Runs the CLI and sends the trainer a real signal at a chosen point of its end: before the final
+# checkpoint is committed, during the final evaluation (after the commit), or while the plots are drawn.
+SIGNAL_AT = """
+import os, signal, sys
+from gigatrain import cli
+from gigatrain.train import trainer
+
+when, name, args = sys.argv[1], sys.argv[2], sys.argv[3:]
+send = lambda: os.kill(os.getpid(), getattr(signal, name))
+final_checkpoint, evaluate, plot_run = trainer.Trainer.final_checkpoint, trainer.Trainer.evaluate, trainer.plot_run
+if when == "before_commit":
+    trainer.Trainer.final_checkpoint = lambda self: (send(), final_checkpoint(self))
+elif when == "final_eval":
+    trainer.Trainer.evaluate = lambda self, *args, **kwargs: (send(), evaluate(self, *args, **kwargs))[1]
+else:
+    trainer.plot_run = lambda run_dir: (send(), plot_run(run_dir))[1]
+sys.exit(cli.run(args))
+"""
+
+
+@pytest.mark.parametrize("when, name, code", [("before_commit", "SIGTERM", 75), ("final_eval", "SIGINT", 0),
+                                               ("plots", "SIGTERM", 0)])
+def test_a_signal_after_the_final_commit_cuts_the_end_short_and_exits_0(tmp_path, byte_data, when, name, code):
+    run_dir = tmp_path / "run"
+    args = ["train", *TINY, "--train.device=cpu", f"--data.path={byte_data}", f"--run.dir={run_dir}",
+            "--train.max_steps=4", "--train.eval_every=100000", "--train.eval_batches=8"]
+    result = subprocess.run([sys.executable, "-c", SIGNAL_AT, when, name, *args], cwd=REPO, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == code, result.stderr[-3000:]
+    assert checkpoint.latest(run_dir / "checkpoints").name == "step_00000004"
+    stop = read_metrics(run_dir / "events.jsonl")[-1]
+    evaluated = any("val_loss" in r for r in read_metrics(run_dir / "metrics.jsonl"))
+    if when == "before_commit":  # as documented: a checkpoint, no final evaluation, exit 75
+        assert stop["reason"] == name and not evaluated
+    elif when == "final_eval":  # the run is finished: the evaluation is cut short and dropped, exit 0
+        assert stop["reason"] == "max_steps" and stop["cut_short_by"] == name and not evaluated
+        assert f"{name} cut the end short" in result.stdout
+    else:  # the plots were under way: they finish, exit 0
+        assert stop["reason"] == "max_steps" and evaluated and (run_dir / "loss.png").exists()
