@@ -171,7 +171,3 @@ class FaultPlan:
         if fault:
             self._fire(fault, step)
         return fault is not None
-
-
-def disk_full(path: Path) -> OSError:
-    return OSError(errno.ENOSPC, f"No space left on device (injected by {ENV})", str(path))
