@@ -274,7 +274,11 @@ class Trainer:
         saved has none: its tensors' shapes are still checked as it loads."""
         if "identity" not in state:
             return
-        differences = rundir.identity_differences(state["identity"], self.identity, self.cfg.data.allow_change)
+        try:
+            differences = rundir.identity_differences(state["identity"], self.identity, self.cfg.data.allow_change)
+        except (KeyError, TypeError, AttributeError) as err:  # damaged like any unreadable file: an older one may do
+            raise checkpoint.CheckpointError(f"its {checkpoint.STATE_FILE} holds a malformed identity "
+                                             f"({type(err).__name__}: {err})") from None
         if differences:
             raise checkpoint.CheckpointMismatch(f"cannot resume {self.run_dir} from {path.name}: " + "; ".join(differences))
 

@@ -9,10 +9,12 @@ import shutil
 import pytest
 import torch
 
+from helpers import TINY, rehash, run_cli
 from gigatrain.checkpoint import dcp as checkpoint
 from gigatrain.fault.inject import FaultPlan, parse
 from gigatrain.models.presets import get_preset
 from gigatrain.models.transformer import Transformer
+from gigatrain.train.trainer import resolve_run_config, train
 
 
 def model_and_optimizer(seed: int):
@@ -175,14 +177,6 @@ class WritesMarker:
         return open, (self.marker, "w")
 
 
-def rehash(folder):
-    """What a tamperer does to pass verification: a manifest that matches the files."""
-    manifest = json.loads((folder / checkpoint.MANIFEST_FILE).read_text())
-    for name in manifest["files"]:
-        manifest["files"][name] = {"bytes": (folder / name).stat().st_size, "sha256": checkpoint.sha256_file(folder / name)}
-    (folder / checkpoint.MANIFEST_FILE).write_text(json.dumps(manifest))
-
-
 def test_a_metadata_that_would_run_code_is_refused(two_checkpoints, tmp_path):
     directory, first, _ = two_checkpoints
     folder, marker = directory / "step_00000002", tmp_path / "marker"
@@ -241,8 +235,6 @@ def test_another_model_is_a_mismatch_naming_the_tensors_not_damage(two_checkpoin
 
 
 def test_a_full_disk_at_the_final_checkpoint_exits_5_naming_the_device(tmp_path, byte_data):
-    from helpers import TINY, run_cli
-
     run_dir = tmp_path / "run"
     result = run_cli("train", *TINY, f"--run.dir={run_dir}", f"--data.path={byte_data}", "--train.max_steps=2",
                      env={"GIGATRAIN_FAULT": "ckpt_fail:step=2"})
@@ -256,9 +248,6 @@ def test_a_full_disk_at_the_final_checkpoint_exits_5_naming_the_device(tmp_path,
 
 
 def test_gigatrain_eval_refuses_a_checkpoint_that_would_run_code(tmp_path, byte_data, heldout):
-    from helpers import TINY, run_cli
-    from gigatrain.train.trainer import resolve_run_config, train
-
     run_dir, marker = tmp_path / "run", tmp_path / "marker"
     train(resolve_run_config(None, [*TINY, f"--run.dir={run_dir}", f"--data.path={byte_data}", "--train.max_steps=1"]))
     folder = checkpoint.latest(run_dir / "checkpoints")

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from helpers import TINY, run_cli, write_corpus
+from helpers import TINY, rehash, run_cli, write_corpus
 from gigatrain.checkpoint import dcp as checkpoint
 from gigatrain.data.prepare import prepare
 from gigatrain.train.trainer import resolve_run_config, train
@@ -68,3 +68,14 @@ def test_the_tokenizer_never_changes(tmp_path, byte_data, bpe_data):
     assert "the tokenizer differs (byte, 256 tokens" in message and "-> bpe, 512 tokens" in message
     assert "a run cannot change its tokenizer; start a new run with --run.dir=<new dir>" in message
     assert "the data differs" not in message  # allowed; the tokenizer is not
+
+
+def test_a_malformed_identity_is_damage_not_a_crash(tmp_path, byte_data):
+    run_dir = tmp_path / "run"
+    start(run_dir, byte_data)
+    folder = checkpoint.latest(run_dir / "checkpoints")
+    state = json.loads((folder / "trainer_state.json").read_text())
+    (folder / "trainer_state.json").write_text(json.dumps({**state, "identity": {"model": 1}}))
+    rehash(folder)
+    with pytest.raises(checkpoint.CheckpointError, match="no loadable checkpoint .* damaged or refused"):
+        resume(run_dir)
