@@ -12,7 +12,6 @@ differently fires anew, and deleting its record re-arms it.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re

@@ -16,6 +16,7 @@ import torch
 
 from gigatrain.checkpoint import dcp as checkpoint
 from gigatrain.config import Config, ConfigError, from_dict, to_dict, to_toml
+from gigatrain.data.loader import TokenData
 from gigatrain.data.tokenizers import load_tokenizer
 from gigatrain.models.transformer import ModelArgs, Transformer
 from gigatrain.paths import write_atomic
@@ -102,7 +103,7 @@ def model_args_dict(args: ModelArgs) -> dict:
     return dataclasses.asdict(args)
 
 
-def identity(args: ModelArgs, data) -> dict:
+def identity(args: ModelArgs, data: TokenData) -> dict:
     """What a run's checkpoints must be resumed with (saved in each one's trainer state): the
     model's shape (max_seq_len aside: it sizes rotary tables that are computed, not saved), the
     tokenizer (by content) and the data (by its shards' checksums, wherever it lies)."""
