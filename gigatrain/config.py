@@ -48,6 +48,7 @@ class DataConfig:
     vocab_size: int = 4096  # default corpus with a BPE tokenizer
     seq_len: int = 256
     verify: bool = True  # check shard checksums when opening the data
+    allow_change: bool = False  # resume on other data than the checkpoint's, once (not saved with the run)
 
 
 @dataclass

@@ -87,3 +87,16 @@ def run_group(command: list[str], timeout: float, env: dict | None = None) -> su
 
 TINY = ["--model.preset=tiny", "--data.seq_len=64", "--train.batch_size=8", "--train.eval_batches=2",
         "--train.samples=0", "--train.progress=plain", "--train.warmup_steps=2"]
+
+
+def rehash(checkpoint_folder: Path) -> None:
+    """What a tamperer does to pass verification: rewrite a checkpoint's manifest to match its files."""
+    import json
+
+    from gigatrain.checkpoint.dcp import MANIFEST_FILE, sha256_file
+
+    manifest = json.loads((checkpoint_folder / MANIFEST_FILE).read_text())
+    for name in manifest["files"]:
+        path = checkpoint_folder / name
+        manifest["files"][name] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    (checkpoint_folder / MANIFEST_FILE).write_text(json.dumps(manifest))

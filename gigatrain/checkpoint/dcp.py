@@ -15,15 +15,23 @@ Layout of a run's checkpoints::
 A checkpoint is written into a temporary folder, checksummed, renamed into place once whole,
 and only then named in ``latest``; a crash or a full disk at any point leaves the previous
 checkpoint intact. Loading verifies the checksums and falls back to the previous checkpoint
-if the newest is damaged. DCP files hold tensors only, so loading never unpickles an arbitrary
-object, and they reshard: a checkpoint saved under one layout loads under another.
+if the newest is damaged; a checkpoint without a manifest is never loaded.
+
+Checkpoints are untrusted input (a copy from elsewhere can carry a rehashed manifest). DCP
+pickles its `.metadata`; it is read here with an unpickler that admits only the classes DCP
+metadata is made of, so loading cannot run code, and a checkpoint that names anything else,
+declares a non-tensor item or points outside its folder is refused. Tensors are read with
+torch.load(weights_only=True). DCP files reshard: a checkpoint saved under one layout loads
+under another.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import sys
 import time
@@ -35,8 +43,10 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -54,6 +64,16 @@ TMP_PREFIX = ".tmp-"
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read; the message names it."""
+
+
+class CheckpointRefused(CheckpointError):
+    """A checkpoint whose metadata holds what gigatrain never writes (code, non-tensor items,
+    files outside its folder): tampered with or foreign. Never loaded."""
+
+
+class CheckpointMismatch(CheckpointError):
+    """A sound checkpoint of another model or other data than the one asked to load it: a
+    mistake in the command, not damage, so no older checkpoint is tried instead."""
 
 
 # DCP warns that it assumes one process when no process group exists; that is the intent.
@@ -146,7 +166,8 @@ def verify(folder: Path, group=None) -> str | None:
         manifest = json.loads((folder / MANIFEST_FILE).read_text())
         expected = manifest["files"]
     except FileNotFoundError:
-        expected, problem = None, "legacy"
+        expected, problem = None, (f"{MANIFEST_FILE} is missing, so its files cannot be verified "
+                                   f"(gigatrain writes one with every checkpoint)")
     except (OSError, ValueError, KeyError, TypeError) as err:
         expected, problem = None, f"{MANIFEST_FILE} is unreadable ({err})"
     if expected is not None:
@@ -163,10 +184,68 @@ def verify(folder: Path, group=None) -> str | None:
             if problem:
                 break
     problems = [p for p in _gather(problem, group) if p]
-    if problems and all(p == "legacy" for p in problems):
-        return None  # written before manifests existed: nothing to check against
-    problems = [p for p in problems if p != "legacy"]
     return problems[0] if problems else None
+
+
+# Everything a .metadata written by DCP references (torch 2.11 to 2.13, any layout): data
+# classes, torch.Size, dtypes, a layout looked up by name and an enum. None of them can run code.
+_METADATA_GLOBALS = {
+    *(("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "TensorStorageMetadata", "ChunkStorageMetadata", "TensorProperties", "MetadataIndex",
+        "StorageMeta", "_MEM_FORMAT_ENCODING")),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch.serialization", "_get_layout"),
+    ("torch", "Size"),
+    ("pathlib", "PosixPath"),  # StorageMeta.checkpoint_id
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP metadata and nothing else: any other global is refused before it is looked up."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _METADATA_GLOBALS or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise CheckpointRefused(f".metadata references {module}.{name}, which DCP metadata never holds "
+                                f"(a tampered or foreign checkpoint); it was not loaded")
+
+
+def _check_metadata(metadata: object) -> Metadata:
+    """The metadata, if it is what gigatrain writes: tensors only, stored in files inside the folder."""
+    if not isinstance(metadata, Metadata) or not isinstance(metadata.state_dict_metadata, dict) \
+            or not isinstance(metadata.storage_data, dict) \
+            or not isinstance(getattr(metadata, "storage_meta", None), (StorageMeta, type(None))):
+        raise CheckpointRefused(f".metadata holds a {type(metadata).__name__}, not DCP metadata; it was not loaded")
+    for name, item in metadata.state_dict_metadata.items():
+        if not isinstance(item, TensorStorageMetadata):  # byte items are loaded with torch.load(weights_only=False)
+            raise CheckpointRefused(f".metadata declares {name!r} as a {type(item).__name__}; gigatrain checkpoints "
+                                    f"hold tensors only, so it was not loaded")
+    for index, info in metadata.storage_data.items():
+        file = getattr(info, "relative_path", None)
+        if not isinstance(index, MetadataIndex) or not isinstance(info, _StorageInfo) or not isinstance(file, str) \
+                or Path(file).name != file or not file.endswith(".distcp") or info.transform_descriptors:
+            raise CheckpointRefused(f".metadata stores {getattr(index, 'fqn', index)!r} in {file!r}, not in a plain "
+                                    f".distcp file of the checkpoint; it was not loaded")
+    return metadata
+
+
+class _SafeReader(FileSystemReader):
+    """DCP's file reader, but the metadata goes through _MetadataUnpickler and _check_metadata."""
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        rank = kwargs.get("rank")
+        path = Path(self.path) / (".metadata" if rank is None else f"__{rank}.metadata")
+        try:
+            with open(path, "rb") as file:
+                metadata = _check_metadata(_MetadataUnpickler(file).load())
+        except CheckpointRefused:
+            raise
+        except Exception as err:  # truncated, garbage: unpickling fails in many ways
+            raise CheckpointError(f".metadata is unreadable ({type(err).__name__}: {err})") from None
+        if getattr(metadata, "storage_meta", None) is None:  # as FileSystemReader does
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
 
 
 class CheckpointWriteError(CheckpointError):
@@ -193,6 +272,7 @@ class Checkpointer:
         self._pending: Future | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gigatrain-checkpoint") if async_save else None
         self.failures = 0
+        self.last_failure: str | None = None  # why the last failed save failed, in one line
 
     def save(self, step: int, parts: list[nn.Module], optimizers: list[torch.optim.Optimizer] | None,
              trainer_state: dict) -> float:
@@ -240,13 +320,13 @@ class Checkpointer:
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
 
-    def _writer(self, tmp: Path, step: int) -> FileSystemWriter:
+    def _writer(self, tmp: Path, step: int) -> _Writer:
         # A fresh writer per save: its blocking stager copies the state into host memory (any
         # torch from 2.11 on, DTensors included). Keeping one writer with its pinned copy cached
         # between saves failed on torch 2.11 ("unexpected pos" at the second save, on an H100).
         if self.faults is not None and self.faults.checkpoint_write_fails(step):
             return _FailingWriter(str(tmp))
-        return FileSystemWriter(str(tmp))
+        return _Writer(str(tmp))
 
     def _finish(self, upload: Future | None, step: int, tmp: Path, final: Path, trainer_state: dict,
                 started: float, stall: float | None, error: BaseException | None = None) -> bool:
@@ -264,18 +344,19 @@ class Checkpointer:
                     self.faults.during_save(step)
                 share = _hash_share(tmp, _checkpoint_files(tmp), self.group)
             except OSError as err:
-                share = f"{type(err).__name__}: {err}"
+                share = _describe(_named_if_disk_full(err, tmp))
         shares = _gather(share if error is None else _describe(error), self.group)
         failed = next((s for s in shares if isinstance(s, str)), None)
         if failed is None and _is_main():
             try:
                 self._commit(step, tmp, final, trainer_state, {k: v for s in shares for k, v in s.items()})
             except OSError as err:
-                failed = f"{type(err).__name__}: {err}"
+                failed = _describe(_named_if_disk_full(err, tmp))
         failed = _gather(failed, self.group)[0]  # rank 0's commit decides for all
         stall_s = stall if stall is not None else time.perf_counter() - started
         if failed is not None:
             self.failures += 1
+            self.last_failure = failed
             if _is_main():
                 shutil.rmtree(tmp, ignore_errors=True)
                 self.on_event({"event": "checkpoint_failed", "step": step, "error": failed, "stall_s": stall_s})
@@ -300,18 +381,58 @@ class Checkpointer:
         prune(self.directory, self.keep)
 
 
-class _FailingWriter(FileSystemWriter):
-    """GIGATRAIN_FAULT=ckpt_fail: the disk fills up once part of the checkpoint is written."""
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+class _Writer(FileSystemWriter):
+    """DCP's file writer, whose failures say when the disk is full. torch's zip writer reports
+    a short write as "unexpected pos 704 vs 598", the OSError(ENOSPC) behind it only in the
+    exception's context, which is lost when DCP gathers the ranks' failures; so it is named
+    here, on the rank where it happened."""
 
     def write_data(self, plan, planner):
-        from gigatrain.fault.inject import disk_full
+        try:
+            return super().write_data(plan, planner)
+        except Exception as err:
+            raise _named_if_disk_full(err, Path(self.path)) from err
 
-        super().write_data(plan, planner).wait()
-        written = sorted(Path(self.path).glob("*.distcp"))
-        if written:
-            with open(written[0], "r+b") as file:
-                file.truncate(written[0].stat().st_size // 2)
-        raise disk_full(Path(self.path))
+    def finish(self, metadata, results) -> None:
+        try:
+            super().finish(metadata, results)
+        except Exception as err:
+            raise _named_if_disk_full(err, Path(self.path)) from err
+
+
+class _FailingWriter(_Writer):
+    """GIGATRAIN_FAULT=ckpt_fail: the disk is full. This rank's data file is written into
+    /dev/full, which fails writes with ENOSPC as a full disk does, through torch's own writer."""
+
+    def write_data(self, plan, planner):
+        from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX
+
+        first_file = Path(self.path) / f"{plan.storage_data.prefix}0{DEFAULT_SUFFIX}"  # DCP's name for it
+        first_file.symlink_to("/dev/full")
+        return super().write_data(plan, planner)
+
+
+def _named_if_disk_full(err: BaseException, path: Path) -> BaseException:
+    """OSError(ENOSPC) naming the device and `path` if a full disk caused `err`, else `err`."""
+    cause = err
+    while cause is not None and not (isinstance(cause, OSError) and cause.errno in NO_SPACE):
+        cause = cause.__cause__ or cause.__context__
+    return err if cause is None else OSError(cause.errno, f"no space left on {device_of(path)}", str(path))
+
+
+def device_of(path: Path) -> str:
+    """The file system holding `path`, as `df` names it: its device and where it is mounted."""
+    path = Path(path).absolute()
+    mount = next((p for p in [path, *path.parents] if os.path.ismount(p)), Path("/"))
+    try:
+        with open("/proc/self/mounts") as mounts:
+            source = next((fields[0] for fields in map(str.split, mounts) if fields[1:2] == [str(mount)]), None)
+    except OSError:
+        source = None
+    return f"{source} mounted at {mount}" if source else str(mount)
 
 
 def _describe(err: BaseException) -> str:
@@ -319,6 +440,8 @@ def _describe(err: BaseException) -> str:
     if isinstance(err, CheckpointException):  # failures: rank -> (exception, stack)
         return "; ".join(f"rank {rank}: {_describe(failure[0] if isinstance(failure, tuple) else failure)}"
                          for rank, failure in sorted(err.failures.items()))
+    if isinstance(err, OSError) and err.errno in NO_SPACE and err.filename:  # named by _named_if_disk_full
+        return f"{err.strerror} ({err.filename})"
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
 
@@ -355,15 +478,18 @@ def latest(directory: Path) -> Path | None:
 
 
 def restore(directory: Path, parts: list[nn.Module], optimizers: list[torch.optim.Optimizer] | None = None,
-            report=print, group=None, repair: bool = True) -> tuple[Path, dict] | None:
+            report=print, group=None, repair: bool = True, check=None) -> tuple[Path, dict] | None:
     """Load the newest checkpoint that verifies, into `parts` (and `optimizers`); None if the
     run has none yet.
 
-    A damaged checkpoint is reported and the one before it is used. With `repair` (the
-    trainer, which owns the folder), partial checkpoints are removed and a damaged one is
+    A damaged or refused checkpoint is reported and the one before it is used. With `repair`
+    (the trainer, which owns the folder), partial checkpoints are removed and a damaged one is
     renamed corrupt-step_... (kept for inspection) once an older one has loaded; if none
     can be loaded, nothing is renamed and CheckpointError says so. Readers (eval, generate)
-    change nothing: a training run may be writing beside them.
+    change nothing: a training run may be writing beside them. `check(path, trainer_state)`,
+    if given, runs before any tensor is loaded and raises CheckpointMismatch to refuse it;
+    a mismatch (of `check` or of the tensors' shapes) ends the search: an older checkpoint
+    of the same run would not match either.
     """
     if repair and _is_main():
         for stale in partial(directory):
@@ -373,10 +499,14 @@ def restore(directory: Path, parts: list[nn.Module], optimizers: list[torch.opti
     candidates = list(reversed(committed(directory)))
     problems = []
     for i, path in enumerate(candidates):
-        problem = verify(path, group)
+        problem, verb = verify(path, group), "is damaged"
         if problem is None:
             try:
-                state = load(path, parts, optimizers)
+                state = load(path, parts, optimizers, check)
+            except CheckpointMismatch:
+                raise
+            except CheckpointRefused as err:
+                problem, verb = str(err), "was refused"
             except CheckpointError as err:
                 problem = str(err)
             else:
@@ -387,11 +517,11 @@ def restore(directory: Path, parts: list[nn.Module], optimizers: list[torch.opti
                 _barrier(group)
                 return path, state
         fallback = candidates[i + 1].name if i + 1 < len(candidates) else None
-        report(f"checkpoint {path} is damaged: {problem}; "
+        report(f"checkpoint {path} {verb}: {problem}; "
                + (f"falling back to {fallback}" if fallback else "no older checkpoint is left"))
         problems.append(path)
     if problems:
-        raise CheckpointError(f"no loadable checkpoint in {directory}: all {len(problems)} are damaged (see above); "
+        raise CheckpointError(f"no loadable checkpoint in {directory}: all {len(problems)} are damaged or refused (see above); "
                               f"restore one from a backup, or move {directory} away to train from scratch")
     return None
 
@@ -403,10 +533,16 @@ def read_trainer_state(path: Path) -> dict:
         raise CheckpointError(f"checkpoint {path} is unreadable ({err}); delete it to fall back to an older one") from None
 
 
-def load(path: Path, parts: list[nn.Module], optimizers: list[torch.optim.Optimizer] | None = None) -> dict:
+def load(path: Path, parts: list[nn.Module], optimizers: list[torch.optim.Optimizer] | None = None,
+         check=None) -> dict:
     """Load weights (and optimizer state and RNG, when optimizers are given) in place, whatever
-    the layout they were saved under; returns the trainer state saved with them."""
+    the layout they were saved under; returns the trainer state saved with them. `check`: as
+    for restore. The metadata is read safely and checked against the model before any tensor."""
     trainer_state = read_trainer_state(path)
+    if check is not None:
+        check(path, trainer_state)
+    reader = _SafeReader(str(path))
+    metadata = reader.read_metadata()
     # Each part's state dicts once: they name what DCP loads, and which names go back to which part.
     model_dicts = [get_model_state_dict(part) for part in parts]
     tensors = {"model": {name: t for own in model_dicts for name, t in own.items()}}
@@ -414,8 +550,9 @@ def load(path: Path, parts: list[nn.Module], optimizers: list[torch.optim.Optimi
         optimizer_dicts = [get_optimizer_state_dict(part, optimizer) for part, optimizer in zip(parts, optimizers)]
         tensors["optimizer"] = {name: state for full in optimizer_dicts for name, state in full["state"].items()}
         tensors["rng"] = {"torch_cpu": torch.get_rng_state()}
+    _check_shapes(path, metadata, tensors)
     try:
-        dcp.load(tensors, checkpoint_id=str(path))
+        dcp.load(tensors, checkpoint_id=str(path), storage_reader=reader)
     except (Exception, CheckpointException) as err:  # DCP raises many kinds; the user needs the path and the cause
         raise CheckpointError(f"cannot load checkpoint {path}: {_describe(err)}") from None
     for part, own in zip(parts, model_dicts):
@@ -426,3 +563,27 @@ def load(path: Path, parts: list[nn.Module], optimizers: list[torch.optim.Optimi
             set_optimizer_state_dict(part, optimizer, full)
         torch.set_rng_state(tensors["rng"]["torch_cpu"])
     return trainer_state
+
+
+def _check_shapes(path: Path, metadata: Metadata, tensors: dict) -> None:
+    """CheckpointMismatch naming what differs if the checkpoint's tensors are not the ones asked for
+    (another d_model, more layers): DCP would only fail halfway through loading, unhelpfully."""
+    stored = metadata.state_dict_metadata
+    wanted = dict(_flatten(tensors))
+    differences = [f"{name} is missing" if name not in stored else
+                   f"{name} is {list(stored[name].size)} there and {list(tensor.size())} here"
+                   for name, tensor in wanted.items() if name not in stored or stored[name].size != tensor.size()]
+    if differences:
+        more = f" (and {len(differences) - 3} more)" if len(differences) > 3 else ""
+        raise CheckpointMismatch(f"checkpoint {path} holds another model than this one: {'; '.join(differences[:3])}{more}; "
+                                 f"resume with the model settings it was trained with, or start a new run "
+                                 f"with --run.dir=<new dir>")
+
+
+def _flatten(tree: dict, prefix: str = ""):
+    """(name, tensor) pairs of nested dicts, named as DCP names them: keys joined by dots."""
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _flatten(value, f"{prefix}{key}.")
+        elif isinstance(value, torch.Tensor):
+            yield f"{prefix}{key}", value

@@ -12,7 +12,6 @@ differently fires anew, and deleting its record re-arms it.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
@@ -171,7 +170,3 @@ class FaultPlan:
         if fault:
             self._fire(fault, step)
         return fault is not None
-
-
-def disk_full(path: Path) -> OSError:
-    return OSError(errno.ENOSPC, f"No space left on device (injected by {ENV})", str(path))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import platform
@@ -20,6 +21,7 @@ import torch
 
 from gigatrain.checkpoint import dcp as checkpoint
 from gigatrain.config import Config, ConfigError, from_dict, to_dict, to_toml
+from gigatrain.data.loader import TokenData
 from gigatrain.data.tokenizers import load_tokenizer
 from gigatrain.models.transformer import ModelArgs, Transformer
 from gigatrain.paths import write_atomic
@@ -143,3 +145,36 @@ def _warn(message: str) -> None:
 
 def model_args_dict(args: ModelArgs) -> dict:
     return dataclasses.asdict(args)
+
+
+def identity(args: ModelArgs, data: TokenData) -> dict:
+    """What a run's checkpoints must be resumed with (saved in each one's trainer state): the
+    model's shape (max_seq_len aside: it sizes rotary tables that are computed, not saved), the
+    tokenizer (by content) and the data (by its shards' checksums, wherever it lies)."""
+    shape = {name: value for name, value in model_args_dict(args).items() if name != "max_seq_len"}
+    tokenizer_file = Path(data.path) / data.manifest["tokenizer"]["file"]  # a plain name: TokenData checked it
+    shards = {name: [shard["sha256"] for shard in split["shards"]] for name, split in sorted(data.manifest["splits"].items())}
+    return {"model": shape,
+            "tokenizer": {"kind": data.tokenizer.kind, "vocab_size": data.vocab_size,
+                          "sha256": checkpoint.sha256_file(tokenizer_file)},
+            "data": {"sha256": hashlib.sha256(json.dumps(shards).encode()).hexdigest(), "path": str(data.path)}}
+
+
+def identity_differences(saved: dict, current: dict, allow_data_change: bool) -> list[str]:
+    """What differs between a checkpoint's identity and this process's, each with its fix."""
+    new_run = "start a new run with --run.dir=<new dir>"
+    differences = []
+    model = [f"model.{name} {saved['model'].get(name)} -> {value}" for name, value in current["model"].items()
+             if saved["model"].get(name) != value]
+    if model:
+        differences.append(f"the model differs ({', '.join(model)}): drop those overrides to resume, or {new_run}")
+    old, new = saved["tokenizer"], current["tokenizer"]
+    if old != new:
+        differences.append(f"the tokenizer differs ({old['kind']}, {old['vocab_size']} tokens, sha256 {old['sha256'][:12]} -> "
+                           f"{new['kind']}, {new['vocab_size']} tokens, sha256 {new['sha256'][:12]}): a run cannot change "
+                           f"its tokenizer; {new_run}")
+    old, new = saved["data"], current["data"]
+    if old["sha256"] != new["sha256"] and not allow_data_change:
+        differences.append(f"the data differs ({old['path']} -> {new['path']}, other shards): to continue on it on "
+                           f"purpose pass --data.allow_change=true, or {new_run}")
+    return differences

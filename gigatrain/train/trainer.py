@@ -22,6 +22,7 @@ import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -287,7 +288,12 @@ class Trainer:
     def trainer_state(self) -> dict:
         return {"step": self.step, "loader": self.loader.state_dict(), "train_time_s": self.train_time_s,
                 "tokens_seen": self.step * self.tokens_per_step, "layout": self.layout(),
-                "schedule_steps": self.schedule_steps}
+                "schedule_steps": self.schedule_steps, "identity": self.identity}
+
+    @cached_property
+    def identity(self) -> dict:
+        """The model shape, tokenizer and data a resume must match (rundir.identity)."""
+        return rundir.identity(self.model_args, self.data)
 
     def layout(self) -> dict:
         return {axis: getattr(self.dims, axis) for axis in AXES}
@@ -303,22 +309,42 @@ class Trainer:
         self.save_checkpoint()
         if not self.checkpointer.wait():
             raise checkpoint.CheckpointWriteError(
-                f"the checkpoint at step {self.step} could not be written (see the warning above); "
+                f"the checkpoint at step {self.step} could not be written ({self.checkpointer.last_failure}); "
                 f"the run can resume from the previous one once the storage is fixed")
         if self.checkpointer.async_save:
             self.event({"event": "final_checkpoint_wait", "step": self.step, "wait_s": time.perf_counter() - started})
 
     def resume(self) -> bool:
         restored = checkpoint.restore(self.checkpoint_dir, self.parallel.parts, self.optimizers,
-                                      report=self.report, group=self.checkpointer.group)
+                                      report=self.report, group=self.checkpointer.group, check=self.check_identity)
+        # A one-time switch: config.json, written next, keeps it false, so that a later resume
+        # on yet other data is refused again.
+        self.cfg.data.allow_change = False
         if restored is None:
             return False
         state = restored[1]
         self.step = state["step"]
         self.train_time_s = state.get("train_time_s", 0.0)
         self.schedule_steps = schedule_horizon(self.cfg.train, state.get("schedule_steps"))
-        self.loader.load_state_dict(state["loader"])
+        trained_on = state.get("identity", {}).get("data")
+        if trained_on is None or trained_on["sha256"] == self.identity["data"]["sha256"]:
+            self.loader.load_state_dict(state["loader"])
+        # else other data, as data.allow_change asked: its position means nothing there; read it from the start
         return True
+
+    def check_identity(self, path: Path, state: dict) -> None:
+        """Refuse to resume checkpoint `path` with another model, tokenizer or data than it was
+        trained with (before any tensor is loaded). A checkpoint written before identities were
+        saved has none: its tensors' shapes are still checked as it loads."""
+        if "identity" not in state:
+            return
+        try:
+            differences = rundir.identity_differences(state["identity"], self.identity, self.cfg.data.allow_change)
+        except (KeyError, TypeError, AttributeError) as err:  # damaged like any unreadable file: an older one may do
+            raise checkpoint.CheckpointError(f"its {checkpoint.STATE_FILE} holds a malformed identity "
+                                             f"({type(err).__name__}: {err})") from None
+        if differences:
+            raise checkpoint.CheckpointMismatch(f"cannot resume {self.run_dir} from {path.name}: " + "; ".join(differences))
 
     def event(self, record: dict) -> None:
         """One line of events.jsonl (rank 0): restarts, checkpoints, faults. Never truncated."""

@@ -85,11 +85,11 @@ def test_failed_and_killed_checkpoint_writes_leave_the_previous_one(tmp_path, by
     result = train_2proc(byte_data, run_dir, "--train.checkpoint_every=3",
                          fault="ckpt_fail:step=6:rank=1;kill:step=9:at=save", restarts=1)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "checkpoint at step 6 was not written (rank 1: OSError: [Errno 28] No space left on device" in result.stderr
+    assert "checkpoint at step 6 was not written (rank 1: no space left on " in result.stderr
     assert "removing .tmp-step_00000009: a checkpoint whose writer stopped before committing it" in result.stderr
     assert "resumed at step 3" in result.stdout
     failed, = events(run_dir, "checkpoint_failed")
-    assert failed["step"] == 6 and "No space left on device" in failed["error"]
+    assert failed["step"] == 6 and "rank 1: no space left on " in failed["error"] and "unexpected pos" not in failed["error"]
     assert events(run_dir, "restart")[0]["step"] == 3
     assert not list((run_dir / "checkpoints").glob(".tmp-*"))
     assert_same_run(run_dir, reference)
