@@ -155,7 +155,7 @@ class Trainer:
         self.device = pick_device(t.device)
         self.dtype = pick_dtype(t.dtype, self.device)
         self.started_at = time.time()
-        self.owns_process_group = init_distributed(self.device)
+        self.owns_process_group = init_distributed(self.device, cfg.fault.startup_timeout_s, self.run_dir)
         self.mesh = self.dims.build_meshes(self.device.type) if self.dims.world_size > 1 else None
         self.is_main = is_main_process()
         self.faults = FaultPlan.from_env(self.run_dir, global_rank(), self.dims.world_size)
