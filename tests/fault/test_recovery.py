@@ -208,5 +208,7 @@ def test_bad_data_stops_every_rank_naming_the_file(tmp_path, byte_data, damage):
     result = train_2proc(data, tmp_path / "run")
     assert result.returncode != 0
     assert "exitcode: 2" in result.stderr
-    assert result.stderr.count(f"gigatrain: error: {expected}") == 2  # each rank says so, naming the file
+    printed = [line for line in result.stderr.splitlines() if line.startswith("gigatrain: error:")]
+    assert len(printed) == 1 and expected in printed[0]  # rank 0 says so for every rank, naming the file
+    assert f"traceback : gigatrain: error: {expected}" in result.stderr  # and torchrun's summary names it
     assert "[rank0]: Traceback" not in result.stderr and "[rank1]: Traceback" not in result.stderr

@@ -1,7 +1,7 @@
 """`gigatrain train` itself under torchrun: one node with two processes, two nodes (two
 torchrun agents meeting at a c10d rendezvous on 127.0.0.1), and a run started on two
 processes that resumes in one, continuing the same metrics file. Then the start-up itself:
-a restart in torchrun's shared store, and a start-up that cannot complete."""
+a restart in torchrun's shared store, a start-up that cannot complete, and a config error."""
 
 import json
 import os
@@ -136,3 +136,15 @@ def test_a_start_up_that_cannot_complete_ends_within_its_bound(tmp_path, byte_da
     stacks, = (run_dir / "stacks").glob(f"rank{rank}-*")
     assert "in start_namespace" in stacks.read_text()
 
+
+def test_a_config_error_under_torchrun_is_printed_once(tmp_path):
+    """Both ranks meet it; rank 0 prints it, and torchrun's summary names it as the root cause."""
+    result = run_group(torchrun("--standalone", "--nproc-per-node", "2", "-m", "gigatrain", "train", "configs/tiny.toml",
+                                "--parallel.tp=2", f"--run.dir={tmp_path / 'run'}"), timeout=180)
+    assert result.returncode == 1  # torchrun's code for any failed worker
+    error = "gigatrain: error: model.tie_embeddings=true cannot be tensor-parallel"
+    printed = [line for line in result.stderr.splitlines() if line.startswith("gigatrain: error:")]
+    assert len(printed) == 1 and printed[0].startswith(error), result.stderr
+    root_cause = result.stderr.split("Root Cause (first observed failure):")[1]
+    assert "rank      : 0 (local_rank: 0)" in root_cause and "exitcode  : 2" in root_cause
+    assert f"traceback : {error}" in root_cause
