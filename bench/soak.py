@@ -32,7 +32,7 @@ from gigatrain.fault.goodput import summarize  # noqa: E402
 from gigatrain.fault.inject import FIRED_DIR  # noqa: E402
 from gigatrain.train.rundir import load_run  # noqa: E402
 
-ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "OMP_NUM_THREADS": "1"}
+ENV = {"OMP_NUM_THREADS": "1"}
 
 
 def make_data(folder: Path) -> Path:

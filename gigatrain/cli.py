@@ -1,17 +1,23 @@
 """`gigatrain prepare|train|eval|generate|report|plan|launch`.
 
 User mistakes (a bad config key, a missing file, a corrupted shard) end with one
-line on stderr, `gigatrain: error: ...`, and exit code 2, never a traceback.
+line on stderr, `gigatrain: error: ...`, and exit code 2, never a traceback. Under
+torchrun that line comes once, from rank 0 (docs/launch.md, "When a run fails").
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 EXIT_USAGE = 2
+# How long a torchrun worker other than rank 0 waits, after an error, for torchrun to stop it
+# (rank 0, meeting the same error, reports it and exits) before it reports the error itself.
+DEFER_TO_RANK0_S = 10.0
 
 
 class UsageError(Exception):
@@ -23,9 +29,29 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
-def _fail(message: str) -> int:
-    print(f"gigatrain: error: {message}", file=sys.stderr)
-    return EXIT_USAGE
+def _fail(message: str, code: int = EXIT_USAGE) -> int:
+    _report(f"gigatrain: error: {message}")
+    return code
+
+
+def _report(line: str) -> None:
+    """Print an error line, and hand it to torchrun, which shows it in its failure summary.
+
+    Every torchrun worker meets the same config, usage or data error: rank 0 reports it, and
+    torchrun then stops the others, which wait for that and so stay silent. A worker still
+    running after DEFER_TO_RANK0_S reports its own error: it may be one that rank 0 did not meet."""
+    if "TORCHELASTIC_RUN_ID" in os.environ and os.environ.get("RANK", "0") != "0":
+        time.sleep(DEFER_TO_RANK0_S)
+    print(line, file=sys.stderr, flush=True)
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        # The layout of torch.distributed.elastic's ErrorHandler.record_exception, with the
+        # line in place of a Python traceback: torchrun's summary prints it as the traceback.
+        record = {"message": {"message": line, "extraInfo": {"py_callstack": line, "timestamp": str(int(time.time()))}}}
+        try:
+            Path(error_file).write_text(json.dumps(record))
+        except OSError:
+            pass  # the line is on stderr; torchrun's summary then says less
 
 
 # -- prepare --------------------------------------------------------------------------------
@@ -62,11 +88,9 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     try:
         result = train(cfg, started_at=process_start_time())  # train.time_limit_s covers the whole command
     except TrainingDiverged as err:
-        print(f"gigatrain: error: {err}", file=sys.stderr)
-        return EXIT_DIVERGED
+        return _fail(str(err), EXIT_DIVERGED)
     except CheckpointWriteError as err:
-        print(f"gigatrain: error: {err}", file=sys.stderr)
-        return EXIT_CHECKPOINT_WRITE
+        return _fail(str(err), EXIT_CHECKPOINT_WRITE)
     if result.stopped_by in PREEMPTION_SIGNALS:
         return EXIT_REQUEUE  # a checkpoint was saved: the launcher requeues the job to resume
     if result.stopped_by == "SIGINT":
@@ -284,7 +308,7 @@ def run(argv: list[str]) -> int:
             return cmd_launch(args, overrides, argv)
         return {"prepare": cmd_prepare, "eval": cmd_eval, "generate": cmd_generate, "report": cmd_report}[args.command](args)
     except UsageError as err:
-        print(f"{err}", file=sys.stderr)
+        _report(str(err))
         return EXIT_USAGE
     except (ConfigError, DataError, CheckpointError) as err:
         return _fail(str(err))

@@ -106,6 +106,7 @@ class FaultConfig:
     """Surviving failures: docs/fault-tolerance.md. Faults to rehearse come from GIGATRAIN_FAULT."""
 
     watchdog_s: float = 600.0  # no step, evaluation or checkpoint for this long: dump stacks, exit 3; 0: off
+    startup_timeout_s: float = 600.0  # bound on each phase of joining the process group: dump stacks, exit 3; 0: off
     loss_spike_factor: float = 3.0  # skip an update whose loss exceeds this times the recent mean; 0: off
     spike_window: int = 20  # good steps in the recent mean (the spike check starts once it is full)
     rollback_after: int = 3  # consecutive skipped updates that roll back to the last checkpoint
@@ -282,6 +283,7 @@ def validate(cfg: Config) -> None:
     _require(t.time_limit_s >= 0, f"train.time_limit_s={t.time_limit_s} is not valid; use 0 for no limit or a positive number of seconds")
     f = cfg.fault
     _require(f.watchdog_s >= 0, f"fault.watchdog_s={f.watchdog_s} is not valid; use 0 to disable the watchdog or a positive number of seconds")
+    _require(f.startup_timeout_s >= 0, f"fault.startup_timeout_s={f.startup_timeout_s} is not valid; use 0 for no bound or a positive number of seconds")
     _require(f.loss_spike_factor == 0 or f.loss_spike_factor > 1, f"fault.loss_spike_factor={f.loss_spike_factor} is not valid; use 0 to disable or a factor above 1 (e.g. 3)")
     for name in ("spike_window", "rollback_after"):
         _require(getattr(f, name) >= 1, f"fault.{name}={getattr(f, name)} is not valid; it must be at least 1")

@@ -106,8 +106,6 @@ def container(job: Job, kind: str, image: str, volumes: list[tuple[str, str]]) -
             "command": command(job, kind),
             "env": [{"name": "PYTHONUNBUFFERED", "value": "1"},
                     {"name": "OMP_NUM_THREADS", "value": "1"},
-                    # torchrun restarts must not read the previous workers' addresses (docs/fault-tolerance.md)
-                    {"name": "TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "value": "1"},
                     # On SIGTERM (eviction), torchrun waits this long for its workers' checkpoint.
                     {"name": "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "value": str(SHUTDOWN_S)}],
             "ports": [port],

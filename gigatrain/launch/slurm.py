@@ -111,9 +111,6 @@ head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
 export OMP_NUM_THREADS={max(1, cpus // job.procs_per_node)}
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT={SHUTDOWN_S}
 export PYTHONUNBUFFERED=1  # the log shows each step as it happens, and survives a killed process
-# torchrun --max-restarts: restarted workers must not find their predecessors' addresses in a
-# rendezvous store kept across restarts (docs/fault-tolerance.md).
-export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 echo "gigatrain: job $SLURM_JOB_ID (restart ${{SLURM_RESTART_COUNT:-0}}) on $SLURM_NNODES node(s) $SLURM_JOB_NODELIST; rendezvous on $head_node:{job.port}"
 
 # SIGTERM makes every trainer finish its step, save a checkpoint and exit {EXIT_REQUEUE}. SIGUSR1 is

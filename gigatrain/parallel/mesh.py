@@ -14,17 +14,25 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import time
+import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from gigatrain.config import Config, ConfigError
+from gigatrain.fault.watchdog import Watchdog
 from gigatrain.models.transformer import ModelArgs
 
 AXES = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 MULTI_STAGE_SCHEDULES = ("Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble")
+# Where rank 0 publishes the current start's store prefix (`start_namespace`), and the pauses
+# (about 2 s in all) between a rank's looks for rank 0's confirmation before it reads the key again.
+CURRENT_START_KEY = "gigatrain/current_start"
+CONFIRM_PAUSES_S = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 0.5, 0.5)
 
 
 def world_size() -> int:
@@ -211,11 +219,58 @@ def _pipeline_shape(cfg: Config, model_args: ModelArgs, local_batch: int) -> tup
     return stages_per_rank, microbatches
 
 
-def init_distributed(device: torch.device) -> bool:
+def init_distributed(device: torch.device, startup_timeout_s: float, run_dir: Path) -> bool:
     """Join torchrun's process group (NCCL on GPUs, gloo on CPUs) when there is more than one
-    process; returns whether this call created it (and so should destroy it)."""
+    process; returns whether this call created it (and so should destroy it).
+
+    Each start-up phase (the store, the namespace, the process group, a first barrier) must end
+    within `startup_timeout_s` (fault.startup_timeout_s; 0: no bound), or the start-up watchdog
+    writes every thread's stack to RUN_DIR/stacks/, prints which phase it waited for, and exits 3."""
     if world_size() == 1 or dist.is_initialized():
         return False
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+    watchdog = Watchdog(startup_timeout_s, run_dir, global_rank())
+    try:
+        watchdog.beat(f"start-up: the rendezvous store at {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}")
+        store, rank, size = next(dist.rendezvous("env://"))
+        watchdog.beat(f"start-up: all {size} processes to reach the rendezvous")
+        namespace = start_namespace(store, rank, size)
+        watchdog.beat(f"start-up: the {backend} process group to connect")
+        dist.init_process_group(backend, store=dist.PrefixStore(namespace, store), rank=rank, world_size=size,
+                                device_id=device if device.type == "cuda" else None)
+        watchdog.beat("start-up: the first barrier")
+        dist.barrier()
+    finally:
+        watchdog.stop()
     return True
+
+
+def start_namespace(store: dist.Store, rank: int, size: int) -> str:
+    """A store prefix that no earlier start of this job used, agreed by all its processes.
+
+    torchrun hosts the store and keeps it across its restarts (TCPStore sharing, the default
+    since PyTorch 2.5), and a process group writes its keys (each rank's address among them)
+    under the same names every time: a restarted process could read a dead predecessor's
+    address and fail (`Gloo connectFullMesh failed ... Connection refused`) or hang.
+    TORCHELASTIC_RESTART_COUNT cannot name the start: each node's torchrun counts only its
+    own restarts. So rank 0 draws a fresh name and publishes it; every other rank answers it
+    with a fresh nonce of its own, and takes the name once rank 0 has confirmed that nonce.
+    A rank that read an earlier start's name is never confirmed (torchrun stops every process
+    of a start before the next begins), and reads the name again. The process group, and every
+    group made from it (DeviceMesh, new_group), live under it."""
+    if rank == 0:
+        name = f"gigatrain/{uuid.uuid4().hex}"
+        store.set(CURRENT_START_KEY, name)
+        for peer in range(1, size):
+            nonce = store.get(f"{name}/hello/{peer}").decode()
+            store.set(f"gigatrain/confirmed/{nonce}", "1")
+        return name
+    nonce = uuid.uuid4().hex
+    while True:
+        name = store.get(CURRENT_START_KEY).decode()
+        store.set(f"{name}/hello/{rank}", nonce)
+        # Polled, not waited for: a timed-out wait leaves a TCPStore client unusable.
+        for pause in CONFIRM_PAUSES_S:
+            time.sleep(pause)
+            if store.check([f"gigatrain/confirmed/{nonce}"]):
+                return name

@@ -205,7 +205,7 @@ class Trainer:
         self.dims = parallel_dims(cfg, resolve_model_args(cfg))
         self.device = pick_device(t.device)
         self.dtype = pick_dtype(t.dtype, self.device)
-        self.owns_process_group = init_distributed(self.device)
+        self.owns_process_group = init_distributed(self.device, cfg.fault.startup_timeout_s, self.run_dir)
         self.is_main = is_main_process()
         # One trainer per run directory, settled before anything in it is read or written.
         self.lock = lock_run_dir_once(self.run_dir)

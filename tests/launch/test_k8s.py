@@ -202,8 +202,7 @@ def test_pytorchjob(capsys, tmp_path):
     assert container["name"] == "pytorch" and container["image"] == "registry.example/gigatrain:1.0"
     assert container["resources"] == {"limits": {"nvidia.com/gpu": 8}}
     assert {"name": "PYTHONUNBUFFERED", "value": "1"} in container["env"]
-    # Restarts must not reuse torchrun's rendezvous store; eviction leaves time to checkpoint.
-    assert {"name": "TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "value": "1"} in container["env"]
+    # Eviction leaves time to checkpoint.
     assert worker["template"]["spec"]["terminationGracePeriodSeconds"] > 100
     # The operator finds the rendezvous port by this port name; the command says the same.
     assert {"containerPort": 29500, "name": "pytorchjob-port"} in container["ports"]
