@@ -140,9 +140,9 @@ def test_a_start_up_that_cannot_complete_ends_within_its_bound(tmp_path, byte_da
 def test_a_config_error_under_torchrun_is_printed_once(tmp_path):
     """Both ranks meet it; rank 0 prints it, and torchrun's summary names it as the root cause."""
     result = run_group(torchrun("--standalone", "--nproc-per-node", "2", "-m", "gigatrain", "train", "configs/tiny.toml",
-                                "--parallel.tp=2", f"--run.dir={tmp_path / 'run'}"), timeout=180)
+                                "--parallel.tp=3", f"--run.dir={tmp_path / 'run'}"), timeout=180)
     assert result.returncode == 1  # torchrun's code for any failed worker
-    error = "gigatrain: error: model.tie_embeddings=true cannot be tensor-parallel"
+    error = "gigatrain: error: parallel.dp_shard=-1 cannot be inferred"
     printed = [line for line in result.stderr.splitlines() if line.startswith("gigatrain: error:")]
     assert len(printed) == 1 and printed[0].startswith(error), result.stderr
     root_cause = result.stderr.split("Root Cause (first observed failure):")[1]
