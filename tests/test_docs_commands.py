@@ -55,7 +55,7 @@ NOT_RUN = {
                "the JSON manifest",
     "tail": "follows the log of a running job",
 }
-KNOWN_PROGRAMS = {"gigatrain", "torchrun", "python", "python3", "export", *NOT_RUN}
+KNOWN_PROGRAMS = {"gigatrain", "torchrun", "python", "python3", "export", *NOT_RUN}  # that start a command block
 RUN_READERS = ("eval", "generate", "report")  # gigatrain commands whose first argument is a run directory
 
 
@@ -181,7 +181,8 @@ class Session:
         if not words:
             self.variables.update(env)  # NAME=value alone: a shell variable
             return ""
-        program, args = words[0], words[1:]
+        program, args = Path(words[0]).name or words[0], words[1:]  # /path/to/venv/bin/python is python
+        program = re.sub(r"^(python)3?(\.\d+)?$", r"\1", program)
         if program == "export":
             for word in args:
                 key, _, value = word.partition("=")
@@ -191,7 +192,7 @@ class Session:
             return self.gigatrain(args, env)
         if program == "torchrun":
             return self.torchrun(args, env)
-        if program in ("python", "python3"):
+        if program == "python":
             return self.python(args, env)
         if program == "sbatch":
             script = Path(args[-1])
