@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gigatrain.config import Config
 
 EXIT_USAGE = 2
 # How long a torchrun worker other than rank 0 waits, after an error, for torchrun to stop it
@@ -24,9 +29,25 @@ class UsageError(Exception):
     """Raised instead of argparse's exit, so every bad input ends the same way."""
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Each option's default after its help (unless it has none, is off, or the help already
+    says it); descriptions and epilogs (examples, the config keys) keep their line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if action.option_strings and "default" not in text and not (default is None or default is False or
+                                                                    default in ("", []) or default is argparse.SUPPRESS):
+            text += " (default: %(default)s)"
+        return text
+
+
 class Parser(argparse.ArgumentParser):
+    def __init__(self, *args, formatter_class=HelpFormatter, **kwargs):
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
     def error(self, message: str):
-        raise UsageError(f"{self.prog}: {message}")
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 
 def _fail(message: str, code: int = EXIT_USAGE) -> int:
@@ -52,6 +73,30 @@ def _report(line: str) -> None:
             Path(error_file).write_text(json.dumps(record))
         except OSError:
             pass  # the line is on stderr; torchrun's summary then says less
+
+
+def _integer(minimum: int, fix: str):
+    """An argparse type: an integer of at least `minimum`; `fix` says what to pass instead."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer; {fix}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is not valid; {fix}")
+        return value
+    return parse
+
+
+def _temperature(text: str) -> float:
+    fix = "use 0 (greedy: always the likeliest token) or a positive temperature such as 0.8"
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; {fix}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"{text} is not valid; {fix}")
+    return value
 
 
 # -- prepare --------------------------------------------------------------------------------
@@ -82,9 +127,15 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     from gigatrain.checkpoint.dcp import CheckpointWriteError
     from gigatrain.fault import EXIT_CHECKPOINT_WRITE, EXIT_DIVERGED, EXIT_REQUEUE, EXIT_SIGINT
     from gigatrain.fault.guard import TrainingDiverged
+    from gigatrain.parallel.mesh import world_size
     from gigatrain.train.trainer import PREEMPTION_SIGNALS, process_start_time, resolve_run_config, train
 
+    if args.world_size is not None and not args.dry_run:
+        raise UsageError(f"--world-size {args.world_size} applies to --dry-run only; a real run's world size is "
+                         f"torchrun's --nnodes x --nproc-per-node")
     cfg = resolve_run_config(args.config, overrides)
+    if args.dry_run:
+        return dry_run(cfg, args.world_size or world_size())
     try:
         result = train(cfg, started_at=process_start_time())  # train.time_limit_s covers the whole command
     except TrainingDiverged as err:
@@ -95,6 +146,46 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
         return EXIT_REQUEUE  # a checkpoint was saved: the launcher requeues the job to resume
     if result.stopped_by == "SIGINT":
         return EXIT_SIGINT
+    return 0
+
+
+def dry_run(cfg: Config, n_processes: int) -> int:
+    """`train --dry-run`: the checks the trainer makes before it starts (the config, the layout
+    for `n_processes`, the prepared data folder, GIGATRAIN_FAULT), and what it would run;
+    no process group, data preparation, model or run directory is made."""
+    from gigatrain.config import resolve_model_args
+    from gigatrain.data.loader import TokenData
+    from gigatrain.fault.inject import ENV, FaultPlan
+    from gigatrain.models.flops import param_counts
+    from gigatrain.parallel.mesh import AXES, global_rank, parallel_dims
+    from gigatrain.train import rundir
+
+    dims = parallel_dims(cfg, resolve_model_args(cfg), n_processes)
+    data = TokenData(Path(cfg.data.path), verify=False) if cfg.data.path else None
+    FaultPlan.from_env(cfg.run_dir, 0, n_processes)  # the faults to rehearse, checked against the world size
+    if global_rank() != 0:
+        return 0  # under torchrun, one report
+    model = resolve_model_args(cfg, vocab_size=data.vocab_size if data else None)
+    counts = param_counts(model)
+    t = cfg.train
+    local_batch = t.batch_size // dims.dp
+    resumed = "continues the run there" if rundir.saved_config(cfg.run_dir) is not None else "a new run"
+    lines = [
+        f"run        {cfg.run_dir} ({resumed})",
+        f"model      {cfg.model.preset}: {model.n_layers} layers, d_model {model.d_model}, {model.n_heads} heads "
+        f"({model.n_kv_heads} kv), {(counts.total - counts.embedding - counts.output) / 1e6:,.1f}M parameters "
+        f"besides the embeddings",
+        f"layout     {n_processes} process(es): " + " ".join(f"{axis}={getattr(dims, axis)}" for axis in AXES)
+        + (" (parallel.auto)" if cfg.parallel.auto else ""),
+        f"batch      {t.batch_size} x {cfg.data.seq_len} = {t.batch_size * cfg.data.seq_len:,} tokens per step; "
+        f"{local_batch} sequences per data-parallel rank in {dims.microbatches} micro-batch(es)",
+        f"data       " + (f"{data.path} (vocabulary {data.vocab_size:,})" if data else
+                          f"the default corpus ({cfg.data.tokenizer} tokenizer; prepared on first use)"),
+    ]
+    if os.environ.get(ENV):
+        lines.append(f"faults     {ENV}={os.environ[ENV]}")
+    print("\n".join(lines))
+    print(f"dry run: the config and layout are valid for {n_processes} process(es); nothing was trained")
     return 0
 
 
@@ -202,10 +293,15 @@ def _render_k8s(job, args: argparse.Namespace, argv: list[str]) -> tuple[str, st
 
 
 def _launch_parsers(sub) -> None:
+    # The config is for one GPU: on N x G GPUs the examples pass a global batch that splits into
+    # its micro-batches of 4 (tests/test_docs_commands.py runs them).
     p = sub.add_parser("launch", help="write a Slurm script or Kubernetes manifest for a multi-node run",
-                       epilog="examples: gigatrain launch slurm --nodes 4 --gpus-per-node 8 configs/llama3-1b-gpu.toml; "
-                              "gigatrain launch k8s --nodes 2 --gpus-per-node 8 --image REGISTRY/gigatrain:TAG "
-                              "configs/llama3-1b-gpu.toml | kubectl apply -f -")
+                       epilog="examples:\n"
+                              "  gigatrain launch slurm --nodes 4 --gpus-per-node 8 configs/llama3-1b-gpu.toml "
+                              "--train.batch_size=128\n"
+                              "  gigatrain launch k8s --nodes 2 --gpus-per-node 8 --image registry.example/gigatrain:1.0 "
+                              "--volume training-pvc:/mnt/train configs/llama3-1b-gpu.toml --train.batch_size=64 "
+                              "--run.dir=/mnt/train/runs/1b | kubectl apply -f -")
     targets = p.add_subparsers(dest="target", metavar="TARGET", parser_class=Parser, required=True)
 
     def common(target: Parser) -> None:
@@ -215,14 +311,15 @@ def _launch_parsers(sub) -> None:
         target.add_argument("--cpu", action="store_true", help="CPU processes instead of GPUs (gloo backend)")
         target.add_argument("--max-restarts", type=int, default=3, help="torchrun restarts of the workers after a failure")
         target.add_argument("--port", type=int, default=29500, help="TCP port of the c10d rendezvous on the first node")
-        target.add_argument("--job-name", default=None, help="default: gigatrain-<run.name>")
+        target.add_argument("--job-name", default=None, help="the job's name (default: gigatrain-<run.name>)")
 
     t = targets.add_parser("slurm", help="an sbatch script (default: <run_dir>/launch/slurm.sbatch)")
     common(t)
-    t.add_argument("--partition", default=None)
-    t.add_argument("--time", default=None, help="time limit, HH:MM:SS or D-HH:MM:SS; the job is requeued at its end")
+    t.add_argument("--partition", default=None, help="Slurm partition (default: the cluster's default)")
+    t.add_argument("--time", default=None, help="time limit, HH:MM:SS or D-HH:MM:SS; the job checkpoints and is "
+                                                 "requeued at its end (default: the partition's)")
     t.add_argument("--cpus-per-task", type=int, default=None, help="CPUs per node (default: 8 per GPU, 1 per CPU process)")
-    t.add_argument("--out", default=None, help="output file, - for stdout")
+    t.add_argument("--out", default=None, help="output file, - for stdout (default: <run.dir>/launch/slurm.sbatch)")
 
     t = targets.add_parser("k8s", help="a Kubernetes manifest: PyTorchJob or JobSet, plus a ConfigMap (JSON, to stdout)")
     common(t)
@@ -232,6 +329,26 @@ def _launch_parsers(sub) -> None:
     t.add_argument("--volume", action="append", default=[], metavar="CLAIM:PATH",
                    help="mount a PersistentVolumeClaim in every pod (for data.path and run.dir); repeatable")
     t.add_argument("--out", default=None, help="output file (default: stdout)")
+
+
+def _config_keys_help() -> str:
+    """The config keys of gigatrain/config.py, one per line: key, default, what it takes."""
+    from gigatrain.config import describe_keys
+    from gigatrain.models.presets import PRESETS
+
+    def shown(default: object) -> str:
+        if default is None:
+            return "(unset)"
+        if isinstance(default, bool):
+            return "true" if default else "false"
+        return json.dumps(default) if isinstance(default, str) else str(default)
+
+    rows = [(f"{section}.{key}", shown(default), kind)
+            for section, keys in describe_keys().items() for key, kind, default in keys]
+    key_width, default_width = (max(len(row[i]) for row in rows) for i in (0, 1))
+    return "\n".join(["config keys (key, default, what it takes):",
+                      *(f"  {key:<{key_width}}  {default:<{default_width}}  {kind}" for key, default, kind in rows),
+                      f"model presets: {', '.join(PRESETS)}; (unset) model shapes are the preset's"])
 
 
 def build_parser() -> Parser:
@@ -250,33 +367,67 @@ def build_parser() -> Parser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing prepared folder")
 
     p = sub.add_parser("train", help="train (or resume) a model; any config key as --section.key=value",
-                       epilog="examples: gigatrain train --model.preset=tiny --train.max_steps=200; "
-                              "gigatrain train configs/cpu.toml --run.dir=runs/a")
-    p.add_argument("config", nargs="?", default=None, help="a TOML config (see configs/)")
+                       description="Train a model, or continue the run in run.dir. Every config key below can be "
+                                   "set in a TOML file\n(`key = value` under `[section]`) or on the command line "
+                                   "as --section.key=value (with '=').",
+                       epilog=_config_keys_help() + "\n\nexamples:\n"
+                              "  gigatrain train --model.preset=tiny --train.max_steps=200\n"
+                              "  gigatrain train configs/cpu.toml --run.dir=runs/a\n"
+                              "  gigatrain train configs/llama3-1b-gpu.toml --train.batch_size=128 --dry-run --world-size 32")
+    p.add_argument("config", nargs="?", default=None, help="a TOML config (see configs/); default: the built-in defaults")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the config, the parallel layout, the data folder and GIGATRAIN_FAULT, print what would "
+                        "run, and exit without training")
+    p.add_argument("--world-size", type=_integer(1, "pass the number of processes, e.g. --world-size 32"), default=None,
+                   metavar="N",
+                   help="with --dry-run: the number of processes to check the layout for, as torchrun's --nnodes x "
+                        "--nproc-per-node would start (default: $WORLD_SIZE under torchrun, else 1)")
 
-    p = sub.add_parser("eval", help="loss and bits per byte of a run's latest checkpoint on a text")
-    p.add_argument("run_dir")
+    devices = ["auto", "cpu", "cuda"]
+    p = sub.add_parser("eval", help="loss and bits per byte of a run's latest checkpoint on a text",
+                       description="Evaluate the latest checkpoint of a run on any text: prints one JSON line with "
+                                   "loss (nats/token) and bits_per_byte.")
+    p.add_argument("run_dir", help="a training run's directory (its run.dir, e.g. runs/<name>)")
     p.add_argument("--text", nargs="+", required=True, help="text file(s), folder(s) or glob(s)")
     p.add_argument("--text-field", default="text", help="the text field of .jsonl / column of .parquet")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--batch-size", type=_integer(1, "use 1 or more sequences per forward pass"), default=8, metavar="N",
+                   help="sequences of data.seq_len tokens per forward pass")
+    p.add_argument("--device", default="auto", choices=devices, help="auto: cuda where available, else cpu")
 
-    p = sub.add_parser("generate", help="sample text from a run's latest checkpoint")
-    p.add_argument("run_dir")
-    p.add_argument("--prompt", default="")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--num-samples", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p = sub.add_parser("generate", help="sample text from a run's latest checkpoint",
+                       description="Sample text from the latest checkpoint of a run; prints the prompt and its "
+                                   "continuation.")
+    p.add_argument("run_dir", help="a training run's directory (its run.dir, e.g. runs/<name>)")
+    p.add_argument("--prompt", default="", help="the text to continue; empty: a new document")
+    p.add_argument("--max-new-tokens", type=_integer(1, "use 1 or more tokens"), default=200, metavar="N",
+                   help="tokens to sample at most (fewer if the model ends the document)")
+    p.add_argument("--temperature", type=_temperature, default=0.8, metavar="T",
+                   help="sampling temperature; 0: greedy, always the likeliest token")
+    p.add_argument("--top-k", type=_integer(0, "use 0 (no top-k filtering) or a positive number of tokens"), default=50,
+                   metavar="K",
+                   help="sample among the k likeliest tokens only; 0: among all")
+    p.add_argument("--num-samples", type=_integer(1, "use 1 or more samples"), default=1, metavar="N",
+                   help="samples to print")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
+    p.add_argument("--device", default="auto", choices=devices, help="auto: cuda where available, else cpu")
 
-    p = sub.add_parser("report", help="summarise a run and redraw its plots")
-    p.add_argument("run_dir")
+    p = sub.add_parser("report", help="summarise a run and redraw its plots",
+                       description="Print a run's summary (steps, losses, tokens/s, MFU, goodput, restarts) and "
+                                   "redraw loss.png and throughput.png in its directory.")
+    p.add_argument("run_dir", help="a training run's directory (its run.dir, e.g. runs/<name>)")
 
     sub.add_parser("plan", help="plan a cluster: layout, days, MW, cost (gigatrain plan --help)", add_help=False)
     _launch_parsers(sub)
     return parser
+
+
+def _check_override_form(argv: list[str]) -> None:
+    """`--train.max_steps 10` would make 10 the config file: an override followed by a word
+    that is neither an option nor a config file is taken to be missing its '='."""
+    for word, following in zip(argv, argv[1:]):
+        if (word.startswith("--") and "." in word and "=" not in word and not following.startswith("--")
+                and not following.endswith(".toml")):
+            raise UsageError(f"{word} {following}: a config override takes its value after '=': write {word}={following}")
 
 
 def run(argv: list[str]) -> int:
@@ -290,6 +441,8 @@ def run(argv: list[str]) -> int:
         return plan_main(argv[1:])
     parser = build_parser()
     try:
+        if argv and argv[0] in ("train", "launch"):
+            _check_override_form(argv)
         args, extra = parser.parse_known_args(argv)
         if args.command is None:
             parser.print_help()
@@ -297,19 +450,19 @@ def run(argv: list[str]) -> int:
         overrides = [a for a in extra if a.startswith("--") and "." in a.split("=")[0]]
         unknown = [a for a in extra if a not in overrides]
         if unknown:
-            raise UsageError(f"gigatrain {args.command}: unrecognized arguments: {' '.join(unknown)}"
-                             + ("; config overrides are written --section.key=value" if args.command in ("train", "launch") else ""))
+            raise UsageError(f"unrecognized arguments: {' '.join(unknown)}"
+                             + ("; config overrides are written --section.key=value" if args.command in ("train", "launch") else "")
+                             + f" (see `gigatrain {args.command} --help`)")
         if overrides and args.command not in ("train", "launch"):
-            raise UsageError(f"gigatrain {args.command}: config overrides such as {overrides[0]} apply to `gigatrain train` "
-                             f"and `gigatrain launch` only")
+            raise UsageError(f"config overrides such as {overrides[0]} apply to `gigatrain train` and `gigatrain launch`, "
+                             f"not `gigatrain {args.command}`")
         if args.command == "train":
             return cmd_train(args, overrides)
         if args.command == "launch":
             return cmd_launch(args, overrides, argv)
         return {"prepare": cmd_prepare, "eval": cmd_eval, "generate": cmd_generate, "report": cmd_report}[args.command](args)
     except UsageError as err:
-        _report(str(err))
-        return EXIT_USAGE
+        return _fail(str(err))
     except (ConfigError, DataError, CheckpointError) as err:
         return _fail(str(err))
     except FileNotFoundError as err:

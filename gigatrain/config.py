@@ -145,6 +145,13 @@ def _describe(tp: object) -> str:
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
 
 
+def describe_keys() -> dict[str, list[tuple[str, str, object]]]:
+    """Every key by section, as (key, what it takes, default): read from the dataclasses, so
+    `gigatrain train --help` lists exactly what `load_config` accepts."""
+    return {name: [(key, _describe(tp), getattr(section, key)) for key, tp in _field_types(section).items()]
+            for name, section in _sections(Config()).items()}
+
+
 def _coerce(key: str, value: object, tp: object, from_text: bool) -> object:
     """Convert a TOML value or a command-line string to the field's type, or fail naming the key."""
     origin = typing.get_origin(tp)

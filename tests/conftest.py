@@ -45,3 +45,21 @@ def bpe_data(tmp_path_factory, corpus, heldout) -> Path:
     out = tmp_path_factory.mktemp("data") / "bpe"
     prepare([str(corpus)], out, val_sources=[str(heldout)], tokenizer="bpe", vocab_size=512)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, byte_data) -> Path:
+    """A finished tiny run of 8 steps with its checkpoint (enough steps for `plan --calibrate`):
+    what eval, generate and report read."""
+    import contextlib
+    import io
+
+    from gigatrain.cli import run
+    from helpers import TINY
+
+    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
+    with contextlib.redirect_stdout(io.StringIO()):
+        code = run(["train", *TINY, f"--data.path={byte_data}", f"--run.dir={run_dir}", "--train.max_steps=8",
+                    "--train.eval_every=8", "--train.checkpoint_every=8"])
+    assert code == 0
+    return run_dir

@@ -12,6 +12,7 @@ import pytest
 
 from helpers import REPO, TINY, run_cli
 from gigatrain.checkpoint import dcp as checkpoint
+from gigatrain.cli import run as cli_run
 from gigatrain.fault import EXIT_REQUEUE
 from gigatrain.data.tokenizers import load_tokenizer
 from gigatrain.metrics.logger import read_metrics
@@ -120,3 +121,139 @@ def test_default_corpus_with_no_data_path(tmp_path, isolated_cache):
     assert "stopped by max_steps at step 3" in result.stdout
     assert "prompt 'def'" in (run_dir / "samples.txt").read_text()
     assert json.loads((run_dir / "run.json").read_text())["data"].startswith(str(isolated_cache))
+
+
+# -- arguments checked before anything loads (in this process: nothing but parsing runs) -------------
+def run_here(capsys, *args: str) -> tuple[int, str, str]:
+    """`gigatrain ARGS` through the CLI's own entry point in this process: exit code, stdout, stderr."""
+    try:
+        code = cli_run(list(args))
+    except SystemExit as done:  # --help
+        code = done.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_usage_error(code: int, err: str, *words: str) -> None:
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("gigatrain: error: "), err
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--temperature", "-1"], ["--temperature", "-1", "0 (greedy"]),
+    (["--temperature", "nan"], ["--temperature", "nan"]),
+    (["--top-k", "-5"], ["--top-k", "-5", "0 (no top-k"]),
+    (["--max-new-tokens", "0"], ["--max-new-tokens", "1 or more"]),
+    (["--num-samples", "0"], ["--num-samples", "1 or more"]),
+])
+def test_generate_refuses_values_it_cannot_sample_with(capsys, tmp_path, args, words):
+    """These used to print the prompt (or spaces) and exit 0; the run is never loaded."""
+    assert_usage_error(*run_here(capsys, "generate", str(tmp_path / "no-run"), *args)[::2], *words)
+
+
+def test_eval_refuses_an_empty_batch(capsys, tmp_path):
+    assert_usage_error(*run_here(capsys, "eval", str(tmp_path), "--text", "x", "--batch-size", "0")[::2], "--batch-size")
+
+
+def test_temperature_zero_is_greedy_and_top_k_zero_is_off(tiny_run):
+    """Temperature 0: the likeliest token each time, whatever the seed; what the model itself
+    ranks highest, decoded step by step here."""
+    import torch
+
+    from gigatrain.train.rundir import load_run
+
+    texts = [run_cli("generate", str(tiny_run), "--prompt", "def", "--temperature", "0", "--top-k", "0",
+                     "--max-new-tokens", "12", "--seed", seed, "--device", "cpu", check=True).stdout for seed in "01"]
+    assert texts[0] == texts[1]
+    run = load_run(tiny_run, torch.device("cpu"))
+    ids = [run.tokenizer.eot_id, *run.tokenizer.encode("def")]
+    prompt_length = len(ids)
+    with torch.no_grad():
+        for _ in range(12):
+            next_id = int(run.model(torch.tensor([ids[-run.cfg.data.seq_len:]]))[0, -1].argmax())
+            if next_id == run.tokenizer.eot_id:
+                break
+            ids.append(next_id)
+    assert texts[0] == "def" + run.tokenizer.decode(ids[prompt_length:]) + "\n"
+
+
+@pytest.mark.parametrize("args, fix", [
+    (["train", "--train.max_steps", "10"], "--train.max_steps=10"),
+    (["train", "configs/tiny.toml", "--run.dir", "runs/x"], "--run.dir=runs/x"),
+    (["launch", "slurm", "--nodes", "1", "--gpus-per-node", "1", "--train.lr", "-1", "configs/tiny.toml"], "--train.lr=-1"),
+])
+def test_an_override_written_with_a_space_suggests_the_equals_form(capsys, args, fix):
+    """`--train.max_steps 10` used to end in "config file '10' does not exist"."""
+    code, _, err = run_here(capsys, *args)
+    assert_usage_error(code, err, fix)
+    assert "does not exist" not in err
+
+
+def test_train_help_lists_every_config_key_with_its_default(capsys):
+    import dataclasses
+
+    from gigatrain.config import Config
+
+    code, out, _ = run_here(capsys, "train", "--help")
+    assert code == 0
+    lines = {line.split()[0]: line.split()[1] for line in out.splitlines() if line.startswith("  ") and "." in line.split()[0]}
+    for section in dataclasses.fields(Config):
+        for key in dataclasses.fields(section.default_factory()):
+            default = getattr(section.default_factory(), key.name)
+            if default is None:
+                shown = "(unset)"
+            elif isinstance(default, (bool, str)):
+                shown = json.dumps(default)  # true, false, "text": as in TOML
+            else:
+                shown = str(default)
+            assert lines.get(f"{section.name}.{key.name}") == shown, f"{section.name}.{key.name} in train --help"
+
+
+@pytest.mark.parametrize("command", ["eval", "generate", "report"])
+def test_help_explains_every_option_and_shows_its_default(capsys, command):
+    import argparse
+
+    from gigatrain.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    code, out, _ = run_here(capsys, command, "--help")
+    assert code == 0 and sub.description and sub.description.split(";")[0].split(":")[0] in " ".join(out.split())
+    text = " ".join(out.split())  # help lines are wrapped
+    for action in sub._actions:
+        assert action.help, f"{command} {action.dest} has no help"
+        if action.option_strings and action.default not in (None, "", False, argparse.SUPPRESS):
+            assert f"(default: {action.default})" in text, f"{command} {action.option_strings[0]}'s default"
+
+
+# -- train --dry-run -----------------------------------------------------------------------------------
+def test_dry_run_names_batch_sizes_that_fit_the_world_size(capsys, tmp_path):
+    """The 1B GPU config (micro-batch 4) on 32 GPUs: 16 does not split; the error names the sizes
+    that do, and each of them passes."""
+    config = str(REPO / "configs" / "llama3-1b-gpu.toml")
+    code, _, err = run_here(capsys, "train", config, "--dry-run", "--world-size", "32")
+    assert_usage_error(code, err, "train.batch_size=16", "can be 128 or 256")
+    for size in ("128", "256"):
+        code, out, err = run_here(capsys, "train", config, f"--train.batch_size={size}", f"--run.dir={tmp_path / 'run'}",
+                                  "--dry-run", "--world-size", "32")
+        assert code == 0, err
+        assert "dp_shard=32" in out and f"{size} x 2048" in out and "nothing was trained" in out
+    assert not (tmp_path / "run").exists()
+
+
+def test_dry_run_takes_torchruns_world_size_and_checks_data_and_faults(capsys, tmp_path, monkeypatch, byte_data):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    code, out, err = run_here(capsys, "train", *TINY, f"--data.path={byte_data}", f"--run.dir={tmp_path / 'run'}",
+                              "--dry-run")
+    assert code == 0 and "dp_shard=4" in out and "vocabulary 256" in out, err
+    assert_usage_error(*run_here(capsys, "train", *TINY, f"--data.path={tmp_path / 'none'}", "--dry-run")[::2],
+                       str(tmp_path / "none"))
+    monkeypatch.setenv("GIGATRAIN_FAULT", "kill:step=3:rank=4")
+    assert_usage_error(*run_here(capsys, "train", *TINY, "--dry-run")[::2], "rank=4", "ranks 0 to 3")
+    assert not (tmp_path / "run").exists()
+
+
+def test_world_size_without_dry_run_is_refused(capsys):
+    assert_usage_error(*run_here(capsys, "train", "--world-size", "8")[::2], "--dry-run")

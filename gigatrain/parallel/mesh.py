@@ -151,7 +151,7 @@ def parallel_dims(cfg: Config, model_args: ModelArgs, n_processes: int | None = 
     # under another number of processes.
     cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel))
     resolve_degrees(cfg, n_processes, model_args)
-    p, t = cfg.parallel, cfg.train
+    p = cfg.parallel
     seq_len = cfg.data.seq_len
     if p.tp > 1:
         for name in ("n_heads", "n_kv_heads"):
@@ -166,22 +166,62 @@ def parallel_dims(cfg: Config, model_args: ModelArgs, n_processes: int | None = 
         raise ConfigError(f"data.seq_len={seq_len} is not divisible by 2*parallel.cp{'*parallel.tp' if p.tp > 1 else ''}="
                           f"{2 * p.cp * p.tp}: context parallelism gives each rank two equal chunks; "
                           f"use a seq_len that is a multiple of {2 * p.cp * p.tp}")
+    try:
+        stages_per_rank, microbatches = _split_batch(cfg, model_args)
+    except ConfigError as err:
+        raise ConfigError(f"{err}{_fitting_batch_hint(cfg, model_args, n_processes)}") from None
+    return ParallelDims(pp=p.pp, dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, cp=p.cp, tp=p.tp,
+                        pp_schedule=p.pp_schedule, stages_per_rank=stages_per_rank, microbatches=microbatches)
+
+
+def _split_batch(cfg: Config, model_args: ModelArgs) -> tuple[int, int]:
+    """(stages per rank, microbatches): how each data-parallel rank's share of the global
+    batch is cut, for the resolved degrees; every batch constraint is checked here."""
+    p, t = cfg.parallel, cfg.train
     dp = p.dp_replicate * p.dp_shard
     if t.batch_size % dp:
         raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by the data-parallel degree "
                           f"dp_replicate*dp_shard={dp}; use a batch size that is a multiple of {dp}")
     local_batch = t.batch_size // dp
-    stages_per_rank = 1
     if p.pp > 1:
-        stages_per_rank, microbatches = _pipeline_shape(cfg, model_args, local_batch)
-    else:
-        micro = t.micro_batch_size or local_batch
-        if local_batch % micro:
-            raise ConfigError(f"train.micro_batch_size={micro} does not divide the per-rank batch "
-                              f"batch_size/dp={local_batch}; pick a micro batch that divides {local_batch}")
-        microbatches = local_batch // micro
-    return ParallelDims(pp=p.pp, dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, cp=p.cp, tp=p.tp,
-                        pp_schedule=p.pp_schedule, stages_per_rank=stages_per_rank, microbatches=microbatches)
+        return _pipeline_shape(cfg, model_args, local_batch)
+    micro = t.micro_batch_size or local_batch
+    if local_batch % micro:
+        raise ConfigError(f"train.micro_batch_size={micro} does not divide the per-rank batch "
+                          f"batch_size/dp={local_batch}; pick a micro batch that divides {local_batch}")
+    return 1, local_batch // micro
+
+
+def fitting_batch_sizes(cfg: Config, model_args: ModelArgs, count: int = 3) -> list[int]:
+    """Global batch sizes this (resolved) layout accepts with the config's micro-batch and
+    pipeline settings: the largest below train.batch_size and the first `count - 1` above
+    it. Found by trying multiples of the data-parallel degree against `_split_batch` itself,
+    so the suggestion never disagrees with the check."""
+    p, t = cfg.parallel, cfg.train
+    dp = p.dp_replicate * p.dp_shard
+    below, above = [], []
+    for size in range(dp, dp * 4096 + 1, dp):
+        trial = dataclasses.replace(cfg, train=dataclasses.replace(t, batch_size=size))
+        try:
+            _split_batch(trial, model_args)
+        except ConfigError:
+            continue
+        (below if size < t.batch_size else above).append(size)
+        if len(above) == count - 1:
+            break
+    return below[-1:] + above
+
+
+def _fitting_batch_hint(cfg: Config, model_args: ModelArgs, n_processes: int) -> str:
+    sizes = fitting_batch_sizes(cfg, model_args)
+    if not sizes:
+        return ""  # not a matter of the batch size: the message already says what to change
+    key = "train.batch_size"
+    if cfg.train.batch_tokens:
+        key, sizes = "train.batch_tokens", [size * cfg.data.seq_len for size in sizes]
+    choices = ", ".join(map(str, sizes[:-1])) + (" or " if len(sizes) > 1 else "") + str(sizes[-1])
+    micro = cfg.train.micro_batch_size
+    return f"; with {n_processes} processes{f' and train.micro_batch_size={micro}' if micro else ''}, {key} can be {choices}"
 
 
 def _pipeline_shape(cfg: Config, model_args: ModelArgs, local_batch: int) -> tuple[int, int]:

@@ -156,6 +156,17 @@ def test_bad_input_from_the_command_line(tmp_path):
         assert word in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_batch_that_does_not_split_over_the_nodes_names_the_sizes_that_do(capsys, tmp_path):
+    """The 1B GPU config keeps its one-GPU batch (16, micro-batch 4); on 4 x 8 GPUs the error
+    says which global batch sizes split into micro-batches of 4 on 32 ranks."""
+    args = ["slurm", "--nodes", "4", "--gpus-per-node", "8", str(REPO / "configs" / "llama3-1b-gpu.toml"),
+            f"--run.dir={tmp_path / 'run'}", "--out", "-"]
+    code, _, err = launch(capsys, *args)
+    assert code == 2 and err.count("\n") == 1 and "train.batch_size can be 128 or 256" in err, err
+    code, out, err = launch(capsys, *args, "--train.batch_size=128")
+    assert code == 0 and "--train.batch_size=128" in out, err
+
+
 # -- a real Slurm cluster of one node -------------------------------------------------------
 FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
                 "BOOT_FAIL", "DEADLINE")

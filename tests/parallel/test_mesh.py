@@ -1,6 +1,8 @@
 """Layouts are checked from the config and the world size alone, before any process group
 or memory exists; each broken constraint is one line that says what would fix it."""
 
+import re
+
 import pytest
 
 from gigatrain.config import ConfigError, load_config, resolve_model_args
@@ -77,3 +79,19 @@ def test_context_parallel_chunks_cover_the_sequence_with_equal_causal_work():
 def test_looped_schedules_place_stages_round_robin():
     d = dims("--parallel.pp=4", "--parallel.pp_schedule=Interleaved1F1B", "--parallel.dp_shard=1", world=4)
     assert [stage_indices(d, r) for r in range(4)] == [[0, 4], [1, 5], [2, 6], [3, 7]]
+
+
+@pytest.mark.parametrize("overrides, world, sizes", [
+    (["--train.batch_size=16", "--train.micro_batch_size=4"], 32, [128, 256]),  # the 1B GPU config on 4 x 8 GPUs
+    (["--train.batch_size=200", "--train.micro_batch_size=4"], 32, [128, 256, 384]),
+    (["--train.batch_size=6", "--parallel.pp=2", "--parallel.pp_microbatches=4"], 4, [8, 16]),  # dp 2 x 4 microbatches
+    (["--train.batch_tokens=320", "--data.seq_len=64"], 4, [256, 512, 768]),  # named in tokens, as given
+])
+def test_a_batch_that_does_not_split_names_batch_sizes_that_do(overrides, world, sizes):
+    with pytest.raises(ConfigError) as caught:
+        dims(*overrides, world=world)
+    named = [int(n) for n in re.search(r"can be ([\d, or]+)$", str(caught.value)).group(1).replace(" or ", ", ").split(", ")]
+    assert named == sizes
+    key = "--train.batch_tokens" if "tokens" in str(caught.value).rsplit(";", 1)[1] else "--train.batch_size"
+    for size in named:  # each suggestion passes the same check
+        dims(*overrides, f"{key}={size}", world=world)
