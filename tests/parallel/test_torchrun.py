@@ -36,7 +36,8 @@ def test_two_processes_then_one_continue_the_same_run(tmp_path, byte_data, one_p
     run_dir = tmp_path / "run"
     result = run_group(
         torchrun("--standalone", "--nproc-per-node=2", "-m", "gigatrain", "train", *TINY, *STEPS,
-                 f"--data.path={byte_data}", f"--run.dir={run_dir}", "--train.max_steps=2"), timeout=300)
+                 f"--data.path={byte_data}", f"--run.dir={run_dir}", "--train.max_steps=2",
+                 "--train.schedule_steps=4"), timeout=300)  # the reference's horizon: 4 steps
     assert result.returncode == 0, result.stderr[-4000:]
     assert result.stdout.count(f"run {run_dir}") == 1  # rank 0 alone prints
     assert "2 processes: pp=1 x dp_replicate=1 x dp_shard=2" in result.stdout

@@ -12,6 +12,7 @@ import torch
 from helpers import REPO, TINY, final_weights, step_values, write_corpus
 from gigatrain.checkpoint import dcp as checkpoint
 from gigatrain.config import ConfigError
+from gigatrain.data.loader import TokenData, eval_batches
 from gigatrain.metrics.logger import read_metrics
 from gigatrain.train.schedule import lr_at
 from gigatrain.train.trainer import Trainer, resolve_run_config, train
@@ -86,8 +87,9 @@ def test_time_limit_ends_with_checkpoint_and_eval(tmp_path, byte_data):
 
 
 def test_gradient_accumulation_matches_full_batch(tmp_path, byte_data):
-    full = Trainer(config(tmp_path / "a", byte_data))
-    accumulated = Trainer(config(tmp_path / "b", byte_data, "--train.micro_batch_size=2"))
+    # fp32 on the CPU, whatever the machine: on a GPU, "auto" trains in bf16, far coarser than these tolerances.
+    full = Trainer(config(tmp_path / "a", byte_data, "--train.device=cpu"))
+    accumulated = Trainer(config(tmp_path / "b", byte_data, "--train.device=cpu", "--train.micro_batch_size=2"))
     inputs, targets = full.loader.next_batch()
     loss_full, norm_full, _ = full.train_step(inputs, targets, lr=1e-3)
     loss_acc, norm_acc, _ = accumulated.train_step(inputs, targets, lr=1e-3)
@@ -172,7 +174,9 @@ def test_time_limit_covers_the_whole_run_and_caps_an_expensive_final_evaluation(
     assert time.time() - started < limit + slack
     assert result.stopped_by == "time_limit" and result.val_loss is not None
     final_eval = read_metrics(run_dir / "metrics.jsonl")[-1]
-    assert 1 <= final_eval["val_batches"] < 100
+    full = sum(1 for _ in eval_batches(TokenData(large_val_data).split("val"), cfg.data.seq_len,
+                                       cfg.train.batch_size, cfg.train.eval_batches))
+    assert 1 <= final_eval["val_batches"] < full  # capped: the whole split did not fit
     stop = read_metrics(run_dir / "events.jsonl")[-1]
     spent = stop["time_spent"]
     assert set(spent) == {"total", "startup", "training", "checkpoints", "evaluation", "samples_plots"}
