@@ -485,8 +485,12 @@ class Trainer:
         return self.agree(reason)
 
     # -- the loop -----------------------------------------------------------------------
-    def run(self, stop: StopSignal) -> TrainResult:
-        """Train to the end; `stop` is held by the caller until the trainer has closed (see StopSignal)."""
+    def run(self, stop: StopSignal | None = None) -> TrainResult:
+        """Train to the end. `train()` passes a `stop` that it holds until the trainer has closed
+        (see StopSignal); without one, the run holds its own while it trains."""
+        if stop is None:
+            with StopSignal() as own:
+                return self.run(own)
         # Watched from here on: a rank stuck loading the checkpoint is a hang like any other.
         watchdog = Watchdog(self.cfg.fault.watchdog_s, self.run_dir, global_rank(), first="loading the checkpoint")
         try:
