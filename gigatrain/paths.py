@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
+
+# The errors of a full disk or an exhausted quota, which gigatrain reports as "no space left".
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
 def cache_dir() -> Path:

@@ -27,7 +27,6 @@ under another.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -55,7 +54,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from gigatrain.paths import write_atomic
+from gigatrain.paths import NO_SPACE_ERRNOS, write_atomic
 
 STATE_FILE = "trainer_state.json"
 LATEST_FILE = "latest"
@@ -381,9 +380,6 @@ class Checkpointer:
         prune(self.directory, self.keep)
 
 
-NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
-
-
 class _Writer(FileSystemWriter):
     """DCP's file writer, whose failures say when the disk is full. torch's zip writer reports
     a short write as "unexpected pos 704 vs 598", the OSError(ENOSPC) behind it only in the
@@ -418,7 +414,7 @@ class _FailingWriter(_Writer):
 def _named_if_disk_full(err: BaseException, path: Path) -> BaseException:
     """OSError(ENOSPC) naming the device and `path` if a full disk caused `err`, else `err`."""
     cause = err
-    while cause is not None and not (isinstance(cause, OSError) and cause.errno in NO_SPACE):
+    while cause is not None and not (isinstance(cause, OSError) and cause.errno in NO_SPACE_ERRNOS):
         cause = cause.__cause__ or cause.__context__
     return err if cause is None else OSError(cause.errno, f"no space left on {device_of(path)}", str(path))
 
@@ -440,7 +436,7 @@ def _describe(err: BaseException) -> str:
     if isinstance(err, CheckpointException):  # failures: rank -> (exception, stack)
         return "; ".join(f"rank {rank}: {_describe(failure[0] if isinstance(failure, tuple) else failure)}"
                          for rank, failure in sorted(err.failures.items()))
-    if isinstance(err, OSError) and err.errno in NO_SPACE and err.filename:  # named by _named_if_disk_full
+    if isinstance(err, OSError) and err.errno in NO_SPACE_ERRNOS and err.filename:  # named by _named_if_disk_full
         return f"{err.strerror} ({err.filename})"
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__

@@ -34,7 +34,6 @@ tokenizer and shards, nothing else); any other folder is never deleted.
 
 from __future__ import annotations
 
-import errno
 import glob
 import hashlib
 import json
@@ -55,6 +54,7 @@ import numpy as np
 
 from gigatrain.data import DataError
 from gigatrain.data.tokenizers import ENCODE_BATCH_CHARS, TOKENIZER_FILE, Tokenizer, make_tokenizer
+from gigatrain.paths import NO_SPACE_ERRNOS
 
 MANIFEST_FILE = "manifest.json"
 DEFAULT_VOCAB_SIZE = 4096
@@ -494,7 +494,7 @@ def _warn_if_split_is_skewed(splits: dict, val_fraction: float) -> None:
 
 def _no_space_error(error: OSError, out_dir: Path) -> DataError | None:
     """A one-line DataError for a full disk or quota; None for any other OSError."""
-    if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+    if error.errno not in NO_SPACE_ERRNOS:
         return None
     return DataError(f"no space left on the device holding {out_dir.parent.resolve()} ({error.strerror}): "
                      f"free some space or choose another --out; nothing was written")
