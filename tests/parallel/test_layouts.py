@@ -20,6 +20,7 @@ PP x TP from a tied FSDP checkpoint.
 """
 
 import json
+import os
 import shutil
 import sys
 
@@ -168,3 +169,48 @@ def test_tensor_parallel_never_holds_full_vocabulary_logits(runs):
         assert record["type"] == "DTensor" and record["sharded_dims"] == [2]  # split over the vocabulary
         # The whole batch (tp ranks share it) and sequence, a quarter of the 256 byte-level ids.
         assert record["local_shape"] == [8, 32, 256 // 4]
+
+
+# -- golden losses ---------------------------------------------------------------------
+# A refactor that does not change the math must give the same losses bit for bit. The golden
+# file holds, for a few fixed runs of this module (one process and three layouts), every
+# step's loss and gradient norm and the final validation loss, written exactly (float.hex).
+# Bits depend on the kernels, so each entry is keyed by the torch version and the CPU's
+# vector extension: where the key matches, equality is exact; on another machine the run is
+# still compared, to 1e-5 relative as the layouts are (and the file can gain its key).
+# Regenerate after a change that is meant to change the math, and say so in the commit:
+#     GIGATRAIN_WRITE_GOLDEN=1 python -m pytest -q tests/parallel/test_layouts.py -k golden
+GOLDEN_FILE = REPO / "tests/golden_losses.json"
+GOLDEN_RUNS = {"one process": "one_process", "one process, tied": "one_process_tied", "FSDP": run_name("FSDP"),
+               "PP x TP": run_name("PP x TP"), "HSDP with micro-batches": run_name("HSDP with micro-batches")}
+
+
+def golden_key() -> str:
+    return f"torch {torch.__version__.split('+')[0]} {torch.backends.cpu.get_cpu_capability()}"
+
+
+def golden_record(run_dir) -> dict:
+    records = read_metrics(run_dir / "metrics.jsonl")
+    values = {key: [float(r[key]).hex() for r in records if key in r] for key in ("loss", "grad_norm", "val_loss")}
+    assert values["loss"] and values["val_loss"], f"{run_dir} has no losses to compare"
+    return values
+
+
+def test_losses_match_the_golden_file(runs):
+    out, _ = runs
+    got = {label: golden_record(out / name) for label, name in GOLDEN_RUNS.items()}
+    golden = json.loads(GOLDEN_FILE.read_text()) if GOLDEN_FILE.exists() else {}
+    if os.environ.get("GIGATRAIN_WRITE_GOLDEN") == "1":
+        golden[golden_key()] = got
+        GOLDEN_FILE.write_text(json.dumps(golden, indent=1, sort_keys=True) + "\n")
+        return
+    assert golden, f"{GOLDEN_FILE} is missing; write it with GIGATRAIN_WRITE_GOLDEN=1 (see this module)"
+    if golden_key() in golden:
+        assert got == golden[golden_key()], "losses differ from the golden file bit for bit"
+        return
+    # Another torch or CPU: the same runs, to rounding. Any recorded environment will do.
+    expected = next(iter(golden.values()))
+    for label, values in expected.items():
+        for key, hexes in values.items():
+            assert [float.fromhex(h) for h in got[label][key]] == pytest.approx(
+                [float.fromhex(h) for h in hexes], rel=1e-5), f"{label}: {key}"
