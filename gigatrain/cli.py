@@ -191,7 +191,7 @@ def dry_run(cfg: Config, n_processes: int) -> int:
 
 # -- eval -----------------------------------------------------------------------------------
 def _device(name: str):
-    from gigatrain.train.trainer import pick_device, pick_dtype
+    from gigatrain.parallel.device import pick_device, pick_dtype
 
     device = pick_device(name)
     return device, pick_dtype("auto", device)

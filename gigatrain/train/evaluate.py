@@ -11,14 +11,15 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    """bf16 autocast on GPU; a no-op context in full precision."""
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
-
 def loss_fn(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     # fp32 cross-entropy: bf16 log-softmax over a large vocabulary loses precision.
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction=reduction)
+
+
+# Below loss_fn while gigatrain.parallel imports it from here: importing this module first
+# initialises gigatrain.parallel, which needs loss_fn defined. (Once the loss sits beside the
+# model, this import joins the others at the top.)
+from gigatrain.parallel.device import autocast  # noqa: E402
 
 
 @torch.no_grad()

@@ -42,6 +42,7 @@ from gigatrain.metrics.plots import plot_run
 from gigatrain.models.flops import param_counts, training_flops_per_token
 from gigatrain.models.transformer import Transformer
 from gigatrain.parallel import parallelize
+from gigatrain.parallel.device import pick_device, pick_dtype
 from gigatrain.parallel.mesh import AXES, global_rank, init_distributed, is_main_process, parallel_dims
 from gigatrain.paths import cache_dir
 from gigatrain.train import rundir
@@ -94,27 +95,6 @@ def process_start_time() -> float | None:
     except (OSError, ValueError, IndexError, StopIteration):
         return None
     return boot + ticks / os.sysconf("SC_CLK_TCK")
-
-
-def pick_device(name: str) -> torch.device:
-    """The device of this process: under torchrun, GPU LOCAL_RANK of the node."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device='cuda' but no CUDA device is available; use train.device=cpu or auto")
-    if name == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-        return device
-    return torch.device(name)
-
-
-def pick_dtype(name: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for full fp32. bf16 on GPU by default; CPUs train in fp32,
-    where bf16 is slower on most cores and the precision is not worth losing."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return torch.bfloat16 if name == "bfloat16" else None
 
 
 def open_data(cfg: Config) -> TokenData:
