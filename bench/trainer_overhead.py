@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from gigatrain.config import load_config, resolve_model_args
 from gigatrain.metrics.logger import read_metrics
 from gigatrain.models.transformer import Transformer
-from gigatrain.train.trainer import Trainer, open_data
+from gigatrain.data.source import open_data
+from gigatrain.train.trainer import Trainer
 
 
 def bare_loop(cfg, batches) -> float:

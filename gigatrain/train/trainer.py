@@ -29,9 +29,8 @@ import torch
 
 from gigatrain.checkpoint import dcp as checkpoint
 from gigatrain.config import Config, ConfigError, apply_overrides, from_dict, load_config, resolve_model_args
-from gigatrain.data import DataError
-from gigatrain.data.loader import BatchLoader, TokenData, eval_batches
-from gigatrain.data.prepare import ensure_default_data
+from gigatrain.data.loader import BatchLoader, eval_batches
+from gigatrain.data.source import open_data_once
 from gigatrain.fault.goodput import EVENTS_FILE
 from gigatrain.fault.guard import NumericalGuard, TrainingDiverged
 from gigatrain.fault.inject import FaultPlan
@@ -44,7 +43,6 @@ from gigatrain.models.transformer import Transformer
 from gigatrain.parallel import parallelize
 from gigatrain.parallel.device import pick_device, pick_dtype
 from gigatrain.parallel.mesh import AXES, global_rank, init_distributed, is_main_process, parallel_dims
-from gigatrain.paths import cache_dir
 from gigatrain.train import rundir
 from gigatrain.train.evaluate import generate, sample_text
 from gigatrain.train.optim import build_optimizer
@@ -95,32 +93,6 @@ def process_start_time() -> float | None:
     except (OSError, ValueError, IndexError, StopIteration):
         return None
     return boot + ticks / os.sysconf("SC_CLK_TCK")
-
-
-def open_data(cfg: Config) -> TokenData:
-    if cfg.data.path:
-        return TokenData(Path(cfg.data.path), verify=cfg.data.verify)
-    folder = ensure_default_data(cache_dir() / "data", tokenizer=cfg.data.tokenizer, vocab_size=cfg.data.vocab_size)
-    return TokenData(folder, verify=cfg.data.verify)
-
-
-def open_data_once(cfg: Config) -> TokenData:
-    """Rank 0 opens (and on first use prepares) the data before the others, so that ranks
-    do not race to prepare the same default corpus; if the data is bad, every rank stops
-    with rank 0's message rather than waiting for it."""
-    if not torch.distributed.is_initialized():
-        return open_data(cfg)
-    data, outcome = None, [None]
-    if is_main_process():
-        try:
-            data = open_data(cfg)
-        except (DataError, ConfigError) as err:
-            outcome = [(type(err) is DataError, str(err))]
-    torch.distributed.broadcast_object_list(outcome, src=0)
-    if outcome[0] is not None:
-        is_data_error, message = outcome[0]
-        raise (DataError if is_data_error else ConfigError)(message)
-    return data if data is not None else open_data(cfg)
 
 
 def lock_run_dir_once(run_dir: Path) -> rundir.RunDirLock | None:
