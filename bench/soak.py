@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 from gigatrain.data.prepare import default_corpus_files, prepare  # noqa: E402
 from gigatrain.fault.goodput import summarize  # noqa: E402
 from gigatrain.fault.inject import FIRED_DIR  # noqa: E402
-from gigatrain.train.rundir import load_run  # noqa: E402
+from gigatrain.train.checkpointing import load_run  # noqa: E402
 
 ENV = {"OMP_NUM_THREADS": "1"}
 

@@ -128,7 +128,9 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     from gigatrain.fault import EXIT_CHECKPOINT_WRITE, EXIT_DIVERGED, EXIT_REQUEUE, EXIT_SIGINT
     from gigatrain.fault.guard import TrainingDiverged
     from gigatrain.parallel.mesh import world_size
-    from gigatrain.train.trainer import PREEMPTION_SIGNALS, process_start_time, resolve_run_config, train
+    from gigatrain.rundir import resolve_run_config
+    from gigatrain.train.stopping import PREEMPTION_SIGNALS, process_start_time
+    from gigatrain.train.trainer import train
 
     if args.world_size is not None and not args.dry_run:
         raise UsageError(f"--world-size {args.world_size} applies to --dry-run only; a real run's world size is "
@@ -158,7 +160,7 @@ def dry_run(cfg: Config, n_processes: int) -> int:
     from gigatrain.fault.inject import ENV, FaultPlan
     from gigatrain.models.flops import param_counts
     from gigatrain.parallel.mesh import AXES, global_rank, parallel_dims
-    from gigatrain.train import rundir
+    from gigatrain.rundir import RunDir
 
     dims = parallel_dims(cfg, resolve_model_args(cfg), n_processes)
     data = TokenData(Path(cfg.data.path), verify=False) if cfg.data.path else None
@@ -169,7 +171,7 @@ def dry_run(cfg: Config, n_processes: int) -> int:
     counts = param_counts(model)
     t = cfg.train
     local_batch = t.batch_size // dims.dp
-    resumed = "continues the run there" if rundir.saved_config(cfg.run_dir) is not None else "a new run"
+    resumed = "continues the run there" if RunDir(cfg.run_dir).read_config() is not None else "a new run"
     lines = [
         f"run        {cfg.run_dir} ({resumed})",
         f"model      {cfg.model.preset}: {model.n_layers} layers, d_model {model.d_model}, {model.n_heads} heads "
@@ -200,7 +202,7 @@ def _device(name: str):
 def cmd_eval(args: argparse.Namespace) -> int:
     from gigatrain.data.prepare import expand_sources, iter_documents
     from gigatrain.train.evaluate import evaluate_text
-    from gigatrain.train.rundir import load_run
+    from gigatrain.train.checkpointing import load_run
 
     device, dtype = _device(args.device)
     run = load_run(Path(args.run_dir), device)
@@ -216,7 +218,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from gigatrain.train.evaluate import sample_text
-    from gigatrain.train.rundir import load_run
+    from gigatrain.train.checkpointing import load_run
 
     device, dtype = _device(args.device)
     run = load_run(Path(args.run_dir), device)

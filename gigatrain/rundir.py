@@ -24,7 +24,7 @@ import socket
 import time
 from pathlib import Path
 
-from gigatrain.config import ConfigError
+from gigatrain.config import Config, ConfigError, apply_overrides, from_dict, load_config
 from gigatrain.data.tokenizers import TOKENIZER_FILE
 from gigatrain.paths import write_atomic
 
@@ -184,3 +184,15 @@ class RunDirLock:
         if self._fd is not None:
             os.close(self._fd)  # closing the only descriptor drops the flock
             self._fd = None
+
+
+def resolve_run_config(config_path: str | None, overrides: list[str]) -> Config:
+    """A new run: defaults, the TOML file, the overrides. An existing run directory: its saved
+    config plus the overrides, so `gigatrain train --run.dir=D` continues run D as it was."""
+    cfg = load_config(config_path, overrides)
+    saved = RunDir(cfg.run_dir).read_config()
+    if saved is None or config_path is not None:
+        return cfg
+    resumed = from_dict(saved)
+    apply_overrides(resumed, overrides)
+    return resumed

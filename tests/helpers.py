@@ -41,7 +41,7 @@ def final_weights(run_dir: Path) -> dict:
     layout wrote it), as a state dict: what `gigatrain eval` and `generate` load."""
     import torch
 
-    from gigatrain.train.rundir import load_run
+    from gigatrain.train.checkpointing import load_run
 
     return load_run(run_dir, torch.device("cpu")).model.state_dict()
 

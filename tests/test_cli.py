@@ -162,7 +162,7 @@ def test_temperature_zero_is_greedy_and_top_k_zero_is_off(tiny_run):
     ranks highest, decoded step by step here."""
     import torch
 
-    from gigatrain.train.rundir import load_run
+    from gigatrain.train.checkpointing import load_run
 
     texts = [run_cli("generate", str(tiny_run), "--prompt", "def", "--temperature", "0", "--top-k", "0",
                      "--max-new-tokens", "12", "--seed", seed, "--device", "cpu", check=True).stdout for seed in "01"]

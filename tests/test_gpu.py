@@ -8,7 +8,8 @@ import torch
 
 from helpers import TINY
 from gigatrain.metrics.logger import read_metrics
-from gigatrain.train.trainer import resolve_run_config, train
+from gigatrain.rundir import resolve_run_config
+from gigatrain.train.trainer import train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -14,7 +14,8 @@ from gigatrain.checkpoint import dcp as checkpoint
 from gigatrain.fault.inject import FaultPlan, parse
 from gigatrain.models.presets import get_preset
 from gigatrain.models.transformer import Transformer
-from gigatrain.train.trainer import resolve_run_config, train
+from gigatrain.rundir import resolve_run_config
+from gigatrain.train.trainer import train
 
 
 def model_and_optimizer(seed: int):

@@ -54,7 +54,7 @@ def test_a_skipped_update_changes_no_weight_and_no_optimizer_state(tmp_path, byt
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     moments = {id(p): {k: v.clone() for k, v in s.items()} for p, s in trainer.optimizers[0].state.items()}
     trainer.faults = FaultPlan(parse("nan:step=2"), tmp_path, rank=0)
-    trainer.step = 1
+    trainer.state.step = 1
     loss, grad_norm, skipped = trainer.train_step(inputs, targets, lr=1e-3)
     assert skipped == "nan" and math.isnan(loss) and math.isnan(grad_norm)
     for name, value in trainer.model.state_dict().items():

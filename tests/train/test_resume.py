@@ -8,7 +8,8 @@ import pytest
 from helpers import TINY, rehash, run_cli, write_corpus
 from gigatrain.checkpoint import dcp as checkpoint
 from gigatrain.data.prepare import prepare
-from gigatrain.train.trainer import resolve_run_config, train
+from gigatrain.rundir import resolve_run_config
+from gigatrain.train.trainer import train
 
 
 def start(run_dir, data):

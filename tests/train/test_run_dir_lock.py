@@ -13,8 +13,8 @@ import pytest
 
 from helpers import REPO, TINY, kill_tree, run_group, step_values, torchrun
 from gigatrain.config import ConfigError
-from gigatrain.train.rundir import RunDirLock
-from gigatrain.train.trainer import resolve_run_config, train
+from gigatrain.rundir import RunDir, resolve_run_config
+from gigatrain.train.trainer import train
 
 # Slow steps keep a trainer holding its run directory while another one tries it.
 SLOW = {"GIGATRAIN_FAULT": "slow:rank=0:seconds=0.1"}
@@ -37,14 +37,14 @@ def refusal(run_dir, pid):
 
 def test_a_held_run_directory_is_refused_before_anything_in_it_is_touched(tmp_path, byte_data):
     run_dir = tmp_path / "run"
-    holder = RunDirLock(run_dir)
+    holder = RunDir(run_dir).lock()
     with pytest.raises(ConfigError, match=re.escape(refusal(run_dir, os.getpid())[len("gigatrain: error: "):-1])):
         train(resolve_run_config(None, cli_args(run_dir, byte_data, "--train.max_steps=2")))
     assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]
     holder.release()
     assert train(resolve_run_config(None, cli_args(run_dir, byte_data, "--train.max_steps=2"))).step == 2
     # The trainer let go of it when it closed: the next one (here, this test) gets it at once.
-    RunDirLock(run_dir).release()
+    RunDir(run_dir).lock().release()
 
 
 def test_two_trainers_started_together_one_trains_the_other_is_refused(tmp_path, byte_data):
@@ -77,12 +77,12 @@ def test_a_kill_9_leaves_no_stale_lock(tmp_path, byte_data):
     finally:
         kill_tree(holder.pid)
     assert holder.returncode == -signal.SIGKILL
-    RunDirLock(run_dir).release()  # the next trainer gets it at once
+    RunDir(run_dir).lock().release()  # the next trainer gets it at once
 
 
 def test_a_torchrun_job_is_refused_with_rank_0s_line(tmp_path, byte_data):
     run_dir = tmp_path / "run"
-    holder = RunDirLock(run_dir)
+    holder = RunDir(run_dir).lock()
     command = torchrun("--standalone", "--nproc-per-node=2", "-m", "gigatrain", "train",
                        *cli_args(run_dir, byte_data, "--train.max_steps=2"))
     result = run_group(command, timeout=240)

@@ -1,0 +1,239 @@
+"""The trainer's checkpoints: when to save, the final checkpoint, resuming (a run's checkpoints
+only load into the model, tokenizer and data they were trained with), restoring for a
+rollback (through the same code as resuming), and what a checkpoint costs the time budget.
+The files themselves are gigatrain.checkpoint.dcp's."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import sys
+import time
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from gigatrain.checkpoint import dcp as checkpoint
+from gigatrain.config import Config, ConfigError, from_dict
+from gigatrain.data.loader import BatchLoader, TokenData
+from gigatrain.data.tokenizers import load_tokenizer
+from gigatrain.models.transformer import ModelArgs, Transformer
+from gigatrain.rundir import RunDir
+from gigatrain.train.schedule import schedule_horizon
+
+# A checkpoint's cost until one is measured: the state at a slow network filesystem's pace.
+ASSUMED_WRITE_BYTES_PER_S = 100e6
+
+
+@dataclass
+class TrainState:
+    """Where training stands, besides the weights: what a checkpoint gives back with them."""
+    step: int = 0
+    train_time_s: float = 0.0  # seconds in optimizer steps, over every process of the run
+    schedule_steps: int = 0  # the learning-rate schedule's horizon (train.schedule)
+
+
+def identity(args: ModelArgs, data: TokenData) -> dict:
+    """What a run's checkpoints must be resumed with (saved in each one's trainer state): the
+    model's shape (max_seq_len aside: it sizes rotary tables that are computed, not saved), the
+    tokenizer (by content) and the data (by its shards' checksums, wherever it lies)."""
+    shape = {name: value for name, value in dataclasses.asdict(args).items() if name != "max_seq_len"}
+    tokenizer_file = Path(data.path) / data.manifest["tokenizer"]["file"]  # a plain name: TokenData checked it
+    shards = {name: [shard["sha256"] for shard in split["shards"]] for name, split in sorted(data.manifest["splits"].items())}
+    return {"model": shape,
+            "tokenizer": {"kind": data.tokenizer.kind, "vocab_size": data.vocab_size,
+                          "sha256": checkpoint.sha256_file(tokenizer_file)},
+            "data": {"sha256": hashlib.sha256(json.dumps(shards).encode()).hexdigest(), "path": str(data.path)}}
+
+
+def identity_differences(saved: dict, current: dict, allow_data_change: bool) -> list[str]:
+    """What differs between a checkpoint's identity and this process's, each with its fix."""
+    new_run = "start a new run with --run.dir=<new dir>"
+    differences = []
+    model = [f"model.{name} {saved['model'].get(name)} -> {value}" for name, value in current["model"].items()
+             if saved["model"].get(name) != value]
+    if model:
+        differences.append(f"the model differs ({', '.join(model)}): drop those overrides to resume, or {new_run}")
+    old, new = saved["tokenizer"], current["tokenizer"]
+    if old != new:
+        differences.append(f"the tokenizer differs ({old['kind']}, {old['vocab_size']} tokens, sha256 {old['sha256'][:12]} -> "
+                           f"{new['kind']}, {new['vocab_size']} tokens, sha256 {new['sha256'][:12]}): a run cannot change "
+                           f"its tokenizer; {new_run}")
+    old, new = saved["data"], current["data"]
+    if old["sha256"] != new["sha256"] and not allow_data_change:
+        differences.append(f"the data differs ({old['path']} -> {new['path']}, other shards): to continue on it on "
+                           f"purpose pass --data.allow_change=true, or {new_run}")
+    return differences
+
+
+class CheckpointManager:
+    """Saves every train.checkpoint_every steps (in the background unless
+    train.async_checkpoint=false), writes the final checkpoint, and restores the latest one
+    for a resume or a rollback."""
+
+    def __init__(self, cfg: Config, run_dir: RunDir, parallel, optimizers: list, loader: BatchLoader,
+                 state: TrainState, *, model_args: ModelArgs, data: TokenData, layout: dict, tokens_per_step: int,
+                 faults, event, is_main: bool):
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.parallel, self.optimizers, self.loader, self.state = parallel, optimizers, loader, state
+        self.model_args, self.data, self.layout, self.tokens_per_step = model_args, data, layout, tokens_per_step
+        self.event, self.is_main = event, is_main
+        # Kept for this process's own restores: resume clears the config's switch so that
+        # config.json does not carry it, and a rollback may return to the checkpoint it allowed.
+        self.allow_data_change = cfg.data.allow_change
+        self.cost_s = self.assumed_cost_s()  # one checkpoint from its start to its commit, for the time limit
+        self.cost_measured = False
+        t = cfg.train
+        self.every = t.checkpoint_every
+        self.checkpointer = checkpoint.Checkpointer(run_dir.checkpoints, t.keep_checkpoints, t.async_checkpoint,
+                                                    faults=faults, on_event=self.on_checkpoint_event)
+
+    @property
+    def directory(self) -> Path:
+        return self.run_dir.checkpoints
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0
+
+    # -- saving -----------------------------------------------------------------------------
+    def trainer_state(self) -> dict:
+        s = self.state
+        return {"step": s.step, "loader": self.loader.state_dict(), "train_time_s": s.train_time_s,
+                "tokens_seen": s.step * self.tokens_per_step, "layout": self.layout,
+                "schedule_steps": s.schedule_steps, "identity": self.identity}
+
+    def save(self) -> float:
+        """Start a checkpoint of the current step; returns the seconds training stalled for it."""
+        return self.checkpointer.save(self.state.step, self.parallel.parts, self.optimizers, self.trainer_state())
+
+    def final_checkpoint(self) -> None:
+        """A checkpoint the process must not exit without: save and wait for the commit."""
+        started = time.perf_counter()
+        self.save()
+        if not self.checkpointer.wait():
+            raise checkpoint.CheckpointWriteError(
+                f"the checkpoint at step {self.state.step} could not be written ({self.checkpointer.last_failure}); "
+                f"the run can resume from the previous one once the storage is fixed")
+        if self.checkpointer.async_save:
+            self.event({"event": "final_checkpoint_wait", "step": self.state.step,
+                        "wait_s": time.perf_counter() - started})
+
+    def finish(self, trained: bool) -> None:
+        """The end of the loop: the final checkpoint if this process trained (or its run has
+        none yet); otherwise the latest checkpoint already holds this state."""
+        if trained:
+            self.final_checkpoint()
+        else:
+            self.checkpointer.wait()
+
+    def close(self) -> None:
+        self.checkpointer.close()
+
+    # -- restoring --------------------------------------------------------------------------
+    def resume(self) -> bool:
+        """Continue from the latest checkpoint, if the run has one: weights, optimizer state,
+        step, data position and schedule."""
+        restored = self._restore()
+        # A one-time switch: config.json, written next, keeps it false, so that a later resume
+        # on yet other data is refused again.
+        self.cfg.data.allow_change = False
+        if restored is None:
+            return False
+        self.state.schedule_steps = schedule_horizon(self.cfg.train, restored.get("schedule_steps"))
+        trained_on = restored.get("identity", {}).get("data")
+        if trained_on is None or trained_on["sha256"] == self.identity["data"]["sha256"]:
+            self.loader.load_state_dict(restored["loader"])
+        # else other data, as data.allow_change asked: its position means nothing there; read it from the start
+        return True
+
+    def roll_back(self) -> dict | None:
+        """Back to the latest checkpoint's weights and step (None: there is none yet), while the
+        data goes on past the window that failed."""
+        self.checkpointer.wait()
+        position = self.loader.state_dict()
+        restored = self._restore()
+        if restored is not None:
+            self.loader.load_state_dict(position)
+        return restored
+
+    def _restore(self) -> dict | None:
+        """Load the latest checkpoint that verifies and matches this run; sets the step and
+        training time it was saved at and returns its trainer state."""
+        restored = checkpoint.restore(self.directory, self.parallel.parts, self.optimizers, report=self.report,
+                                      group=self.checkpointer.group, check=self.check_identity)
+        if restored is None:
+            return None
+        saved = restored[1]
+        self.state.step, self.state.train_time_s = saved["step"], saved.get("train_time_s", 0.0)
+        return saved
+
+    @cached_property
+    def identity(self) -> dict:
+        """The model shape, tokenizer and data a resume must match."""
+        return identity(self.model_args, self.data)
+
+    def check_identity(self, path: Path, state: dict) -> None:
+        """Refuse to resume checkpoint `path` with another model, tokenizer or data than it was
+        trained with (before any tensor is loaded). A checkpoint written before identities were
+        saved has none: its tensors' shapes are still checked as it loads."""
+        if "identity" not in state:
+            return
+        try:
+            differences = identity_differences(state["identity"], self.identity, self.allow_data_change)
+        except (KeyError, TypeError, AttributeError) as err:  # damaged like any unreadable file: an older one may do
+            raise checkpoint.CheckpointError(f"its {checkpoint.STATE_FILE} holds a malformed identity "
+                                             f"({type(err).__name__}: {err})") from None
+        if differences:
+            raise checkpoint.CheckpointMismatch(f"cannot resume {self.run_dir.path} from {path.name}: "
+                                                + "; ".join(differences))
+
+    def report(self, message: str) -> None:
+        if self.is_main:
+            print(f"gigatrain: {message}", file=sys.stderr, flush=True)
+            self.event({"event": "checkpoint_report", "message": message})
+
+    # -- cost (the time limit leaves room for the final checkpoint) --------------------------------
+    def assumed_cost_s(self) -> float:
+        """A checkpoint's cost until one is measured: this rank's weights and two AdamW moments
+        at ASSUMED_WRITE_BYTES_PER_S, plus a second for DCP's planning and commit."""
+        local = (p.to_local() if hasattr(p, "to_local") else p for p in self.parallel.parameters())
+        return 1.0 + 3 * sum(p.numel() * p.element_size() for p in local) / ASSUMED_WRITE_BYTES_PER_S
+
+    def on_checkpoint_event(self, record: dict) -> None:
+        if record["event"] == "checkpoint":  # the first measurement replaces the assumption
+            seen = self.cost_s if self.cost_measured else 0.0
+            self.cost_s, self.cost_measured = max(seen, record["write_s"]), True
+        self.event(record)
+
+
+@dataclass
+class LoadedRun:
+    cfg: Config
+    model: Transformer
+    tokenizer: object
+    step: int
+    device: torch.device
+
+
+def load_run(path: Path, device: torch.device) -> LoadedRun:
+    """The latest checkpoint of a run, ready for evaluation or sampling (one process). It
+    changes nothing in the run directory: a training run may be writing beside it."""
+    run_dir = RunDir(path)
+    run_dir.require_run()
+    cfg = from_dict(run_dir.read_config())
+    args = ModelArgs(**run_dir.read_run_info()["model_args"])
+    with torch.device(device):
+        model = Transformer(args)
+    restored = checkpoint.restore(run_dir.checkpoints, [model], report=_warn, repair=False)
+    if restored is None:
+        raise ConfigError(f"{path} has no checkpoint yet; train it first (gigatrain train --run.dir={path})")
+    return LoadedRun(cfg=cfg, model=model, tokenizer=load_tokenizer(run_dir.tokenizer), step=restored[1]["step"],
+                     device=device)
+
+
+def _warn(message: str) -> None:
+    print(f"gigatrain: warning: {message}", file=sys.stderr)
