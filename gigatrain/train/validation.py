@@ -49,7 +49,7 @@ def end_plan(costs: EndCosts, eval_batches: int, samples: int, time_limit_s: flo
         return eval_batches, samples
     share = END_SHARE * time_limit_s
     batches = min(eval_batches, max(1, int(share / max(costs.eval_batch_s, 1e-9))))
-    left = share - batches * costs.eval_batch_s
+    left = max(0.0, share - batches * costs.eval_batch_s)  # the one batch may overrun the share
     return batches, min(samples, int(left / costs.sample_s) if costs.sample_s else samples)
 
 

@@ -30,6 +30,7 @@ def test_without_a_time_limit_the_end_does_everything():
     (EndCosts(eval_batch_s=2.0, sample_s=1.0), (5, 0)),  # 10% of 100 s: five batches fill it
     (EndCosts(eval_batch_s=0.5, sample_s=2.0), (8, 3)),  # all 8 batches (4 s), 6 s left: 3 samples
     (EndCosts(eval_batch_s=0.5, sample_s=0.0), (8, 4)),  # samples not measured: all of them
+    (EndCosts(eval_batch_s=50.0, sample_s=1.0), (1, 0)),  # at least one batch, even over the share
 ])
 def test_under_a_time_limit_the_end_gets_a_tenth_of_it_evaluation_first(costs, plan):
     assert end_plan(costs, eval_batches=8, samples=4, time_limit_s=100) == plan
