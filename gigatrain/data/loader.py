@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gigatrain.data import DataError
+from gigatrain.data.errors import DataError
 from gigatrain.data.prepare import FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE
 from gigatrain.data.tokenizers import Tokenizer, load_tokenizer
 

@@ -52,7 +52,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gigatrain.data import DataError
+from gigatrain.data.errors import DataError
 from gigatrain.data.tokenizers import ENCODE_BATCH_CHARS, TOKENIZER_FILE, Tokenizer, make_tokenizer
 from gigatrain.paths import NO_SPACE_ERRNOS
 
