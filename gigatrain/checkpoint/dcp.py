@@ -27,7 +27,6 @@ under another.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -54,7 +53,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from gigatrain.paths import NO_SPACE_ERRNOS, write_atomic
+from gigatrain.paths import NO_SPACE_ERRNOS, sha256_file, write_atomic
 
 STATE_FILE = "trainer_state.json"
 LATEST_FILE = "latest"
@@ -117,7 +116,6 @@ def _optimizer_tensors(parts: list[nn.Module], optimizers: list[torch.optim.Opti
 
 MANIFEST_FILE = "manifest.json"
 CORRUPT_PREFIX = "corrupt-"
-HASH_CHUNK = 8 << 20
 
 
 def _rank_and_world(group=None) -> tuple[int, int]:
@@ -133,14 +131,6 @@ def _gather(value, group=None) -> list:
     out = [None] * dist.get_world_size(group)
     dist.all_gather_object(out, value, group=group)
     return out
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while chunk := file.read(HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _checkpoint_files(folder: Path) -> list[str]:
