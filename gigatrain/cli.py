@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gigatrain.fault import EXIT_USAGE
+from gigatrain.ranks import is_main_process, world_size
 from gigatrain.usage import Parser, UsageError, integer, number
 
 if TYPE_CHECKING:
@@ -37,7 +38,7 @@ def _report(line: str) -> None:
     Every torchrun worker meets the same config, usage or data error: rank 0 reports it, and
     torchrun then stops the others, which wait for that and so stay silent. A worker still
     running after DEFER_TO_RANK0_S reports its own error: it may be one that rank 0 did not meet."""
-    if "TORCHELASTIC_RUN_ID" in os.environ and os.environ.get("RANK", "0") != "0":
+    if "TORCHELASTIC_RUN_ID" in os.environ and not is_main_process():
         time.sleep(DEFER_TO_RANK0_S)
     print(line, file=sys.stderr, flush=True)
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
@@ -79,7 +80,6 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     from gigatrain.checkpoint.dcp import CheckpointWriteError
     from gigatrain.fault import EXIT_CHECKPOINT_WRITE, EXIT_DIVERGED, EXIT_REQUEUE, EXIT_SIGINT
     from gigatrain.fault.guard import TrainingDiverged
-    from gigatrain.parallel.mesh import world_size
     from gigatrain.train.trainer import PREEMPTION_SIGNALS, process_start_time, resolve_run_config, train
 
     if args.world_size is not None and not args.dry_run:
@@ -109,13 +109,13 @@ def dry_run(cfg: Config, n_processes: int) -> int:
     from gigatrain.data.loader import TokenData
     from gigatrain.fault.inject import ENV, FaultPlan
     from gigatrain.models.flops import param_counts
-    from gigatrain.parallel.mesh import AXES, global_rank, parallel_dims
+    from gigatrain.parallel.mesh import AXES, parallel_dims
     from gigatrain.train import rundir
 
     dims = parallel_dims(cfg, resolve_model_args(cfg), n_processes)
     data = TokenData(Path(cfg.data.path), verify=False) if cfg.data.path else None
     FaultPlan.from_env(cfg.run_dir, 0, n_processes)  # the faults to rehearse, checked against the world size
-    if global_rank() != 0:
+    if not is_main_process():
         return 0  # under torchrun, one report
     model = resolve_model_args(cfg, vocab_size=data.vocab_size if data else None)
     counts = param_counts(model)

@@ -42,8 +42,9 @@ from gigatrain.metrics.plots import plot_run
 from gigatrain.models.flops import param_counts, training_flops_per_token
 from gigatrain.models.transformer import Transformer
 from gigatrain.parallel import parallelize
-from gigatrain.parallel.mesh import AXES, global_rank, init_distributed, is_main_process, parallel_dims
+from gigatrain.parallel.mesh import AXES, init_distributed, parallel_dims
 from gigatrain.paths import cache_dir
+from gigatrain.ranks import global_rank, is_main_process
 from gigatrain.train import rundir
 from gigatrain.train.evaluate import generate, sample_text
 from gigatrain.train.optim import build_optimizer
