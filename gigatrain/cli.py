@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from gigatrain.fault import EXIT_USAGE
 from gigatrain.ranks import is_main_process, world_size
-from gigatrain.usage import Parser, UsageError, integer, number
+from gigatrain.usage import Parser, UsageError, number
 
 if TYPE_CHECKING:
     from gigatrain.config import Config
@@ -330,36 +330,40 @@ def build_parser() -> Parser:
     p.add_argument("--dry-run", action="store_true",
                    help="check the config, the parallel layout, the data folder and GIGATRAIN_FAULT, print what would "
                         "run, and exit without training")
-    p.add_argument("--world-size", type=integer(1, "pass the number of processes, e.g. --world-size 32"), default=None,
-                   metavar="N",
+    p.add_argument("--world-size", type=number("pass the number of processes, e.g. --world-size 32", minimum=1, integer=True),
+                   default=None, metavar="N",
                    help="with --dry-run: the number of processes to check the layout for, as torchrun's --nnodes x "
                         "--nproc-per-node would start (default: $WORLD_SIZE under torchrun, else 1)")
 
     devices = ["auto", "cpu", "cuda"]
+    run_dir_help = "a training run's directory (its run.dir, e.g. runs/<name>)"
     p = sub.add_parser("eval", help="loss and bits per byte of a run's latest checkpoint on a text",
                        description="Evaluate the latest checkpoint of a run on any text: prints one JSON line with "
                                    "loss (nats/token) and bits_per_byte.")
-    p.add_argument("run_dir", help="a training run's directory (its run.dir, e.g. runs/<name>)")
+    p.add_argument("run_dir", help=run_dir_help)
     p.add_argument("--text", nargs="+", required=True, help="text file(s), folder(s) or glob(s)")
     p.add_argument("--text-field", default="text", help="the text field of .jsonl / column of .parquet")
-    p.add_argument("--batch-size", type=integer(1, "use 1 or more sequences per forward pass"), default=8, metavar="N",
+    p.add_argument("--batch-size", type=number("use 1 or more sequences per forward pass", minimum=1, integer=True),
+                   default=8, metavar="N",
                    help="sequences of data.seq_len tokens per forward pass")
     p.add_argument("--device", default="auto", choices=devices, help="auto: cuda where available, else cpu")
 
     p = sub.add_parser("generate", help="sample text from a run's latest checkpoint",
                        description="Sample text from the latest checkpoint of a run; prints the prompt and its "
                                    "continuation.")
-    p.add_argument("run_dir", help="a training run's directory (its run.dir, e.g. runs/<name>)")
+    p.add_argument("run_dir", help=run_dir_help)
     p.add_argument("--prompt", default="", help="the text to continue; empty: a new document")
-    p.add_argument("--max-new-tokens", type=integer(1, "use 1 or more tokens"), default=200, metavar="N",
+    p.add_argument("--max-new-tokens", type=number("use 1 or more tokens", minimum=1, integer=True), default=200,
+                   metavar="N",
                    help="tokens to sample at most (fewer if the model ends the document)")
     p.add_argument("--temperature", type=number("use 0 (greedy: always the likeliest token) or a positive temperature such as 0.8"),
                    default=0.8, metavar="T",
                    help="sampling temperature; 0: greedy, always the likeliest token")
-    p.add_argument("--top-k", type=integer(0, "use 0 (no top-k filtering) or a positive number of tokens"), default=50,
-                   metavar="K",
+    p.add_argument("--top-k", type=number("use 0 (no top-k filtering) or a positive number of tokens", integer=True),
+                   default=50, metavar="K",
                    help="sample among the k likeliest tokens only; 0: among all")
-    p.add_argument("--num-samples", type=integer(1, "use 1 or more samples"), default=1, metavar="N",
+    p.add_argument("--num-samples", type=number("use 1 or more samples", minimum=1, integer=True), default=1,
+                   metavar="N",
                    help="samples to print")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
     p.add_argument("--device", default="auto", choices=devices, help="auto: cuda where available, else cpu")
@@ -367,7 +371,7 @@ def build_parser() -> Parser:
     p = sub.add_parser("report", help="summarise a run and redraw its plots",
                        description="Print a run's summary (steps, losses, tokens/s, MFU, goodput, restarts) and "
                                    "redraw loss.png and throughput.png in its directory.")
-    p.add_argument("run_dir", help="a training run's directory (its run.dir, e.g. runs/<name>)")
+    p.add_argument("run_dir", help=run_dir_help)
 
     sub.add_parser("plan", help="plan a cluster: layout, days, MW, cost (gigatrain plan --help)", add_help=False)
     _launch_parsers(sub)

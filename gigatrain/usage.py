@@ -1,5 +1,5 @@
 """The command lines' argument parsing (`gigatrain ...` and `gigatrain plan ...`): a parser that
-raises UsageError instead of exiting, the help layout, and the number types of the options.
+raises UsageError instead of exiting, the help layout, and the types of the options' numbers.
 
 Every bad input then ends the same way in both programs: one line, `gigatrain: error: ...`,
 and exit code 2 (fault.EXIT_USAGE), printed by the program's `main`.
@@ -38,27 +38,15 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 
-def integer(minimum: int, fix: str):
-    """An argparse type: an integer of at least `minimum`; `fix` says what to pass instead."""
-    def parse(text: str) -> int:
+def number(fix: str, minimum: float = 0, integer: bool = False, above: bool = False):
+    """An argparse type: a finite number (an integer if `integer`) of at least `minimum`, or above
+    it if `above`; `fix`, in the error, says what to pass instead."""
+    def parse(text: str):
         try:
-            value = int(text)
+            value = int(text) if integer else float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer; {fix}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{value} is not valid; {fix}")
-        return value
-    return parse
-
-
-def number(fix: str, positive: bool = False):
-    """An argparse type: a finite number, at least 0 (above 0 if `positive`); `fix` says what to pass instead."""
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number; {fix}") from None
-        if not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if integer else 'a number'}; {fix}") from None
+        if not (math.isfinite(value) and (value > minimum if above else value >= minimum)):
             raise argparse.ArgumentTypeError(f"{text} is not valid; {fix}")
         return value
     return parse

@@ -21,7 +21,7 @@ from gigatrain.fault import EXIT_USAGE
 from gigatrain.usage import Parser, UsageError, count, number
 
 # Prices, lifetimes, MTBFs, bandwidths: above zero.
-_positive = number("use a positive number", positive=True)
+_positive = number("use a positive number", above=True)
 
 
 def build_parser() -> Parser:
