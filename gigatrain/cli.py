@@ -9,45 +9,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from gigatrain.fault import EXIT_USAGE
+from gigatrain.ranks import is_main_process, world_size
+from gigatrain.usage import Parser, UsageError, number
+
 if TYPE_CHECKING:
     from gigatrain.config import Config
 
-EXIT_USAGE = 2
 # How long a torchrun worker other than rank 0 waits, after an error, for torchrun to stop it
 # (rank 0, meeting the same error, reports it and exits) before it reports the error itself.
 DEFER_TO_RANK0_S = 10.0
-
-
-class UsageError(Exception):
-    """Raised instead of argparse's exit, so every bad input ends the same way."""
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Each option's default after its help (unless it has none, is off, or the help already
-    says it); descriptions and epilogs (examples, the config keys) keep their line breaks."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        default = action.default
-        if action.option_strings and "default" not in text and not (default is None or default is False or
-                                                                    default in ("", []) or default is argparse.SUPPRESS):
-            text += " (default: %(default)s)"
-        return text
-
-
-class Parser(argparse.ArgumentParser):
-    def __init__(self, *args, formatter_class=HelpFormatter, **kwargs):
-        super().__init__(*args, formatter_class=formatter_class, **kwargs)
-
-    def error(self, message: str):
-        raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 
 def _fail(message: str, code: int = EXIT_USAGE) -> int:
@@ -61,7 +38,7 @@ def _report(line: str) -> None:
     Every torchrun worker meets the same config, usage or data error: rank 0 reports it, and
     torchrun then stops the others, which wait for that and so stay silent. A worker still
     running after DEFER_TO_RANK0_S reports its own error: it may be one that rank 0 did not meet."""
-    if "TORCHELASTIC_RUN_ID" in os.environ and os.environ.get("RANK", "0") != "0":
+    if "TORCHELASTIC_RUN_ID" in os.environ and not is_main_process():
         time.sleep(DEFER_TO_RANK0_S)
     print(line, file=sys.stderr, flush=True)
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
@@ -73,30 +50,6 @@ def _report(line: str) -> None:
             Path(error_file).write_text(json.dumps(record))
         except OSError:
             pass  # the line is on stderr; torchrun's summary then says less
-
-
-def _integer(minimum: int, fix: str):
-    """An argparse type: an integer of at least `minimum`; `fix` says what to pass instead."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer; {fix}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{value} is not valid; {fix}")
-        return value
-    return parse
-
-
-def _temperature(text: str) -> float:
-    fix = "use 0 (greedy: always the likeliest token) or a positive temperature such as 0.8"
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number; {fix}") from None
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"{text} is not valid; {fix}")
-    return value
 
 
 # -- prepare --------------------------------------------------------------------------------
@@ -127,7 +80,6 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     from gigatrain.checkpoint.dcp import CheckpointWriteError
     from gigatrain.fault import EXIT_CHECKPOINT_WRITE, EXIT_DIVERGED, EXIT_REQUEUE, EXIT_SIGINT
     from gigatrain.fault.guard import TrainingDiverged
-    from gigatrain.parallel.mesh import world_size
     from gigatrain.rundir import resolve_run_config
     from gigatrain.train.stopping import PREEMPTION_SIGNALS, process_start_time
     from gigatrain.train.trainer import train
@@ -159,13 +111,14 @@ def dry_run(cfg: Config, n_processes: int) -> int:
     from gigatrain.data.loader import TokenData
     from gigatrain.fault.inject import ENV, FaultPlan
     from gigatrain.models.flops import param_counts
-    from gigatrain.parallel.mesh import AXES, global_rank, parallel_dims
+    from gigatrain.parallel.mesh import AXES, parallel_dims
+    from gigatrain.ranks import global_rank
     from gigatrain.rundir import RunDir
 
     dims = parallel_dims(cfg, resolve_model_args(cfg), n_processes)
     data = TokenData(Path(cfg.data.path), verify=False) if cfg.data.path else None
     FaultPlan.from_env(cfg.run_dir, 0, n_processes)  # the faults to rehearse, checked against the world size
-    if global_rank() != 0:
+    if not is_main_process():
         return 0  # under torchrun, one report
     model = resolve_model_args(cfg, vocab_size=data.vocab_size if data else None)
     counts = param_counts(model)
@@ -380,35 +333,40 @@ def build_parser() -> Parser:
     p.add_argument("--dry-run", action="store_true",
                    help="check the config, the parallel layout, the data folder and GIGATRAIN_FAULT, print what would "
                         "run, and exit without training")
-    p.add_argument("--world-size", type=_integer(1, "pass the number of processes, e.g. --world-size 32"), default=None,
-                   metavar="N",
+    p.add_argument("--world-size", type=number("pass the number of processes, e.g. --world-size 32", minimum=1, integer=True),
+                   default=None, metavar="N",
                    help="with --dry-run: the number of processes to check the layout for, as torchrun's --nnodes x "
                         "--nproc-per-node would start (default: $WORLD_SIZE under torchrun, else 1)")
 
     devices = ["auto", "cpu", "cuda"]
+    run_dir_help = "a training run's directory (its run.dir, e.g. runs/<name>)"
     p = sub.add_parser("eval", help="loss and bits per byte of a run's latest checkpoint on a text",
                        description="Evaluate the latest checkpoint of a run on any text: prints one JSON line with "
                                    "loss (nats/token) and bits_per_byte.")
-    p.add_argument("run_dir", help="a training run's directory (its run.dir, e.g. runs/<name>)")
+    p.add_argument("run_dir", help=run_dir_help)
     p.add_argument("--text", nargs="+", required=True, help="text file(s), folder(s) or glob(s)")
     p.add_argument("--text-field", default="text", help="the text field of .jsonl / column of .parquet")
-    p.add_argument("--batch-size", type=_integer(1, "use 1 or more sequences per forward pass"), default=8, metavar="N",
+    p.add_argument("--batch-size", type=number("use 1 or more sequences per forward pass", minimum=1, integer=True),
+                   default=8, metavar="N",
                    help="sequences of data.seq_len tokens per forward pass")
     p.add_argument("--device", default="auto", choices=devices, help="auto: cuda where available, else cpu")
 
     p = sub.add_parser("generate", help="sample text from a run's latest checkpoint",
                        description="Sample text from the latest checkpoint of a run; prints the prompt and its "
                                    "continuation.")
-    p.add_argument("run_dir", help="a training run's directory (its run.dir, e.g. runs/<name>)")
+    p.add_argument("run_dir", help=run_dir_help)
     p.add_argument("--prompt", default="", help="the text to continue; empty: a new document")
-    p.add_argument("--max-new-tokens", type=_integer(1, "use 1 or more tokens"), default=200, metavar="N",
+    p.add_argument("--max-new-tokens", type=number("use 1 or more tokens", minimum=1, integer=True), default=200,
+                   metavar="N",
                    help="tokens to sample at most (fewer if the model ends the document)")
-    p.add_argument("--temperature", type=_temperature, default=0.8, metavar="T",
+    p.add_argument("--temperature", type=number("use 0 (greedy: always the likeliest token) or a positive temperature such as 0.8"),
+                   default=0.8, metavar="T",
                    help="sampling temperature; 0: greedy, always the likeliest token")
-    p.add_argument("--top-k", type=_integer(0, "use 0 (no top-k filtering) or a positive number of tokens"), default=50,
-                   metavar="K",
+    p.add_argument("--top-k", type=number("use 0 (no top-k filtering) or a positive number of tokens", integer=True),
+                   default=50, metavar="K",
                    help="sample among the k likeliest tokens only; 0: among all")
-    p.add_argument("--num-samples", type=_integer(1, "use 1 or more samples"), default=1, metavar="N",
+    p.add_argument("--num-samples", type=number("use 1 or more samples", minimum=1, integer=True), default=1,
+                   metavar="N",
                    help="samples to print")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
     p.add_argument("--device", default="auto", choices=devices, help="auto: cuda where available, else cpu")
@@ -416,7 +374,7 @@ def build_parser() -> Parser:
     p = sub.add_parser("report", help="summarise a run and redraw its plots",
                        description="Print a run's summary (steps, losses, tokens/s, MFU, goodput, restarts) and "
                                    "redraw loss.png and throughput.png in its directory.")
-    p.add_argument("run_dir", help="a training run's directory (its run.dir, e.g. runs/<name>)")
+    p.add_argument("run_dir", help=run_dir_help)
 
     sub.add_parser("plan", help="plan a cluster: layout, days, MW, cost (gigatrain plan --help)", add_help=False)
     _launch_parsers(sub)

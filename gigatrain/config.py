@@ -172,25 +172,14 @@ def _coerce(key: str, value: object, tp: object, from_text: bool) -> object:
         if from_text and str(value).lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
             return str(value).lower() in ("true", "1", "yes", "on")
         raise bad
-    if tp is int:
-        if isinstance(value, bool):
+    if tp in (int, float):
+        if isinstance(value, bool):  # an int to Python, never a number in a config
             raise bad
-        if isinstance(value, int):
-            return value
+        if isinstance(value, int) or (tp is float and isinstance(value, float)):  # an int is a valid float
+            return tp(value)
         if from_text:
             try:
-                return int(str(value).replace("_", ""))
-            except ValueError:
-                raise bad from None
-        raise bad
-    if tp is float:
-        if isinstance(value, bool):
-            raise bad
-        if isinstance(value, (int, float)):
-            return float(value)
-        if from_text:
-            try:
-                return float(value)
+                return tp(str(value).replace("_", ""))
             except ValueError:
                 raise bad from None
         raise bad

@@ -1,13 +1,17 @@
-"""Where gigatrain keeps machine-wide caches (prepared default corpus, measured CPU peak)."""
+"""Files on disk, below every other module: where gigatrain keeps machine-wide caches (prepared
+default corpus, measured CPU peak), atomic writes, files' checksums and the full-disk errors."""
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 from pathlib import Path
 
 # The errors of a full disk or an exhausted quota, which gigatrain reports as "no space left".
 NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# Bytes read at a time when checksumming: shards and checkpoint files run to gigabytes.
+HASH_CHUNK = 8 << 20
 
 
 def cache_dir() -> Path:
@@ -29,3 +33,12 @@ def write_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def sha256_file(path: Path) -> str:
+    """The hex sha256 of a file's bytes, read in chunks (checkpoint manifests, data shards, tokenizers)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -93,7 +93,8 @@ def rehash(checkpoint_folder: Path) -> None:
     """What a tamperer does to pass verification: rewrite a checkpoint's manifest to match its files."""
     import json
 
-    from gigatrain.checkpoint.dcp import MANIFEST_FILE, sha256_file
+    from gigatrain.checkpoint.dcp import MANIFEST_FILE
+    from gigatrain.paths import sha256_file
 
     manifest = json.loads((checkpoint_folder / MANIFEST_FILE).read_text())
     for name in manifest["files"]:

@@ -27,7 +27,6 @@ under another.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -54,7 +53,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from gigatrain.paths import NO_SPACE_ERRNOS, write_atomic
+from gigatrain.paths import NO_SPACE_ERRNOS, sha256_file, write_atomic
+from gigatrain.ranks import is_main_process
 
 STATE_FILE = "trainer_state.json"
 LATEST_FILE = "latest"
@@ -92,10 +92,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _is_main() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
 def _barrier(group=None) -> None:
     if dist.is_initialized():
         dist.barrier(group=group)
@@ -117,7 +113,6 @@ def _optimizer_tensors(parts: list[nn.Module], optimizers: list[torch.optim.Opti
 
 MANIFEST_FILE = "manifest.json"
 CORRUPT_PREFIX = "corrupt-"
-HASH_CHUNK = 8 << 20
 
 
 def _rank_and_world(group=None) -> tuple[int, int]:
@@ -133,14 +128,6 @@ def _gather(value, group=None) -> list:
     out = [None] * dist.get_world_size(group)
     dist.all_gather_object(out, value, group=group)
     return out
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while chunk := file.read(HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _checkpoint_files(folder: Path) -> list[str]:
@@ -280,7 +267,7 @@ class Checkpointer:
         self.wait()
         final = self.directory / checkpoint_name(step)
         tmp = self.directory / (TMP_PREFIX + final.name)
-        if _is_main():
+        if is_main_process():
             self.directory.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
         _barrier(self.group)
@@ -346,7 +333,7 @@ class Checkpointer:
                 share = _describe(_named_if_disk_full(err, tmp))
         shares = _gather(share if error is None else _describe(error), self.group)
         failed = next((s for s in shares if isinstance(s, str)), None)
-        if failed is None and _is_main():
+        if failed is None and is_main_process():
             try:
                 self._commit(step, tmp, final, trainer_state, {k: v for s in shares for k, v in s.items()})
             except OSError as err:
@@ -356,13 +343,13 @@ class Checkpointer:
         if failed is not None:
             self.failures += 1
             self.last_failure = failed
-            if _is_main():
+            if is_main_process():
                 shutil.rmtree(tmp, ignore_errors=True)
                 self.on_event({"event": "checkpoint_failed", "step": step, "error": failed, "stall_s": stall_s})
                 print(f"gigatrain: warning: checkpoint at step {step} was not written ({failed}); "
                       f"its partial files were removed and the previous checkpoint stands", file=sys.stderr, flush=True)
             return False
-        if _is_main():
+        if is_main_process():
             self.on_event({"event": "checkpoint", "step": step, "async": stall is not None, "stall_s": stall_s,
                            "write_s": time.perf_counter() - started})
         return True
@@ -487,7 +474,7 @@ def restore(directory: Path, parts: list[nn.Module], optimizers: list[torch.opti
     a mismatch (of `check` or of the tensors' shapes) ends the search: an older checkpoint
     of the same run would not match either.
     """
-    if repair and _is_main():
+    if repair and is_main_process():
         for stale in partial(directory):
             report(f"removing {stale.name}: a checkpoint whose writer stopped before committing it")
             shutil.rmtree(stale, ignore_errors=True)
@@ -506,7 +493,7 @@ def restore(directory: Path, parts: list[nn.Module], optimizers: list[torch.opti
             except CheckpointError as err:
                 problem = str(err)
             else:
-                if repair and problems and _is_main():
+                if repair and problems and is_main_process():
                     for bad in problems:
                         bad.rename(bad.with_name(CORRUPT_PREFIX + bad.name))
                     write_atomic(directory / LATEST_FILE, path.name + "\n")

@@ -7,17 +7,8 @@
     inputs, targets = loader.next_batch()            # int64 [32, 256] each
 """
 
-
-class DataError(ValueError):
-    """A problem the user can fix (bad path, corrupt shard, too little data).
-
-    The message is one line naming the bad file or value and how to fix it; the CLI
-    prints it as `gigatrain: error: ...` and exits with status 2.
-    """
-
-
-# Imported after DataError so that the submodules can import it from here.
-from gigatrain.data.tokenizers import (  # noqa: E402
+from gigatrain.data.errors import DataError
+from gigatrain.data.tokenizers import (
     Tokenizer,
     from_tokenizer_json,
     load_tokenizer,
@@ -27,8 +18,8 @@ from gigatrain.data.tokenizers import (  # noqa: E402
 # `gigatrain.data.prepare` stays the module (not shadowed by its function, which would
 # break `import gigatrain.data.prepare as m` and monkeypatching): call the function as
 # `from gigatrain.data.prepare import prepare`.
-from gigatrain.data.prepare import default_corpus_files, ensure_default_data  # noqa: E402
-from gigatrain.data.loader import BatchLoader, TokenData, TokenSplit, eval_batches  # noqa: E402
+from gigatrain.data.prepare import default_corpus_files, ensure_default_data
+from gigatrain.data.loader import BatchLoader, TokenData, TokenSplit, eval_batches
 
 __all__ = [
     "DataError",

@@ -18,7 +18,6 @@ three ints, and resuming reproduces the batches exactly.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,9 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gigatrain.data import DataError
+from gigatrain.data.errors import DataError
 from gigatrain.data.prepare import FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE
 from gigatrain.data.tokenizers import Tokenizer, load_tokenizer
+from gigatrain.paths import sha256_file
 
 DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 
@@ -82,14 +82,6 @@ class TokenSplit:
         for row in np.flatnonzero(~inside):
             out[row] = self.read(int(starts[row]), int(starts[row]) + length)
         return out
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while chunk := file.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _read_manifest(folder: Path) -> dict:
@@ -163,7 +155,7 @@ class TokenData:
         actual_bytes = file.stat().st_size
         if actual_bytes != expected_bytes:
             raise DataError(f"shard {file} has {actual_bytes} bytes, expected {expected_bytes} ({tokens} tokens): it is truncated or damaged; re-run `gigatrain prepare ... --overwrite`")
-        if sha256 is not None and _sha256(file) != sha256:
+        if sha256 is not None and sha256_file(file) != sha256:
             raise DataError(f"shard {file} is corrupted (sha256 differs from the manifest): re-run `gigatrain prepare ... --overwrite`")
 
     def check_token_range(self) -> None:

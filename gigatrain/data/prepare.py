@@ -52,9 +52,9 @@ from pathlib import Path
 
 import numpy as np
 
-from gigatrain.data import DataError
+from gigatrain.data.errors import DataError
 from gigatrain.data.tokenizers import ENCODE_BATCH_CHARS, TOKENIZER_FILE, Tokenizer, make_tokenizer
-from gigatrain.paths import NO_SPACE_ERRNOS
+from gigatrain.paths import NO_SPACE_ERRNOS, sha256_file
 
 MANIFEST_FILE = "manifest.json"
 DEFAULT_VOCAB_SIZE = 4096
@@ -646,7 +646,7 @@ def _default_data_key(tokenizer: str, vocab_size: int) -> str:
     else:
         make_tokenizer(tokenizer)  # a clear error for a bad spec
         file = Path(tokenizer) / TOKENIZER_FILE if Path(tokenizer).is_dir() else Path(tokenizer)
-        spec = "json-" + hashlib.sha256(file.read_bytes()).hexdigest()[:12]
+        spec = "json-" + sha256_file(file)[:12]
     return f"stdlib-py{platform.python_version()}-{spec}-v{FORMAT_VERSION}"
 
 

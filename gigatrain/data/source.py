@@ -12,6 +12,7 @@ from gigatrain.data import DataError
 from gigatrain.data.loader import TokenData
 from gigatrain.data.prepare import ensure_default_data
 from gigatrain.paths import cache_dir
+from gigatrain.ranks import is_main_process
 
 
 def open_data(cfg: Config) -> TokenData:
@@ -28,8 +29,7 @@ def open_data_once(cfg: Config) -> TokenData:
     if not torch.distributed.is_initialized():
         return open_data(cfg)
     data, outcome = None, [None]
-    # The group exists here, so its rank is the process's (data/ sits below parallel/'s helpers).
-    if torch.distributed.get_rank() == 0:
+    if is_main_process():
         try:
             data = open_data(cfg)
         except (DataError, ConfigError) as err:

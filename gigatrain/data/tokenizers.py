@@ -42,7 +42,7 @@ import numpy as np
 import tokenizers as hf
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from gigatrain.data import DataError
+from gigatrain.data.errors import DataError
 
 TOKENIZER_FILE = "tokenizer.json"
 EOT_TOKEN = "<|endoftext|>"

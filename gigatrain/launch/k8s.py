@@ -121,6 +121,15 @@ def pod_volumes(job: Job, volumes: list[tuple[str, str]]) -> list[dict]:
               for i, (claim, _) in enumerate(volumes))]
 
 
+def pod_template(job: Job, kind: str, image: str, volumes: list[tuple[str, str]], **spec) -> dict:
+    """The pod each node runs: the kind's own `spec` fields, then the grace period, the container
+    and the volumes."""
+    return {"metadata": {"labels": _labels(job)},
+            "spec": {**spec, "terminationGracePeriodSeconds": GRACE_S,
+                     "containers": [container(job, kind, image, volumes)],
+                     "volumes": pod_volumes(job, volumes)}}
+
+
 def config_map(job: Job, namespace: str) -> dict:
     return {"apiVersion": "v1", "kind": "ConfigMap",
             "metadata": {"name": f"{job.name}-config", "namespace": namespace, "labels": _labels(job)},
@@ -132,10 +141,7 @@ def _labels(job: Job) -> dict:
 
 
 def pytorchjob(job: Job, image: str, namespace: str, volumes: list[tuple[str, str]]) -> dict:
-    pod = {"metadata": {"labels": _labels(job)},
-           "spec": {"terminationGracePeriodSeconds": GRACE_S,
-                    "containers": [container(job, "pytorchjob", image, volumes)],
-                    "volumes": pod_volumes(job, volumes)}}
+    pod = pod_template(job, "pytorchjob", image, volumes)
     return {"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob",
             "metadata": {"name": job.name, "namespace": namespace, "labels": _labels(job)},
             "spec": {"nprocPerNode": str(job.procs_per_node),
@@ -149,12 +155,9 @@ def pytorchjob(job: Job, image: str, namespace: str, volumes: list[tuple[str, st
 
 
 def jobset(job: Job, image: str, namespace: str, volumes: list[tuple[str, str]]) -> dict:
-    pod = {"metadata": {"labels": _labels(job)},
-           "spec": {"subdomain": job.name,  # the JobSet's headless service: <pod hostname>.<jobset>
-                    "restartPolicy": "Never",  # a failed pod fails its Job; the JobSet restarts them all
-                    "terminationGracePeriodSeconds": GRACE_S,
-                    "containers": [container(job, "jobset", image, volumes)],
-                    "volumes": pod_volumes(job, volumes)}}
+    pod = pod_template(job, "jobset", image, volumes,
+                       subdomain=job.name,  # the JobSet's headless service: <pod hostname>.<jobset>
+                       restartPolicy="Never")  # a failed pod fails its Job; the JobSet restarts them all
     return {"apiVersion": "jobset.x-k8s.io/v1alpha2", "kind": "JobSet",
             "metadata": {"name": job.name, "namespace": namespace, "labels": _labels(job)},
             "spec": {"failurePolicy": {"maxRestarts": job.max_restarts},

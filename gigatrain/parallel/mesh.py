@@ -26,6 +26,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from gigatrain.config import Config, ConfigError
 from gigatrain.fault.watchdog import Watchdog
 from gigatrain.models.transformer import ModelArgs
+from gigatrain.ranks import global_rank, world_size
 
 AXES = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 MULTI_STAGE_SCHEDULES = ("Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble")
@@ -33,24 +34,6 @@ MULTI_STAGE_SCHEDULES = ("Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble"
 # (about 2 s in all) between a rank's looks for rank 0's confirmation before it reads the key again.
 CURRENT_START_KEY = "gigatrain/current_start"
 CONFIRM_PAUSES_S = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 0.5, 0.5)
-
-
-def world_size() -> int:
-    """Processes in this job: the process group's size, or torchrun's WORLD_SIZE before it exists."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def global_rank() -> int:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank()
-    return int(os.environ.get("RANK", "0"))
-
-
-def is_main_process() -> bool:
-    """Rank 0 alone prints, writes run files and metrics."""
-    return global_rank() == 0
 
 
 def resolve_degrees(cfg: Config, n_processes: int, model_args: ModelArgs) -> None:

@@ -17,38 +17,11 @@ import sys
 from dataclasses import asdict, fields
 from pathlib import Path
 
-EXIT_USAGE = 2
+from gigatrain.fault import EXIT_USAGE
+from gigatrain.usage import Parser, UsageError, count, number
 
-
-class UsageError(Exception):
-    """Raised instead of argparse's own exit so every bad input ends the same way."""
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise UsageError(message)
-
-
-def _count(what: str, integer: bool = False):
-    def parse(text: str):
-        from gigatrain.plan.units import parse_count, parse_int_count
-
-        try:
-            return parse_int_count(text, what) if integer else parse_count(text, what)
-        except ValueError as err:
-            raise argparse.ArgumentTypeError(str(err)) from None
-    parse.__name__ = what
-    return parse
-
-
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number")
-    return value
+# Prices, lifetimes, MTBFs, bandwidths: above zero.
+_positive = number("use a positive number", above=True)
 
 
 def build_parser() -> Parser:
@@ -56,25 +29,25 @@ def build_parser() -> Parser:
                epilog="defaults and their sources: gigatrain plan --sources; method: docs/planner.md")
     what = p.add_argument_group("what to train")
     what.add_argument("--model", help="a preset name (llama3-8b, llama3-70b, llama3-405b, ...) or a TOML config")
-    what.add_argument("--tokens", type=_count("tokens"), help="token budget, e.g. 15.6T or 300B (default: 20 per parameter)")
-    what.add_argument("--seq", type=_count("seq", integer=True), help="sequence length (default: the config's or model's)")
-    what.add_argument("--batch", type=_count("batch"), help="global batch in tokens, e.g. 16M (default: 16Mi, or the config's)")
+    what.add_argument("--tokens", type=count("tokens"), help="token budget, e.g. 15.6T or 300B (default: 20 per parameter)")
+    what.add_argument("--seq", type=count("seq", whole=True), help="sequence length (default: the config's or model's)")
+    what.add_argument("--batch", type=count("batch"), help="global batch in tokens, e.g. 16M (default: 16Mi, or the config's)")
     what.add_argument("--precision", choices=["bf16", "fp8"], default="bf16", help="which peak the matmuls run at")
     fleet = p.add_argument_group("fleet")
-    fleet.add_argument("--gpus", type=_count("gpus", integer=True), default=8, help="GPUs in the fleet, e.g. 16384 or 100k")
+    fleet.add_argument("--gpus", type=count("gpus", whole=True), default=8, help="GPUs in the fleet, e.g. 16384 or 100k")
     fleet.add_argument("--gpu", default="h100", help="catalog name: a100, h100, h200, b200, gb200, cpu")
     fleet.add_argument("--catalog", action="append", default=[], metavar="FILE", help="TOML file adding/overriding GPU entries")
     fleet.add_argument("--list-gpus", action="store_true", help="print the hardware catalog and exit")
     search = p.add_argument_group("layout search (fix any choice; the rest is searched)")
     for name in ("tp", "pp", "cp", "dp-shard", "dp-replicate"):
-        search.add_argument(f"--{name}", type=_count(name, integer=True))
-    search.add_argument("--mbs", type=_count("mbs", integer=True), help="micro-batch size (sequences)")
+        search.add_argument(f"--{name}", type=count(name, whole=True))
+    search.add_argument("--mbs", type=count("mbs", whole=True), help="micro-batch size (sequences)")
     search.add_argument("--schedule", choices=["1f1b", "interleaved", "zb", "gpipe"])
-    search.add_argument("--virtual-stages", type=_count("virtual-stages", integer=True))
+    search.add_argument("--virtual-stages", type=count("virtual-stages", whole=True))
     search.add_argument("--recompute", choices=["none", "selective", "full"])
     search.add_argument("--uneven-stages", action="store_true", help="allow pp not dividing the layers (gigatrain needs even)")
     search.add_argument("--exact", action="store_true", help="use exactly --gpus GPUs (default: leave some idle if the batch forces it)")
-    search.add_argument("--top", type=_count("top", integer=True), default=5, help="layouts to show")
+    search.add_argument("--top", type=count("top", whole=True), default=5, help="layouts to show")
     search.add_argument("--efficiency", metavar="FILE", help="efficiency factors from --calibrate --save-efficiency")
     cost = p.add_argument_group("power and cost (defaults: --sources)")
     cost.add_argument("--lease-price", type=_positive, help="USD per GPU-hour")
@@ -95,7 +68,7 @@ def build_parser() -> Parser:
     rel.add_argument("--restart-min", type=_positive, help="minutes to detect, reschedule and restart (plus checkpoint load)")
     rel.add_argument("--storage-bw", type=_positive, help="checkpoint storage bandwidth, GB/s")
     rel.add_argument("--checkpoint-every", type=_positive, help="checkpoint interval in minutes (default: Young/Daly)")
-    rel.add_argument("--simulate", type=_count("simulate", integer=True), nargs="?", const=2000, default=0,
+    rel.add_argument("--simulate", type=count("simulate", whole=True), nargs="?", const=2000, default=0,
                      help="Monte Carlo of the run with failures (default 2000 samples)")
     rel.add_argument("--seed", type=int, default=0)
     out = p.add_argument_group("output")

@@ -21,6 +21,7 @@ from gigatrain.config import Config, ConfigError, from_dict
 from gigatrain.data.loader import BatchLoader, TokenData
 from gigatrain.data.tokenizers import load_tokenizer
 from gigatrain.models.transformer import ModelArgs, Transformer
+from gigatrain.paths import sha256_file
 from gigatrain.rundir import RunDir
 from gigatrain.train.schedule import schedule_horizon
 
@@ -45,7 +46,7 @@ def identity(args: ModelArgs, data: TokenData) -> dict:
     shards = {name: [shard["sha256"] for shard in split["shards"]] for name, split in sorted(data.manifest["splits"].items())}
     return {"model": shape,
             "tokenizer": {"kind": data.tokenizer.kind, "vocab_size": data.vocab_size,
-                          "sha256": checkpoint.sha256_file(tokenizer_file)},
+                          "sha256": sha256_file(tokenizer_file)},
             "data": {"sha256": hashlib.sha256(json.dumps(shards).encode()).hexdigest(), "path": str(data.path)}}
 
 

@@ -41,7 +41,8 @@ from gigatrain.models.flops import param_counts, training_flops_per_token
 from gigatrain.models.transformer import Transformer
 from gigatrain.parallel import parallelize
 from gigatrain.parallel.device import pick_device, pick_dtype
-from gigatrain.parallel.mesh import AXES, global_rank, init_distributed, is_main_process, parallel_dims
+from gigatrain.parallel.mesh import AXES, init_distributed, parallel_dims
+from gigatrain.ranks import global_rank, is_main_process
 from gigatrain.rundir import RunDir, RunDirLock
 from gigatrain.train.checkpointing import CheckpointManager, TrainState
 from gigatrain.train.optim import build_optimizer

@@ -14,6 +14,7 @@ from gigatrain.checkpoint import dcp as checkpoint
 from gigatrain.fault.inject import FaultPlan, parse
 from gigatrain.models.presets import get_preset
 from gigatrain.models.transformer import Transformer
+from gigatrain.paths import sha256_file
 from gigatrain.rundir import resolve_run_config
 from gigatrain.train.trainer import train
 
@@ -57,7 +58,7 @@ def test_manifest_lists_every_file_with_its_sha256(two_checkpoints):
     on_disk = {p.name for p in folder.iterdir()} - {checkpoint.MANIFEST_FILE}
     assert set(manifest["files"]) == on_disk and ".metadata" in on_disk and "trainer_state.json" in on_disk
     for name, entry in manifest["files"].items():
-        assert entry["sha256"] == checkpoint.sha256_file(folder / name)
+        assert entry["sha256"] == sha256_file(folder / name)
         assert entry["bytes"] == (folder / name).stat().st_size
     assert checkpoint.verify(folder) is None
 
