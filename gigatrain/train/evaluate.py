@@ -7,18 +7,14 @@ from collections.abc import Iterable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from gigatrain.models.loss import loss_fn
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
     """bf16 autocast on GPU; a no-op context in full precision."""
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
-
-def loss_fn(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    # fp32 cross-entropy: bf16 log-softmax over a large vocabulary loses precision.
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction=reduction)
 
 
 @torch.no_grad()
