@@ -234,8 +234,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 # -- report ---------------------------------------------------------------------------------
 def cmd_report(args: argparse.Namespace) -> int:
     from gigatrain.metrics.report import report
+    from gigatrain.rundir import RunDir
 
-    report(Path(args.run_dir))
+    report(RunDir(args.run_dir))
     return 0
 
 
