@@ -32,11 +32,10 @@ from gigatrain.config import Config, ConfigError, apply_overrides, from_dict, lo
 from gigatrain.data import DataError
 from gigatrain.data.loader import BatchLoader, TokenData, eval_batches
 from gigatrain.data.prepare import ensure_default_data
-from gigatrain.fault.goodput import EVENTS_FILE
 from gigatrain.fault.guard import NumericalGuard, TrainingDiverged
 from gigatrain.fault.inject import FaultPlan
 from gigatrain.fault.watchdog import Watchdog
-from gigatrain.metrics.logger import MetricsFile, ProgressDisplay, read_metrics
+from gigatrain.metrics.logger import MetricsFile, ProgressDisplay
 from gigatrain.metrics.mfu import peak_flops
 from gigatrain.metrics.plots import plot_run
 from gigatrain.models.flops import param_counts, training_flops_per_token
@@ -44,6 +43,7 @@ from gigatrain.models.transformer import Transformer
 from gigatrain.parallel import parallelize
 from gigatrain.parallel.mesh import AXES, global_rank, init_distributed, is_main_process, parallel_dims
 from gigatrain.paths import cache_dir
+from gigatrain.rundir import RunDir, read_jsonl
 from gigatrain.train import rundir
 from gigatrain.train.evaluate import generate, sample_text
 from gigatrain.train.optim import build_optimizer
@@ -220,9 +220,9 @@ class Trainer:
         self.mesh = self.dims.build_meshes(self.device.type) if self.dims.world_size > 1 else None
         self.faults = FaultPlan.from_env(self.run_dir, global_rank(), self.dims.world_size)
         # What earlier processes of this run left, read before this one writes anything.
-        self.history = ((read_metrics(self.run_dir / rundir.METRICS_FILE), read_metrics(self.run_dir / EVENTS_FILE))
-                        if self.is_main else ([], []))
-        self.events = MetricsFile(self.run_dir / EVENTS_FILE if self.is_main else None)
+        run = RunDir(self.run_dir)
+        self.history = (run.metrics_records(), run.event_records()) if self.is_main else ([], [])
+        self.events = MetricsFile(run.events if self.is_main else None)
 
         self.data = open_data_once(cfg)
         self.seq_len = cfg.data.seq_len
@@ -632,7 +632,7 @@ class Trainer:
         if cut_by or stop.received or time.time() > self.deadline:
             return
         with self.timed("samples_plots"):
-            plot_run(self.run_dir)
+            plot_run(RunDir(self.run_dir))
 
     def time_spent(self) -> dict:
         """Seconds of this process by phase; training is what the others leave."""
@@ -666,7 +666,7 @@ class Trainer:
             raise TrainingDiverged(f"training failed numerically {f.rollback_after} times in a row at step {self.step} "
                                    f"before any checkpoint was written; lower train.lr or check the data")
         state = restored[1]
-        lost = [r for r in read_metrics(metrics.path) if "loss" in r and r["step"] > state["step"]] if metrics.path else []
+        lost = [r for r in read_jsonl(metrics.path) if "loss" in r and r["step"] > state["step"]] if metrics.path else []
         self.step, self.train_time_s = state["step"], state.get("train_time_s", 0.0)
         self.loader.load_state_dict(position)  # the weights go back; the data goes on past the bad window
         metrics.truncate_after(self.step)

@@ -13,7 +13,7 @@ from helpers import REPO, TINY, final_weights, step_values, write_corpus
 from gigatrain.checkpoint import dcp as checkpoint
 from gigatrain.config import ConfigError
 from gigatrain.data.loader import TokenData, eval_batches
-from gigatrain.metrics.logger import read_metrics
+from gigatrain.rundir import RunDir
 from gigatrain.train.schedule import lr_at
 from gigatrain.train.trainer import Trainer, resolve_run_config, train
 
@@ -23,7 +23,7 @@ def config(run_dir, data, *extra):
 
 
 def step_losses(run_dir):
-    return [(r["step"], r["loss"]) for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+    return [(r["step"], r["loss"]) for r in RunDir(run_dir).metrics_records() if "loss" in r]
 
 
 def test_exact_resume(tmp_path, byte_data):
@@ -51,7 +51,7 @@ def test_metrics_and_run_directory(tmp_path, byte_data):
     run_dir = tmp_path / "run"
     result = train(config(run_dir, byte_data, "--train.max_steps=10", "--train.eval_every=5",
                           "--train.samples=1", "--train.sample_tokens=16"))
-    records = read_metrics(run_dir / "metrics.jsonl")
+    records = RunDir(run_dir).metrics_records()
     steps = [r for r in records if "loss" in r]
     assert [r["step"] for r in steps] == list(range(1, 11))
     for record in steps:
@@ -83,7 +83,7 @@ def test_time_limit_ends_with_checkpoint_and_eval(tmp_path, byte_data):
     result = train(config(run_dir, byte_data, "--train.max_steps=100000", "--train.time_limit_s=4"))
     assert result.stopped_by == "time_limit" and 0 < result.step < 100000
     assert checkpoint.latest(run_dir / "checkpoints").name == f"step_{result.step:08d}"
-    assert read_metrics(run_dir / "metrics.jsonl")[-1]["val_bpb"] == pytest.approx(result.val_bpb)
+    assert RunDir(run_dir).metrics_records()[-1]["val_bpb"] == pytest.approx(result.val_bpb)
 
 
 def test_gradient_accumulation_matches_full_batch(tmp_path, byte_data):
@@ -173,11 +173,11 @@ def test_time_limit_covers_the_whole_run_and_caps_an_expensive_final_evaluation(
     result = train(cfg)
     assert time.time() - started < limit + slack
     assert result.stopped_by == "time_limit" and result.val_loss is not None
-    final_eval = read_metrics(run_dir / "metrics.jsonl")[-1]
+    final_eval = RunDir(run_dir).metrics_records()[-1]
     full = sum(1 for _ in eval_batches(TokenData(large_val_data).split("val"), cfg.data.seq_len,
                                        cfg.train.batch_size, cfg.train.eval_batches))
     assert 1 <= final_eval["val_batches"] < full  # capped: the whole split did not fit
-    stop = read_metrics(run_dir / "events.jsonl")[-1]
+    stop = RunDir(run_dir).event_records()[-1]
     spent = stop["time_spent"]
     assert set(spent) == {"total", "startup", "training", "checkpoints", "evaluation", "samples_plots"}
     assert spent["training"] > 0 and spent["evaluation"] > 0
@@ -214,8 +214,8 @@ def test_a_signal_after_the_final_commit_cuts_the_end_short_and_exits_0(tmp_path
                             text=True, timeout=300)
     assert result.returncode == code, result.stderr[-3000:]
     assert checkpoint.latest(run_dir / "checkpoints").name == "step_00000004"
-    stop = read_metrics(run_dir / "events.jsonl")[-1]
-    evaluated = any("val_loss" in r for r in read_metrics(run_dir / "metrics.jsonl"))
+    stop = RunDir(run_dir).event_records()[-1]
+    evaluated = any("val_loss" in r for r in RunDir(run_dir).metrics_records())
     if when == "before_commit":  # as documented: a checkpoint, no final evaluation, exit 75
         assert stop["reason"] == name and not evaluated
     elif when == "final_eval":  # the run is finished: the evaluation is cut short and dropped, exit 0
