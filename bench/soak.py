@@ -28,8 +28,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from gigatrain.data.prepare import default_corpus_files, prepare  # noqa: E402
-from gigatrain.fault.goodput import summarize  # noqa: E402
-from gigatrain.fault.inject import FIRED_DIR  # noqa: E402
+from gigatrain.metrics.goodput import summarize  # noqa: E402
+from gigatrain.rundir import RunDir  # noqa: E402
 from gigatrain.train.checkpointing import load_run  # noqa: E402
 
 ENV = {"OMP_NUM_THREADS": "1"}
@@ -121,8 +121,9 @@ def main() -> None:
         soak_s = time.perf_counter() - soak_start
         assert code == 0, f"the soak run failed (exit {code})"
 
-        summary = summarize(tmp / "soak")
-        failed_writes = len(list((tmp / "soak" / FIRED_DIR).glob("ckpt_fail*")))
+        soak = RunDir(tmp / "soak")
+        summary = summarize(soak)
+        failed_writes = len(list(soak.faults.glob("ckpt_fail*")))
         want, got = final_weights(tmp / "reference"), final_weights(tmp / "soak")
         equal = want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
         print(f"soak run: {soak_s:.0f} s wall against {reference_s:.0f} s fault-free; "

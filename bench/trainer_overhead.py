@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from gigatrain.config import load_config, resolve_model_args
-from gigatrain.metrics.logger import read_metrics
 from gigatrain.models.transformer import Transformer
 from gigatrain.data.source import open_data
+from gigatrain.rundir import RunDir
 from gigatrain.train.trainer import Trainer
 
 
@@ -51,7 +51,7 @@ def bare_loop(cfg, batches) -> float:
 def trainer_loop(cfg) -> float:
     """Tokens per second of the Trainer, from the wall-clock stamps of its metrics lines."""
     Trainer(cfg).run()
-    stamps = [r["time"] for r in read_metrics(cfg.run_dir / "metrics.jsonl") if "loss" in r]
+    stamps = [r["time"] for r in RunDir(cfg.run_dir).metrics_records() if "loss" in r]
     return (len(stamps) - 1) * cfg.train.batch_size * cfg.data.seq_len / (stamps[-1] - stamps[0])
 
 

@@ -189,8 +189,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 # -- report ---------------------------------------------------------------------------------
 def cmd_report(args: argparse.Namespace) -> int:
     from gigatrain.metrics.report import report
+    from gigatrain.rundir import RunDir
 
-    report(Path(args.run_dir))
+    report(RunDir(args.run_dir))
     return 0
 
 
@@ -220,6 +221,7 @@ def _render_slurm(job, args: argparse.Namespace, argv: list[str]) -> tuple[str, 
     import shlex
 
     from gigatrain.launch import slurm
+    from gigatrain.rundir import RunDir
 
     if not args.job_name:
         job = dataclasses.replace(job, name=slurm.default_name(job.cfg.run.name))
@@ -227,8 +229,9 @@ def _render_slurm(job, args: argparse.Namespace, argv: list[str]) -> tuple[str, 
     text = slurm.render(job, run_dir=run_dir, workdir=Path.cwd(), partition=args.partition, time=args.time,
                         cpus_per_task=args.cpus_per_task, command_line=shlex.join(["gigatrain", *argv]))
     # Slurm opens the job's log files there before the script runs: the folder must exist.
-    (run_dir / "launch").mkdir(parents=True, exist_ok=True)
-    return text, args.out or str(run_dir / "launch" / "slurm.sbatch")
+    launch_dir = RunDir(run_dir).launch
+    launch_dir.mkdir(parents=True, exist_ok=True)
+    return text, args.out or str(launch_dir / "slurm.sbatch")
 
 
 def _render_k8s(job, args: argparse.Namespace, argv: list[str]) -> tuple[str, str]:

@@ -11,6 +11,8 @@ everywhere (skipped: the process died mid-write, the lines before it stand).
       checkpoints/step_N/        DCP checkpoints (gigatrain.checkpoint.dcp)
       samples.txt, loss.png, throughput.png
       faults/                    which injected faults have fired (GIGATRAIN_FAULT)
+      stacks/                    every thread's stack, written by a watchdog that fired
+      launch/                    the Slurm script and its job logs (gigatrain launch slurm)
       .lock                      held by the one trainer of this directory
 """
 
@@ -99,6 +101,14 @@ class RunDir:
     @property
     def faults(self) -> Path:
         return self.path / "faults"
+
+    @property
+    def stacks(self) -> Path:
+        return self.path / "stacks"
+
+    @property
+    def launch(self) -> Path:
+        return self.path / "launch"
 
     @property
     def lock_file(self) -> Path:

@@ -31,9 +31,9 @@ def run_cli(*args: str, timeout: float = 300, env: dict | None = None, check: bo
 
 def step_values(run_dir: Path, key: str = "loss") -> dict[int, float]:
     """metrics.jsonl's `key` by step."""
-    from gigatrain.metrics.logger import read_metrics
+    from gigatrain.rundir import RunDir
 
-    return {r["step"]: r[key] for r in read_metrics(run_dir / "metrics.jsonl") if key in r}
+    return {r["step"]: r[key] for r in RunDir(run_dir).metrics_records() if key in r}
 
 
 def final_weights(run_dir: Path) -> dict:

@@ -15,7 +15,7 @@ from gigatrain.checkpoint import dcp as checkpoint
 from gigatrain.cli import run as cli_run
 from gigatrain.fault import EXIT_REQUEUE
 from gigatrain.data.tokenizers import load_tokenizer
-from gigatrain.metrics.logger import read_metrics
+from gigatrain.rundir import RunDir
 
 
 def assert_one_line_error(result, *words):
@@ -52,7 +52,7 @@ def test_corrupted_shard_is_refused_by_train(tmp_path, byte_data):
     shard.write_bytes(bytes(raw))
     result = run_cli("train", *TINY, f"--data.path={data}", f"--run.dir={tmp_path / 'run'}")
     assert_one_line_error(result, shard.name)
-    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert not RunDir(tmp_path / "run").checkpoints.exists()
 
 
 def test_prepare_train_eval_generate_report(tmp_path, corpus, heldout):
@@ -68,7 +68,7 @@ def test_prepare_train_eval_generate_report(tmp_path, corpus, heldout):
     sample = run_cli("generate", str(run_dir), "--prompt", "def ", "--max-new-tokens", "20", check=True)
     assert sample.stdout.startswith("def ")
     report = run_cli("report", str(run_dir), check=True)
-    assert "final_loss" in report.stdout and (run_dir / "loss.png").exists()
+    assert "final_loss" in report.stdout and RunDir(run_dir).loss_plot.exists()
 
 
 def test_bits_per_byte_is_tokenizer_independent(tmp_path, byte_data, bpe_data, heldout):
@@ -82,11 +82,11 @@ def test_bits_per_byte_is_tokenizer_independent(tmp_path, byte_data, bpe_data, h
         run_cli("train", *TINY, f"--data.path={data}", f"--run.dir={run_dir}", "--train.max_steps=30",
                 "--train.eval_batches=1000", "--train.batch_size=4", check=True)
         result = json.loads(run_cli("eval", str(run_dir), "--text", str(heldout), check=True).stdout.splitlines()[-1])
-        tokenizer = load_tokenizer(run_dir / "tokenizer.json")
+        tokenizer = load_tokenizer(RunDir(run_dir).tokenizer)
         n_tokens = sum(len(tokenizer.encode(d)) + 1 for d in documents) - 1
         assert result["bytes"] == n_bytes and result["tokens"] == n_tokens
         assert result["bits_per_byte"] == pytest.approx(result["loss"] * n_tokens / (math.log(2) * n_bytes), rel=1e-9)
-        trainer_bpb = [r for r in read_metrics(run_dir / "metrics.jsonl") if "val_bpb" in r][-1]["val_bpb"]
+        trainer_bpb = [r for r in RunDir(run_dir).metrics_records() if "val_bpb" in r][-1]["val_bpb"]
         # The trainer evaluates the prepared val split (the same text) in its own windows.
         assert result["bits_per_byte"] == pytest.approx(trainer_bpb, rel=0.02)
         results[name] = result
@@ -101,15 +101,15 @@ def test_sigterm_saves_a_checkpoint_exits_for_requeue_and_resume_finishes(tmp_pa
                                 f"--run.dir={run_dir}", "--train.max_steps=100000", "--train.checkpoint_every=100000"],
                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while len(read_metrics(run_dir / "metrics.jsonl")) < 5 and time.monotonic() < deadline:
+    while len(RunDir(run_dir).metrics_records()) < 5 and time.monotonic() < deadline:
         time.sleep(0.2)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == EXIT_REQUEUE, stderr
-    last_step = read_metrics(run_dir / "metrics.jsonl")[-1]["step"]
-    assert checkpoint.latest(run_dir / "checkpoints").name == f"step_{last_step:08d}"
+    last_step = RunDir(run_dir).metrics_records()[-1]["step"]
+    assert checkpoint.latest(RunDir(run_dir).checkpoints).name == f"step_{last_step:08d}"
     run_cli("train", f"--run.dir={run_dir}", f"--train.max_steps={last_step + 3}", check=True)
-    steps = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+    steps = [r["step"] for r in RunDir(run_dir).metrics_records() if "loss" in r]
     assert steps == list(range(1, last_step + 4))
 
 
@@ -119,8 +119,8 @@ def test_default_corpus_with_no_data_path(tmp_path, isolated_cache):
     result = run_cli("train", *TINY, "--data.tokenizer=byte", f"--run.dir={run_dir}", "--train.max_steps=3",
                      "--train.samples=1", "--train.sample_tokens=8", check=True)
     assert "stopped by max_steps at step 3" in result.stdout
-    assert "prompt 'def'" in (run_dir / "samples.txt").read_text()
-    assert json.loads((run_dir / "run.json").read_text())["data"].startswith(str(isolated_cache))
+    assert "prompt 'def'" in RunDir(run_dir).samples.read_text()
+    assert RunDir(run_dir).read_run_info()["data"].startswith(str(isolated_cache))
 
 
 # -- arguments checked before anything loads (in this process: nothing but parsing runs) -------------

@@ -1,4 +1,5 @@
-"""Surviving failures: fault injection, the hang watchdog, numerical guards, goodput.
+"""Surviving failures: fault injection, the hang watchdog, numerical guards (goodput, the
+measure of how well a run survived, is gigatrain.metrics.goodput).
 
 Exit codes the launch scripts rely on (docs/fault-tolerance.md):
 """

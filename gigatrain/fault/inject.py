@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gigatrain.config import ConfigError
+from gigatrain.rundir import RunDir
 
 ENV = "GIGATRAIN_FAULT"
-FIRED_DIR = "faults"
 
 # kind -> {key: (type, required)}
 KINDS: dict[str, dict[str, tuple[type, bool]]] = {
@@ -89,7 +89,7 @@ class FaultPlan:
     """This rank's faults and the hooks the trainer calls; a plan with no faults does nothing."""
 
     def __init__(self, faults: list[Fault], run_dir: Path, rank: int):
-        self.run_dir = run_dir
+        self.fired_dir = RunDir(run_dir).faults
         self.rank = rank
         self.faults = [f for f in faults if f.rank == rank]
         for fault in self.faults:
@@ -108,7 +108,7 @@ class FaultPlan:
         return bool(self.faults)
 
     def _marker(self, fault: Fault) -> Path:
-        return self.run_dir / FIRED_DIR / fault.marker_name
+        return self.fired_dir / fault.marker_name
 
     def _due(self, kind: str, step: int, at: str | None = None) -> Fault | None:
         for fault in self.faults:

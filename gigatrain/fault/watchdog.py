@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 from gigatrain.fault import EXIT_HANG
+from gigatrain.rundir import RunDir
 
-STACKS_DIR = "stacks"
 STARTUP_FACTOR = 5  # loading a checkpoint, and the first step after a (re)start (compilation, warm-up)
 PEER_GRACE_S = 30.0  # at most this long (and at most the timeout) a firing rank stays for its peers' stacks
 
@@ -25,7 +25,7 @@ PEER_GRACE_S = 30.0  # at most this long (and at most the timeout) a firing rank
 class Watchdog:
     def __init__(self, timeout_s: float, run_dir: Path, rank: int, first: str = "the first step"):
         self.timeout_s = timeout_s
-        self.run_dir = run_dir
+        self.stacks_dir = RunDir(run_dir).stacks
         self.rank = rank
         self._deadline = time.monotonic() + STARTUP_FACTOR * timeout_s
         self._what = first
@@ -58,9 +58,8 @@ class Watchdog:
 
     def _fire(self) -> None:
         self._fired.set()
-        folder = self.run_dir / STACKS_DIR
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"rank{self.rank}-pid{os.getpid()}-{time.strftime('%Y%m%dT%H%M%S')}.txt"
+        self.stacks_dir.mkdir(parents=True, exist_ok=True)
+        path = self.stacks_dir / f"rank{self.rank}-pid{os.getpid()}-{time.strftime('%Y%m%dT%H%M%S')}.txt"
         with open(path, "w") as file:
             file.write(f"gigatrain watchdog: rank {self.rank} waited more than {self.timeout_s:g} s for {self._what}\n\n")
             file.flush()

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from gigatrain.fault import EXIT_REQUEUE
 from gigatrain.launch import Job, LaunchError, require_match
+from gigatrain.rundir import RunDir
 
 WARNING_S = 120  # SIGUSR1 this long before the time limit
 SHUTDOWN_S = 100  # torchrun's wait for its workers to checkpoint before SIGKILL, inside WARNING_S
@@ -59,7 +60,7 @@ def sbatch_options(job: Job, run_dir: Path, workdir: Path, partition: str | None
                    cpus_per_task: int) -> list[str]:
     if time is not None and not re.fullmatch(TIME, time):
         raise LaunchError(f"--time {time!r} is not valid; use HH:MM:SS, MM, or D-HH:MM:SS")
-    logs = run_dir / "launch"
+    logs = RunDir(run_dir).launch
     options = [f"--job-name={_sbatch_value('--job-name', job.name)}",
                f"--nodes={job.nodes}",
                "--ntasks-per-node=1"]  # one torchrun per node; it starts the node's processes

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from gigatrain.paths import write_atomic
+from gigatrain.rundir import read_jsonl
 
 
 def _clean(value):
@@ -64,26 +65,12 @@ class MetricsFile:
                 self._file.close()
 
 
-def read_metrics(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line torn by a crash mid-write
-    return records
-
-
 def truncate_after(path: Path, step: int) -> None:
     """Drop records of steps after `step`: a resumed run recomputes them, and each step
     must appear once in the file."""
     if not path.exists():
         return
-    kept = [r for r in read_metrics(path) if r.get("step", 0) <= step]
+    kept = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
     write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 

@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")  # no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 
-from gigatrain.metrics.logger import read_metrics  # noqa: E402
+from gigatrain.rundir import RunDir  # noqa: E402
 
 
 def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -17,10 +17,9 @@ def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
     return [p[0] for p in points], [p[1] for p in points]
 
 
-def plot_run(run_dir: Path) -> list[Path]:
+def plot_run(run: RunDir) -> list[Path]:
     """Draw loss.png and throughput.png into the run directory; returns their paths."""
-    records = read_metrics(run_dir / "metrics.jsonl")
-    written = []
+    records = run.metrics_records()
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     steps, loss = _series(records, "loss")
@@ -30,23 +29,21 @@ def plot_run(run_dir: Path) -> list[Path]:
         ax.plot(val_steps, val_loss, "o-", label="val loss")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
-    ax.set_title(run_dir.name)
+    ax.set_title(run.path.name)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(run_dir / "loss.png", dpi=120)
+    fig.savefig(run.loss_plot, dpi=120)
     plt.close(fig)
-    written.append(run_dir / "loss.png")
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     steps, tokens_per_s = _series(records, "tokens_per_s")
     ax.plot(steps, tokens_per_s, lw=0.8)
     ax.set_xlabel("step")
     ax.set_ylabel("tokens/s")
-    ax.set_title(f"{run_dir.name}: throughput")
+    ax.set_title(f"{run.path.name}: throughput")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(run_dir / "throughput.png", dpi=120)
+    fig.savefig(run.throughput_plot, dpi=120)
     plt.close(fig)
-    written.append(run_dir / "throughput.png")
-    return written
+    return [run.loss_plot, run.throughput_plot]

@@ -2,25 +2,23 @@
 
 from __future__ import annotations
 
-import json
 import statistics
-from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
 from gigatrain.config import ConfigError
-from gigatrain.fault.goodput import summarize as goodput_summary
-from gigatrain.metrics.logger import read_metrics
+from gigatrain.metrics.goodput import summarize as goodput_summary
 from gigatrain.metrics.plots import plot_run
+from gigatrain.rundir import RunDir
 
 
-def summarize(run_dir: Path) -> dict:
-    records = read_metrics(run_dir / "metrics.jsonl")
+def summarize(run: RunDir) -> dict:
+    records = run.metrics_records()
     steps = [r for r in records if "loss" in r]
     evals = [r for r in records if r.get("val_loss") is not None]
     if not steps:
-        raise ConfigError(f"{run_dir} has no training steps in metrics.jsonl; pass the run.dir of a training run")
+        raise ConfigError(f"{run.path} has no training steps in {run.metrics.name}; pass the run.dir of a training run")
     # Skip the first steps of the run: they include warm-up (allocation, compile).
     steady = steps[min(len(steps) - 1, max(1, len(steps) // 10)):]
     summary = {
@@ -31,26 +29,25 @@ def summarize(run_dir: Path) -> dict:
         "step_time_s": statistics.median(r["step_time_s"] for r in steady),
         "train_time_s": sum(r["step_time_s"] for r in steps),
     }
-    goodput = goodput_summary(run_dir)
+    goodput = goodput_summary(run)
     if goodput is not None:  # runs from before events.jsonl have none
         summary.update(goodput)
     if evals:
         best = min(evals, key=lambda r: r["val_loss"])
         summary.update({"val_loss": evals[-1]["val_loss"], "val_bpb": evals[-1]["val_bpb"],
                         "best_val_bpb": best["val_bpb"], "best_val_step": best["step"]})
-    info_path = run_dir / "run.json"
-    if info_path.exists():
-        info = json.loads(info_path.read_text())
+    info = run.read_run_info()
+    if info is not None:
         summary.update({"device": info.get("device_name"), "n_params": info.get("n_params"), "git_sha": info.get("git_sha")})
     return summary
 
 
-def report(run_dir: Path) -> dict:
-    if not run_dir.is_dir():
-        raise ConfigError(f"run directory {run_dir} does not exist")
-    summary = summarize(run_dir)
-    plots = plot_run(run_dir)
-    table = Table(title=f"run {run_dir}", show_header=False)
+def report(run: RunDir) -> dict:
+    if not run.path.is_dir():
+        raise ConfigError(f"run directory {run.path} does not exist")
+    summary = summarize(run)
+    plots = plot_run(run)
+    table = Table(title=f"run {run.path}", show_header=False)
     for key, value in summary.items():
         table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
     console = Console()

@@ -24,6 +24,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from gigatrain.config import Config
+from gigatrain.models.loss import loss_fn
 from gigatrain.models.transformer import init_parameter, parameter_generator
 from gigatrain.parallel.context import apply_cp, shard_rope, shard_sequence
 from gigatrain.parallel.device import autocast
@@ -31,7 +32,6 @@ from gigatrain.parallel.fsdp import apply_fsdp
 from gigatrain.parallel.mesh import ParallelDims
 from gigatrain.parallel.pipeline import build_schedule, split_model, tied_weight_group
 from gigatrain.parallel.tensor import apply_tp, loss_context
-from gigatrain.train.evaluate import loss_fn
 
 
 def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:

@@ -7,19 +7,10 @@ from collections.abc import Iterable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-
-def loss_fn(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    # fp32 cross-entropy: bf16 log-softmax over a large vocabulary loses precision.
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction=reduction)
-
-
-# Below loss_fn while gigatrain.parallel imports it from here: importing this module first
-# initialises gigatrain.parallel, which needs loss_fn defined. (Once the loss sits beside the
-# model, this import joins the others at the top.)
-from gigatrain.parallel.device import autocast  # noqa: E402
+from gigatrain.models.loss import loss_fn
+from gigatrain.parallel.device import autocast
 
 
 @torch.no_grad()

@@ -299,7 +299,7 @@ class Trainer:
         self.metrics.close_metrics()
         if self.is_main and not (cut_by or stopping.signal.received or self.clock.late()):
             with self.clock.timed("samples_plots"):
-                plot_run(self.run_dir.path)
+                plot_run(self.run_dir)
         spent = self.clock.time_spent()
         self.metrics.event({"event": "stop", "step": self.state.step, "reason": stopped_by, "cut_short_by": cut_by,
                             "time_spent": spent})

@@ -15,7 +15,7 @@ from gigatrain.fault.inject import FaultPlan, parse
 from gigatrain.models.presets import get_preset
 from gigatrain.models.transformer import Transformer
 from gigatrain.paths import sha256_file
-from gigatrain.rundir import resolve_run_config
+from gigatrain.rundir import RunDir, resolve_run_config
 from gigatrain.train.trainer import train
 
 
@@ -244,22 +244,22 @@ def test_a_full_disk_at_the_final_checkpoint_exits_5_naming_the_device(tmp_path,
     result = run_cli("train", *TINY, f"--run.dir={run_dir}", f"--data.path={byte_data}", "--train.max_steps=2",
                      env={"GIGATRAIN_FAULT": "ckpt_fail:step=2"})
     assert result.returncode == 5
-    where = f"no space left on {checkpoint.device_of(run_dir)} ({run_dir / 'checkpoints' / '.tmp-step_00000002'})"
+    where = f"no space left on {checkpoint.device_of(run_dir)} ({RunDir(run_dir).checkpoints / '.tmp-step_00000002'})"
     error, = [line for line in result.stderr.splitlines() if line.startswith("gigatrain: error:")]
     assert error == (f"gigatrain: error: the checkpoint at step 2 could not be written (rank 0: {where}); "
                      f"the run can resume from the previous one once the storage is fixed")
     assert "unexpected pos" not in result.stderr and "Traceback" not in result.stderr
-    assert not list((run_dir / "checkpoints").iterdir())  # nothing half-written left behind
+    assert not list(RunDir(run_dir).checkpoints.iterdir())  # nothing half-written left behind
 
 
 def test_gigatrain_eval_refuses_a_checkpoint_that_would_run_code(tmp_path, byte_data, heldout):
     run_dir, marker = tmp_path / "run", tmp_path / "marker"
     train(resolve_run_config(None, [*TINY, f"--run.dir={run_dir}", f"--data.path={byte_data}", "--train.max_steps=1"]))
-    folder = checkpoint.latest(run_dir / "checkpoints")
+    folder = checkpoint.latest(RunDir(run_dir).checkpoints)
     (folder / ".metadata").write_bytes(pickle.dumps(WritesMarker(marker)))
     rehash(folder)
     result = run_cli("eval", str(run_dir), "--text", str(heldout))
     assert result.returncode == 2 and result.stdout == ""
     assert not marker.exists()
     assert f"checkpoint {folder} was refused: .metadata references {WritesMarker.GLOBAL}" in result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith(f"gigatrain: error: no loadable checkpoint in {run_dir / 'checkpoints'}")
+    assert result.stderr.strip().splitlines()[-1].startswith(f"gigatrain: error: no loadable checkpoint in {RunDir(run_dir).checkpoints}")

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from gigatrain.config import ConfigError
-from gigatrain.fault.inject import FIRED_DIR, FaultPlan, parse
+from gigatrain.fault.inject import FaultPlan, parse
+from gigatrain.rundir import RunDir
 from helpers import TINY, run_cli
 
 
@@ -39,7 +40,7 @@ def test_a_fault_fires_once_per_run_directory(tmp_path):
     grad = torch.ones(3)
     assert not plan.after_backward(1, [grad])
     assert plan.after_backward(2, [grad]) and torch.isnan(grad).all()
-    marker, = (tmp_path / FIRED_DIR).iterdir()
+    marker, = RunDir(tmp_path).faults.iterdir()
     assert json.loads(marker.read_text())["step"] == 2
     # The process restarts from a checkpoint before step 2 and replays it: no second fault.
     again = FaultPlan(parse("nan:step=2:rank=1"), tmp_path, rank=1)

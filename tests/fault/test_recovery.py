@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from gigatrain.fault import EXIT_DIVERGED, EXIT_HANG, EXIT_REQUEUE
-from gigatrain.metrics.logger import read_metrics
+from gigatrain.metrics.goodput import summarize
+from gigatrain.rundir import RunDir
 from helpers import REPO, TINY, children, final_weights, kill_tree, run_cli, run_group, step_values, torchrun
 
 STEPS = 10
@@ -30,7 +31,7 @@ def train_2proc(byte_data, run_dir, *overrides, fault="", restarts=0, timeout=24
 
 
 def events(run_dir, kind=None):
-    found = read_metrics(run_dir / "events.jsonl")
+    found = RunDir(run_dir).event_records()
     return [e for e in found if kind is None or e["event"] == kind]
 
 
@@ -67,9 +68,8 @@ def test_killed_rank_restarts_from_the_last_checkpoint_bit_exact(tmp_path, byte_
 
     report = run_cli("report", str(run_dir), check=True).stdout
     assert "goodput" in report and "restarts" in report
-    from gigatrain.fault.goodput import summarize
 
-    summary = summarize(run_dir)
+    summary = summarize(RunDir(run_dir))
     assert summary["restarts"] == 1 and summary["failures"] == 1 and summary["recomputed_steps"] == 1
     assert 0 < summary["goodput"] < 1
     assert summary["planner_goodput"] is not None
@@ -88,9 +88,9 @@ def test_failed_and_killed_checkpoint_writes_leave_the_previous_one(tmp_path, by
     failed, = events(run_dir, "checkpoint_failed")
     assert failed["step"] == 6 and "rank 1: no space left on " in failed["error"] and "unexpected pos" not in failed["error"]
     assert events(run_dir, "restart")[0]["step"] == 3
-    assert not list((run_dir / "checkpoints").glob(".tmp-*"))
+    assert not list(RunDir(run_dir).checkpoints.glob(".tmp-*"))
     assert_same_run(run_dir, reference)
-    manifest = json.loads((run_dir / "checkpoints" / "step_00000010" / "manifest.json").read_text())
+    manifest = json.loads((RunDir(run_dir).checkpoints / "step_00000010" / "manifest.json").read_text())
     assert {".metadata", "trainer_state.json"} <= set(manifest["files"])
 
 
@@ -100,7 +100,7 @@ def test_hang_is_caught_by_the_watchdog_and_the_job_restarts(tmp_path, byte_data
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"exitcode: {EXIT_HANG}" in result.stderr
     assert "watchdog: rank 0 made no progress for 3 s" in result.stderr
-    stacks = {p.name.split("-")[0]: p.read_text() for p in (run_dir / "stacks").iterdir()}
+    stacks = {p.name.split("-")[0]: p.read_text() for p in RunDir(run_dir).stacks.iterdir()}
     assert set(stacks) == {"rank0", "rank1"}  # rank 1 waited in a collective for rank 0
     assert "in before_step" in stacks["rank0"]  # the hung rank's main thread, where it hangs
     for text in stacks.values():  # every thread: the main one, the watchdog's, the checkpoint writer's
@@ -120,12 +120,12 @@ def test_nan_updates_are_skipped_then_rolled_back(tmp_path, byte_data):
     rollback, = events(run_dir, "rollback")
     assert (rollback["from_step"], rollback["step"], rollback["recomputed_steps"]) == (9, 5, 4)
     assert "rolled back from step 9 to the checkpoint at step 5" in result.stdout
-    records = [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+    records = [r for r in RunDir(run_dir).metrics_records() if "loss" in r]
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))  # each step once, after the rollback too
     assert [r["step"] for r in records if r.get("skipped")] == [3]
     assert all(torch.isfinite(w).all() for w in final_weights(run_dir).values())
     # After the rollback the loader went on past the poisoned windows: steps 6-9 saw new data.
-    loader = json.loads((run_dir / "checkpoints" / "step_00000010" / "trainer_state.json").read_text())["loader"]
+    loader = json.loads((RunDir(run_dir).checkpoints / "step_00000010" / "trainer_state.json").read_text())["loader"]
     assert loader["batch_in_epoch"] == STEPS + 4
 
 
@@ -138,7 +138,7 @@ def test_persistent_nan_stops_with_a_clear_message(tmp_path, byte_data):
     assert "training keeps failing numerically: 2 skipped updates in a row" in result.stderr
     assert "[rank0]: Traceback" not in result.stderr and "[rank1]: Traceback" not in result.stderr
     assert len(events(run_dir, "rollback")) == 1 and len(events(run_dir, "diverged")) == 1
-    assert (run_dir / "checkpoints" / "step_00000002").is_dir()  # the last good checkpoint is kept
+    assert (RunDir(run_dir).checkpoints / "step_00000002").is_dir()  # the last good checkpoint is kept
 
 
 def test_sigusr1_saves_and_exits_for_requeue_then_resumes_bit_exact(tmp_path, byte_data, reference):
@@ -164,7 +164,7 @@ def test_sigusr1_saves_and_exits_for_requeue_then_resumes_bit_exact(tmp_path, by
     assert 3 <= stopped_at < STEPS
     assert f"stopped by SIGUSR1 at step {stopped_at}" in stdout
     assert stderr.count(f"exitcode: {EXIT_REQUEUE}") >= 1
-    assert (run_dir / "checkpoints" / f"step_{stopped_at:08d}" / "manifest.json").exists()
+    assert (RunDir(run_dir).checkpoints / f"step_{stopped_at:08d}" / "manifest.json").exists()
     assert events(run_dir, "stop")[-1]["reason"] == "SIGUSR1"
 
     result = train_2proc(byte_data, run_dir)  # the requeued job

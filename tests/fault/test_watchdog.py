@@ -4,6 +4,7 @@ its stacks, even the one whose watchdog fires last."""
 import subprocess
 import sys
 
+from gigatrain.rundir import RunDir
 from helpers import REPO
 
 TIMEOUT_S = 3
@@ -42,6 +43,6 @@ def test_the_last_rank_to_fire_still_writes_its_stacks(tmp_path):
     assert hung.returncode == 3
     assert peer.returncode == 3, peer.stderr  # its own watchdog fired: the hung rank had not gone yet
     assert "watchdog: rank 1 made no progress for 3 s (waiting for a collective)" in peer.stderr
-    stacks = {p.name.split("-")[0]: p.read_text() for p in (tmp_path / "stacks").iterdir()}
+    stacks = {p.name.split("-")[0]: p.read_text() for p in RunDir(tmp_path).stacks.iterdir()}
     assert set(stacks) == {"rank0", "rank1"}
     assert "in <module>" in stacks["rank0"] and "in <module>" in stacks["rank1"]

@@ -16,6 +16,7 @@ import pytest
 from helpers import REPO, TINY, run_cli
 from gigatrain.cli import run
 from gigatrain.launch import slurm
+from gigatrain.rundir import RunDir
 
 CONFIG = REPO / "configs" / "tiny.toml"
 
@@ -50,7 +51,7 @@ def test_script_is_valid_bash_with_the_job_header(capsys, tmp_path):
     checked = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
     assert checked.returncode == 0, checked.stderr
     assert script.startswith("#!/bin/bash\n")
-    logs = tmp_path / "run" / "launch"
+    logs = RunDir(tmp_path / "run").launch
     assert sbatch_options(script) == {
         "--job-name": "gigatrain-default", "--nodes": "2", "--ntasks-per-node": "1", "--gpus-per-node": "4",
         "--cpus-per-task": str(4 * slurm.CPUS_PER_GPU), "--partition": "gpu", "--time": "1-12:00:00",
@@ -116,7 +117,7 @@ def test_default_output_is_in_the_run_directory(capsys, tmp_path):
     run_dir = tmp_path / "run"
     code, out, err = launch(capsys, "slurm", "--nodes", "1", "--gpus-per-node", "1", str(CONFIG), f"--run.dir={run_dir}")
     assert code == 0, err
-    script = run_dir / "launch" / "slurm.sbatch"
+    script = RunDir(run_dir).launch / "slurm.sbatch"
     assert out.strip() == f"wrote {script}; start it with: sbatch {script}"
     assert "--nproc-per-node=1" in script.read_text()
 
@@ -317,10 +318,7 @@ def local_slurm(tmp_path):
 
 
 def training_steps(run_dir: Path) -> list[int]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [record["step"] for record in map(json.loads, path.read_text().splitlines()) if "loss" in record]
+    return [record["step"] for record in RunDir(run_dir).metrics_records() if "loss" in record]
 
 
 @pytest.mark.integration
@@ -335,7 +333,7 @@ def test_slurm_job_trains_on_two_processes_and_survives_a_time_limit_warning(loc
     generated = run_cli("launch", "slurm", "--nodes", "1", "--gpus-per-node", "2", "--cpu", "--max-restarts", "0",
                         str(config), *TINY, f"--train.max_steps={max_steps}", "--train.checkpoint_every=100000",
                         "--train.eval_every=100000", f"--run.dir={run_dir}", check=True)
-    script = run_dir / "launch" / "slurm.sbatch"
+    script = RunDir(run_dir).launch / "slurm.sbatch"
     assert f"sbatch {script}" in generated.stdout
     job_id = local_slurm.submit(script)
 
@@ -350,8 +348,8 @@ def test_slurm_job_trains_on_two_processes_and_survives_a_time_limit_warning(loc
     while (state := local_slurm.job(job_id))["JobState"] not in FINAL_STATES:
         assert time.monotonic() < deadline, f"the job did not finish within 180 s: {state}"
         time.sleep(0.5)
-    log = (run_dir / "launch" / f"slurm-{job_id}.out").read_text()
-    errors = (run_dir / "launch" / f"slurm-{job_id}.err").read_text()
+    log = (RunDir(run_dir).launch / f"slurm-{job_id}.out").read_text()
+    errors = (RunDir(run_dir).launch / f"slurm-{job_id}.err").read_text()
     assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0", f"{state}\n{log[-2000:]}\n{errors[-4000:]}"
     assert state["Restarts"] == "1", state
 
@@ -359,9 +357,9 @@ def test_slurm_job_trains_on_two_processes_and_survives_a_time_limit_warning(loc
     stopped = re.search(r"stopped by SIGTERM at step (\d+)", log)
     assert stopped, log[-3000:]
     assert f"resumed at step {stopped.group(1)}" in log
-    assert log.count("2 processes: ") == 2 and json.loads((run_dir / "run.json").read_text())["world_size"] == 2
-    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
-    state_file = run_dir / "checkpoints" / latest / "trainer_state.json"
+    assert log.count("2 processes: ") == 2 and RunDir(run_dir).read_run_info()["world_size"] == 2
+    latest = (RunDir(run_dir).checkpoints / "latest").read_text().strip()
+    state_file = RunDir(run_dir).checkpoints / latest / "trainer_state.json"
     assert json.loads(state_file.read_text())["step"] == max_steps
-    assert (run_dir / "checkpoints" / f"step_{int(stopped.group(1)):08d}" / "trainer_state.json").exists()
+    assert (RunDir(run_dir).checkpoints / f"step_{int(stopped.group(1)):08d}" / "trainer_state.json").exists()
     assert training_steps(run_dir) == list(range(1, max_steps + 1))

@@ -28,7 +28,7 @@ import pytest
 import torch
 
 from gigatrain.config import load_config
-from gigatrain.metrics.logger import read_metrics
+from gigatrain.rundir import RunDir
 from gigatrain.train.trainer import train
 from helpers import REPO, final_weights, run_group, step_values
 
@@ -130,10 +130,10 @@ def test_layout_matches_one_process(runs, byte_data, label):
     for name, tensor in final_weights(parallel).items():
         assert_weights_match(tensor, ref_weights[name], name)
     # One file, written once, by rank 0: the same keys as a one-process run.
-    records = read_metrics(parallel / "metrics.jsonl")
+    records = RunDir(parallel).metrics_records()
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
-    assert {k for r in records for k in r} == {k for r in read_metrics(reference / "metrics.jsonl") for k in r}
-    run_info = json.loads((parallel / "run.json").read_text())
+    assert {k for r in records for k in r} == {k for r in RunDir(reference).metrics_records() for k in r}
+    run_info = RunDir(parallel).read_run_info()
     assert run_info["world_size"] == 4
 
 
@@ -190,7 +190,7 @@ def golden_key() -> str:
 
 
 def golden_record(run_dir) -> dict:
-    records = read_metrics(run_dir / "metrics.jsonl")
+    records = RunDir(run_dir).metrics_records()
     values = {key: [float(r[key]).hex() for r in records if key in r] for key in ("loss", "grad_norm", "val_loss")}
     assert values["loss"] and values["val_loss"], f"{run_dir} has no losses to compare"
     return values

@@ -3,7 +3,6 @@ torchrun agents meeting at a c10d rendezvous on 127.0.0.1), and a run started on
 processes that resumes in one, continuing the same metrics file. Then the start-up itself:
 a restart in torchrun's shared store, a start-up that cannot complete, and a config error."""
 
-import json
 import os
 import shlex
 import socket
@@ -14,6 +13,7 @@ import time
 import pytest
 import torch.distributed as dist
 
+from gigatrain.rundir import RunDir
 from helpers import REPO, TINY, run_cli, run_group, step_values, torchrun
 
 STEPS = ["--train.eval_every=1000", "--train.checkpoint_every=1000", "--train.device=cpu"]
@@ -41,7 +41,7 @@ def test_two_processes_then_one_continue_the_same_run(tmp_path, byte_data, one_p
     assert result.returncode == 0, result.stderr[-4000:]
     assert result.stdout.count(f"run {run_dir}") == 1  # rank 0 alone prints
     assert "2 processes: pp=1 x dp_replicate=1 x dp_shard=2" in result.stdout
-    assert json.loads((run_dir / "run.json").read_text())["layout"]["dp_shard"] == 2
+    assert RunDir(run_dir).read_run_info()["layout"]["dp_shard"] == 2
 
     # The saved config keeps dp_shard=-1, so the same run directory resumes in one process.
     run_cli("train", f"--run.dir={run_dir}", "--train.max_steps=4", check=True)
@@ -49,7 +49,7 @@ def test_two_processes_then_one_continue_the_same_run(tmp_path, byte_data, one_p
     assert sorted(resumed) == [1, 2, 3, 4]
     for step, loss in one_process.items():
         assert resumed[step] == pytest.approx(loss, rel=1e-5), f"step {step}"
-    assert json.loads((run_dir / "run.json").read_text())["world_size"] == 1
+    assert RunDir(run_dir).read_run_info()["world_size"] == 1
 
 
 def test_two_torchrun_agents_train_as_two_nodes(tmp_path, byte_data, one_process):
@@ -62,7 +62,7 @@ def test_two_torchrun_agents_train_as_two_nodes(tmp_path, byte_data, one_process
             f"wait $first; a=$?; wait $second; b=$?; exit $((a | b))")
     result = run_group(["bash", "-c", both], timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert json.loads((run_dir / "run.json").read_text())["world_size"] == 2
+    assert RunDir(run_dir).read_run_info()["world_size"] == 2
     trained = step_values(run_dir)
     for step, loss in one_process.items():
         assert trained[step] == pytest.approx(loss, rel=1e-5), f"step {step}"
@@ -134,7 +134,7 @@ def test_a_start_up_that_cannot_complete_ends_within_its_bound(tmp_path, byte_da
     assert time.monotonic() - started < 60
     assert (f"gigatrain: error: watchdog: rank {rank} made no progress for 2 s "
             f"(waiting for start-up: all 2 processes to reach the rendezvous)") in result.stderr
-    stacks, = (run_dir / "stacks").glob(f"rank{rank}-*")
+    stacks, = RunDir(run_dir).stacks.glob(f"rank{rank}-*")
     assert "in start_namespace" in stacks.read_text()
 
 

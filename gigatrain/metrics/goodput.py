@@ -20,18 +20,17 @@ interruption rate, restart time, checkpoint interval and stall, over the same us
 from __future__ import annotations
 
 import statistics
-from pathlib import Path
 
-from gigatrain.metrics.logger import read_metrics
 from gigatrain.plan.reliability import expected_run_hours
+from gigatrain.rundir import RunDir
 
-EVENTS_FILE = "events.jsonl"
 NO_FAILURES_MTBI_S = 1e18  # "never": the closed form then reduces to work plus checkpoint writes
 
 
-def summarize(run_dir: Path) -> dict | None:
-    events = read_metrics(run_dir / EVENTS_FILE)
-    steps = [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r and "step_time_s" in r]
+def summarize(run: RunDir) -> dict | None:
+    """The run's goodput and where the rest of its wall time went (None: no events.jsonl, or no steps)."""
+    events = run.event_records()
+    steps = [r for r in run.metrics_records() if "loss" in r and "step_time_s" in r]
     starts = [e.get("process_start", e["time"]) for e in events if e.get("event") == "start"]
     if not starts or not steps:
         return None

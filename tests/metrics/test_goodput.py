@@ -5,8 +5,9 @@ import json
 
 import pytest
 
-from gigatrain.fault.goodput import summarize
+from gigatrain.metrics.goodput import summarize
 from gigatrain.plan.reliability import expected_run_hours
+from gigatrain.rundir import RunDir
 
 
 def write(path, records):
@@ -18,8 +19,8 @@ def test_goodput_accounts_for_restarts_recomputation_stalls_and_skips(tmp_path):
     # 0.5 s stalls; a crash after step 7 lost steps 6-7 (2 s) and cost a 4 s restart.
     steps = [{"step": i, "loss": 1.0, "step_time_s": 1.0, "time": 1000.0 + i} for i in range(1, 11)]
     steps[3]["skipped"] = "nan"
-    write(tmp_path / "metrics.jsonl", steps)
-    write(tmp_path / "events.jsonl", [
+    write(RunDir(tmp_path).metrics, steps)
+    write(RunDir(tmp_path).events, [
         {"event": "start", "step": 0, "process_start": 990.0, "time": 995.0},
         {"event": "checkpoint", "step": 5, "stall_s": 0.5, "time": 1005.5},
         {"event": "restart", "step": 5, "after": "failure", "recomputed_steps": 2, "recomputed_s": 2.0,
@@ -27,7 +28,7 @@ def test_goodput_accounts_for_restarts_recomputation_stalls_and_skips(tmp_path):
         {"event": "checkpoint", "step": 10, "stall_s": 0.5, "time": 1020.0},
         {"event": "stop", "step": 10, "reason": "max_steps", "time": 1025.0},
     ])
-    s = summarize(tmp_path)
+    s = summarize(RunDir(tmp_path))
     assert s["wall_s"] == 35.0  # 990 -> 1025
     assert s["useful_s"] == 9.0 and s["skipped_s"] == 1.0 and s["skipped_steps"] == 1
     assert (s["restarts"], s["failures"], s["restart_s"]) == (1, 1, 4.0)
@@ -44,20 +45,20 @@ def test_goodput_accounts_for_restarts_recomputation_stalls_and_skips(tmp_path):
 
 def test_continuing_a_finished_run_later_is_not_lost_time(tmp_path):
     steps = [{"step": i, "loss": 1.0, "step_time_s": 1.0, "time": 100.0 + i} for i in range(1, 5)]
-    write(tmp_path / "metrics.jsonl", steps)
-    write(tmp_path / "events.jsonl", [
+    write(RunDir(tmp_path).metrics, steps)
+    write(RunDir(tmp_path).events, [
         {"event": "start", "step": 0, "process_start": 100.0, "time": 100.0},
         {"event": "stop", "step": 2, "reason": "max_steps", "time": 102.0},
         {"event": "continue", "step": 2, "idle_s": 5000.0, "time": 5102.0},
         {"event": "start", "step": 2, "process_start": 5102.0, "time": 5102.0},
     ])
     steps[2]["time"], steps[3]["time"] = 5103.0, 5104.0
-    write(tmp_path / "metrics.jsonl", steps)
-    s = summarize(tmp_path)
+    write(RunDir(tmp_path).metrics, steps)
+    s = summarize(RunDir(tmp_path))
     assert s["wall_s"] == pytest.approx(5104.0 - 100.0 - 5000.0) and s["restarts"] == 0
     assert s["goodput"] == pytest.approx(4.0 / 4.0)
 
 
 def test_no_events_means_no_goodput(tmp_path):
-    write(tmp_path / "metrics.jsonl", [{"step": 1, "loss": 1.0, "step_time_s": 1.0, "time": 1.0}])
-    assert summarize(tmp_path) is None
+    write(RunDir(tmp_path).metrics, [{"step": 1, "loss": 1.0, "step_time_s": 1.0, "time": 1.0}])
+    assert summarize(RunDir(tmp_path)) is None
