@@ -436,7 +436,7 @@ def run(argv: list[str]) -> int:
     from gigatrain.data import DataError
 
     if argv and argv[0] == "plan":
-        from gigatrain.plan.cli import main as plan_main
+        from gigatrain.plan.app.cli import main as plan_main
 
         return plan_main(argv[1:])
     parser = build_parser()

@@ -11,8 +11,8 @@ from typing import Iterator
 
 from gigatrain.models.transformer import ModelArgs
 from gigatrain.plan.catalog import Accelerator, get_accelerator
-from gigatrain.plan.model import (MEMORY_USABLE, RECOMPUTE, SCHEDULES, Efficiency, Estimate, Layout, Workload,
-                                  evaluate)
+from gigatrain.plan.costs import (MEMORY_USABLE, RECOMPUTE, SCHEDULES, Efficiency, Estimate, Layout, Workload,
+                                  estimate)
 from gigatrain.plan.units import divisors
 
 
@@ -173,9 +173,9 @@ def search(workload: Workload, gpus: int, gpu: Accelerator, efficiency: Efficien
                         layout = Layout(dp_replicate=dp // shard, dp_shard=shard, tp=tp, pp=pp, cp=cp,
                                         micro_batch_size=mbs, schedule=schedule, virtual_stages=virtual,
                                         recompute=recompute)
-                        estimate = evaluate(workload, layout, gpu, efficiency, even_stages=c.even_stages)
-                        if estimate.fits:
-                            best.append(estimate)
+                        costed = estimate(workload, layout, gpu, efficiency, even_stages=c.even_stages)
+                        if costed.fits:
+                            best.append(costed)
                             break
         best = _rank(best, distinct)[: max(top, 1) * 4]  # keep the list short while searching
     return _rank(best, distinct)[:top]
@@ -210,7 +210,7 @@ def explain_no_layout(workload: Workload, gpus: int, gpu: Accelerator, constrain
     smallest = math.inf
     for tp, pp, cp, dp in candidates:
         layout = Layout(dp_shard=dp, tp=tp, pp=pp, cp=cp, micro_batch_size=1, recompute="full")
-        smallest = min(smallest, evaluate(workload, layout, gpu, even_stages=c.even_stages).memory_total_gb)
+        smallest = min(smallest, estimate(workload, layout, gpu, even_stages=c.even_stages).memory_total_gb)
     return (f"no layout fits in {gpu.memory_gb:g} GB per GPU: the leanest needs {smallest:.1f} GB; "
             f"use more GPUs, a GPU with more memory, or a shorter sequence")
 

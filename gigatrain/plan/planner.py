@@ -11,7 +11,7 @@ from gigatrain.models.flops import param_counts
 from gigatrain.models.transformer import ModelArgs
 from gigatrain.plan.catalog import Accelerator
 from gigatrain.plan.layout import Constraints, NoLayoutError, explain_no_layout, search
-from gigatrain.plan.model import Efficiency, Estimate, Workload
+from gigatrain.plan.costs import Efficiency, Estimate, Workload
 from gigatrain.plan.power import CostInputs, power_and_cost
 from gigatrain.plan.reliability import ReliabilityInputs, reliability, simulate_run
 

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from gigatrain.models.transformer import ModelArgs
 from gigatrain.plan.catalog import get_accelerator
 from gigatrain.plan.layout import Constraints, auto_layout, search, violations
-from gigatrain.plan.model import Workload
+from gigatrain.plan.costs import Workload
 
 GPUS = ["a100", "h100", "gb200", "cpu"]
 

@@ -15,7 +15,7 @@ from gigatrain.models.presets import get_preset
 from gigatrain.models.transformer import ModelArgs
 from gigatrain.plan.catalog import get_accelerator
 from gigatrain.plan.layout import Constraints, best_layout
-from gigatrain.plan.model import Efficiency, Estimate, Workload
+from gigatrain.plan.costs import Efficiency, Estimate, Workload
 
 TOLERANCE = 0.15  # relative error the planner aims for on every published run
 

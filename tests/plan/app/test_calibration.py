@@ -8,9 +8,9 @@ import pytest
 
 from gigatrain.models.presets import get_preset
 from gigatrain.models.transformer import ModelArgs
-from gigatrain.plan.calibrate import calibrate, load_efficiency, read_run, save_efficiency
+from gigatrain.plan.app.calibrate import calibrate, load_efficiency, read_run, save_efficiency
 from gigatrain.plan.catalog import get_accelerator
-from gigatrain.plan.model import Efficiency, Layout, Workload, evaluate
+from gigatrain.plan.costs import Efficiency, Layout, Workload, estimate
 
 TOLERANCE = 0.15  # calibrated predictions within 15% of the measured median step time
 CPU_PEAK = 60e9
@@ -50,11 +50,11 @@ def test_calibration_recovers_known_factors(tmp_path: Path):
     for i, (layers, d, ffn, seq, batch, micro) in enumerate(SHAPES):
         args = ModelArgs(n_layers=layers, d_model=d, n_heads=4, n_kv_heads=2, ffn_hidden=ffn, vocab_size=256,
                          max_seq_len=256, tie_embeddings=True)
-        true_time = evaluate(Workload(args, seq, batch, act_bytes=4), Layout(micro_batch_size=micro), cpu, truth).step_time_s
+        true_time = estimate(Workload(args, seq, batch, act_bytes=4), Layout(micro_batch_size=micro), cpu, truth).step_time_s
         noise = [1.02, 0.98, 1.01, 0.99, 1.0, 1.03, 0.97, 1.0, 1.01, 0.99]
         write_run(tmp_path / f"run{i}", args, seq, batch, micro, [5 * true_time, 2 * true_time] + [true_time * n for n in noise])
         dirs.append(tmp_path / f"run{i}")
-    assert read_run(dirs[0]).step_time_s == pytest.approx(evaluate(
+    assert read_run(dirs[0]).step_time_s == pytest.approx(estimate(
         read_run(dirs[0]).workload, read_run(dirs[0]).layout, cpu, truth).step_time_s, rel=0.02)  # warm-up skipped
     report = calibrate(dirs)
     assert max(abs(e) for e in report.errors("after")) < 0.03

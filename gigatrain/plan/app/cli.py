@@ -128,7 +128,7 @@ def build_spec(args: argparse.Namespace, catalog: dict):
     from gigatrain.models.flops import param_counts
     from gigatrain.plan.catalog import get_accelerator
     from gigatrain.plan.layout import Constraints
-    from gigatrain.plan.model import Efficiency
+    from gigatrain.plan.costs import Efficiency
     from gigatrain.plan.planner import CHINCHILLA_TOKENS_PER_PARAM, DEFAULT_BATCH_TOKENS, PlanSpec
     from gigatrain.plan.power import CostInputs
     from gigatrain.plan.reliability import ReliabilityInputs
@@ -155,7 +155,7 @@ def build_spec(args: argparse.Namespace, catalog: dict):
     if args.efficiency:
         from dataclasses import replace
 
-        from gigatrain.plan.calibrate import load_efficiency
+        from gigatrain.plan.app.calibrate import load_efficiency
 
         efficiency, meta = load_efficiency(args.efficiency)
         if meta.get("device", gpu.name) != gpu.name:
@@ -203,8 +203,8 @@ def _print_json(data) -> None:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from gigatrain.plan.calibrate import calibrate, save_efficiency
-    from gigatrain.plan.report import print_calibration
+    from gigatrain.plan.app.calibrate import calibrate, save_efficiency
+    from gigatrain.plan.app.report import print_calibration
 
     report = calibrate(args.calibrate)
     data = report.to_dict()
@@ -216,8 +216,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_published(args: argparse.Namespace) -> int:
-    from gigatrain.plan.published import comparison_rows
-    from gigatrain.plan.report import print_published
+    from gigatrain.plan.app.published import comparison_rows
+    from gigatrain.plan.app.report import print_published
 
     rows = comparison_rows()
     _print_json({"published": rows}) if args.json else print_published(rows)
@@ -226,8 +226,8 @@ def cmd_published(args: argparse.Namespace) -> int:
 
 def cmd_sources(args: argparse.Namespace) -> int:
     from gigatrain.plan import power, reliability
-    from gigatrain.plan.model import Efficiency
-    from gigatrain.plan.report import print_sources
+    from gigatrain.plan.costs import Efficiency
+    from gigatrain.plan.app.report import print_sources
 
     sections = {
         "power and cost": {f.name: (getattr(power.CostInputs(), f.name), power.SOURCES[f.name])
@@ -250,7 +250,7 @@ def cmd_list_gpus(args: argparse.Namespace, catalog: dict) -> int:
         return 0
     from rich.table import Table
 
-    from gigatrain.plan.report import make_console
+    from gigatrain.plan.app.report import make_console
 
     table = Table(title="Hardware catalog (per GPU; sources: gigatrain/plan/hardware.toml)", title_justify="left")
     for column in ("name", "bf16 TF", "fp8 TF", "HBM GB", "HBM GB/s", "NVLink GB/s", "domain", "net GB/s", "TDP W",
@@ -266,8 +266,8 @@ def cmd_list_gpus(args: argparse.Namespace, catalog: dict) -> int:
 
 def cmd_plan(args: argparse.Namespace, catalog: dict) -> int:
     from gigatrain.plan.planner import make_plan
-    from gigatrain.plan.report import print_plan, print_sweep
-    from gigatrain.plan.sweep import parse_sweep, run_sweep
+    from gigatrain.plan.app.report import print_plan, print_sweep
+    from gigatrain.plan.app.sweep import parse_sweep, run_sweep
 
     spec = build_spec(args, catalog)
     if args.sweep:
@@ -282,10 +282,10 @@ def cmd_plan(args: argparse.Namespace, catalog: dict) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `gigatrain plan ARGS...` (argv excludes the word 'plan'); returns the exit code."""
-    from gigatrain.plan.calibrate import CalibrationError
+    from gigatrain.plan.app.calibrate import CalibrationError
     from gigatrain.plan.catalog import CatalogError, load_catalog
     from gigatrain.plan.layout import NoLayoutError
-    from gigatrain.plan.sweep import SweepError
+    from gigatrain.plan.app.sweep import SweepError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     try:

@@ -21,7 +21,7 @@ import numpy as np
 
 from gigatrain.models.transformer import ModelArgs
 from gigatrain.plan.catalog import Accelerator, accelerator_for_device, get_accelerator
-from gigatrain.plan.model import Efficiency, Layout, Workload, evaluate
+from gigatrain.plan.costs import Efficiency, Layout, Workload, estimate
 
 WARMUP_FRACTION = 0.2  # skip the first fifth of the steps (at least 2): allocator and thread-pool warm-up
 COMPUTE_FACTORS = ("matmul", "elementwise_passes", "layer_overhead_s", "step_overhead_s")
@@ -104,7 +104,7 @@ def read_run(run_dir: str | Path) -> MeasuredRun:
 
 
 def predict(run: MeasuredRun, efficiency: Efficiency) -> float:
-    return evaluate(run.workload, run.layout, run.gpu, efficiency).step_time_s
+    return estimate(run.workload, run.layout, run.gpu, efficiency).step_time_s
 
 
 def _log_errors(runs: list[MeasuredRun], efficiency: Efficiency) -> np.ndarray:

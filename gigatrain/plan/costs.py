@@ -364,7 +364,7 @@ def data_parallel_time(c: Context, params_per_rank: float, collectives: int, mic
     return seconds
 
 
-def evaluate(workload: Workload, layout: Layout, gpu: Accelerator, efficiency: Efficiency = Efficiency(),
+def estimate(workload: Workload, layout: Layout, gpu: Accelerator, efficiency: Efficiency = Efficiency(),
              even_stages: bool = True) -> Estimate:
     """Memory per GPU and time per optimizer step of one layout (which must divide the batch)."""
     eff = efficiency.resolve(gpu)
