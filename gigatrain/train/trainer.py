@@ -234,10 +234,10 @@ class Trainer:
             model = Transformer(self.model_args, seed=t.seed)
         self.parallel = parallelize(model, self.dims, self.mesh, cfg, self.device, self.dtype)
         self.optimizers = [build_optimizer(part, t, self.device) for part in self.parallel.parts]
-        self.loader = BatchLoader(self.data.split("train"), self.seq_len, t.batch_size, seed=t.seed,
+        self.loader = BatchLoader(self.data.split("train"), self.seq_len, self.dims.global_batch, seed=t.seed,
                                   rank=self.parallel.dp_rank, world_size=self.dims.dp)
 
-        self.tokens_per_step = t.batch_size * self.seq_len
+        self.tokens_per_step = self.dims.global_batch * self.seq_len
         self.flops_per_token = training_flops_per_token(self.model_args, self.seq_len)
         self.peak_flops = peak_flops(self.device)
         self.step = 0
@@ -361,7 +361,7 @@ class Trainer:
         before each batch after the first with the batch's cost (every rank must answer the
         same), may end it early; then the result stands for the batches done."""
         split = self.data.split("val")
-        batch, local = self.cfg.train.batch_size, self.loader.local_batch
+        batch, local = self.dims.global_batch, self.loader.local_batch
         mine = slice(self.parallel.dp_rank * local, (self.parallel.dp_rank + 1) * local)
         loss_sum, count, done = torch.zeros((), device=self.device), 0, 0
         started = time.perf_counter()
@@ -715,7 +715,7 @@ class Trainer:
             "device": self.device.type,
             "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
             "world_size": self.dims.world_size,
-            "layout": self.layout(),
+            "layout": self.dims.to_dict(),
             "model_args": rundir.model_args_dict(self.model_args),
             "n_params": param_counts(self.model_args).total,
             "seq_len": self.seq_len,

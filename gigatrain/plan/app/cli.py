@@ -17,6 +17,8 @@ import sys
 from dataclasses import asdict, fields
 from pathlib import Path
 
+from gigatrain.config import ACTIVATION_CHECKPOINTING, PP_SCHEDULES
+
 EXIT_USAGE = 2
 
 
@@ -69,9 +71,10 @@ def build_parser() -> Parser:
     for name in ("tp", "pp", "cp", "dp-shard", "dp-replicate"):
         search.add_argument(f"--{name}", type=_count(name, integer=True))
     search.add_argument("--mbs", type=_count("mbs", integer=True), help="micro-batch size (sequences)")
-    search.add_argument("--schedule", choices=["1f1b", "interleaved", "zb", "gpipe"])
-    search.add_argument("--virtual-stages", type=_count("virtual-stages", integer=True))
-    search.add_argument("--recompute", choices=["none", "selective", "full"])
+    search.add_argument("--schedule", choices=PP_SCHEDULES, help="pipeline schedule (parallel.pp_schedule)")
+    search.add_argument("--virtual-stages", type=_count("virtual-stages", integer=True),
+                        help="pipeline stages per rank (parallel.pp_stages_per_rank)")
+    search.add_argument("--recompute", choices=ACTIVATION_CHECKPOINTING, help="train.activation_checkpointing")
     search.add_argument("--uneven-stages", action="store_true", help="allow pp not dividing the layers (gigatrain needs even)")
     search.add_argument("--exact", action="store_true", help="use exactly --gpus GPUs (default: leave some idle if the batch forces it)")
     search.add_argument("--top", type=_count("top", integer=True), default=5, help="layouts to show")
@@ -117,10 +120,10 @@ def resolve_model(text: str):
     if text in PRESETS:
         return text, get_preset(text), None, None
     if text.endswith(".toml") or Path(text).is_file():
-        from gigatrain.config import load_config, resolve_model_args
+        from gigatrain.config import global_batch_size, load_config, resolve_model_args
 
         cfg = load_config(text, [])
-        return Path(text).stem, resolve_model_args(cfg), cfg.data.seq_len, cfg.train.batch_size
+        return Path(text).stem, resolve_model_args(cfg), cfg.data.seq_len, global_batch_size(cfg)
     raise UsageError(f"unknown model {text!r}; pass a preset ({', '.join(PRESETS)}) or a TOML config file")
 
 
@@ -149,8 +152,8 @@ def build_spec(args: argparse.Namespace, catalog: dict):
     tokens = args.tokens or CHINCHILLA_TOKENS_PER_PARAM * param_counts(model).total
     constraints = Constraints(
         exact_gpus=args.exact, even_stages=not args.uneven_stages, tp=args.tp, pp=args.pp, cp=args.cp,
-        dp_shard=args.dp_shard, dp_replicate=args.dp_replicate, micro_batch_size=args.mbs, schedule=args.schedule,
-        virtual_stages=args.virtual_stages, recompute=args.recompute)
+        dp_shard=args.dp_shard, dp_replicate=args.dp_replicate, micro_batch_size=args.mbs, pp_schedule=args.schedule,
+        pp_stages_per_rank=args.virtual_stages, activation_checkpointing=args.recompute)
     efficiency = Efficiency()
     if args.efficiency:
         from dataclasses import replace

@@ -8,7 +8,7 @@ import pytest
 
 from gigatrain.models.presets import get_preset
 from gigatrain.models.transformer import ModelArgs
-from gigatrain.plan.app.calibrate import calibrate, load_efficiency, read_run, save_efficiency
+from gigatrain.plan.app.calibrate import CalibrationError, calibrate, load_efficiency, read_run, save_efficiency
 from gigatrain.plan.catalog import get_accelerator
 from gigatrain.plan.costs import Efficiency, Layout, Workload, estimate
 
@@ -26,7 +26,10 @@ def write_run(run_dir: Path, args: ModelArgs, seq: int, batch: int, micro: int, 
               "data": {"seq_len": seq}, "train": {"batch_size": batch, "micro_batch_size": micro, "dtype": "auto",
                                                   "activation_checkpointing": recompute},
               "parallel": {"dp_replicate": 1, "dp_shard": 1, "tp": 1, "pp": 1, "cp": 1, "auto": False}}
-    info = {"git_sha": "x", "versions": {}, "device": "cpu", "device_name": "cpu", "world_size": 1,
+    layout = {"pp": 1, "dp_replicate": 1, "dp_shard": 1, "cp": 1, "tp": 1, "pp_schedule": "1F1B",
+              "pp_stages_per_rank": 1, "micro_batch_size": micro, "microbatches": batch // micro, "local_batch": batch,
+              "global_batch": batch, "activation_checkpointing": recompute}
+    info = {"git_sha": "x", "versions": {}, "device": "cpu", "device_name": "cpu", "world_size": 1, "layout": layout,
             "model_args": {**model, "rope_theta": 10000.0, "norm_eps": 1e-5}, "seq_len": seq,
             "tokens_per_step": seq * batch, "flops_per_token": 1, "peak_flops": CPU_PEAK}
     (run_dir / "config.json").write_text(json.dumps(config))
@@ -74,6 +77,33 @@ def test_resumed_runs_keep_the_latest_step_times(tmp_path: Path):
     run = read_run(tmp_path / "r")
     assert run.step_time_s == pytest.approx(0.1) and run.layout.micro_batch_size == 8
     assert run.workload.act_bytes == 4  # CPU runs train in fp32
+
+
+def test_a_line_torn_by_a_crash_does_not_stop_calibration(tmp_path: Path):
+    write_run(tmp_path / "r", get_preset("tiny"), 64, 8, 8, [1.0] * 3 + [0.1] * 10)
+    with open(tmp_path / "r" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 14, "step_ti')  # the process died mid-write
+    assert read_run(tmp_path / "r").step_time_s == pytest.approx(0.1)
+
+
+def test_the_layout_is_the_one_the_trainer_resolved_not_the_config(tmp_path: Path):
+    """config.json keeps the degrees as written (-1, parallel.auto); run.json has what ran."""
+    write_run(tmp_path / "r", get_preset("tiny"), 64, 8, 4, [0.1] * 12, recompute="selective")
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    config["parallel"].update(dp_shard=-1, auto=True)
+    config["train"].update(micro_batch_size=0, activation_checkpointing="none")
+    (tmp_path / "r" / "config.json").write_text(json.dumps(config))
+    layout = read_run(tmp_path / "r").layout
+    assert (layout.dp_shard, layout.micro_batch_size, layout.activation_checkpointing) == (1, 4, "selective")
+
+
+def test_a_run_json_without_the_resolved_layout_is_one_line(tmp_path: Path):
+    write_run(tmp_path / "r", get_preset("tiny"), 64, 8, 8, [0.1] * 12)
+    info = json.loads((tmp_path / "r" / "run.json").read_text())
+    info["layout"] = {"pp": 1, "dp_replicate": 1, "dp_shard": 1, "cp": 1, "tp": 1}
+    (tmp_path / "r" / "run.json").write_text(json.dumps(info))
+    with pytest.raises(CalibrationError, match="does not record the resolved layout"):
+        read_run(tmp_path / "r")
 
 
 def test_calibrated_planner_predicts_fresh_cpu_runs(tmp_path: Path):
