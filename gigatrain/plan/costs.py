@@ -31,7 +31,7 @@ import math
 from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 
-from gigatrain.config import ACTIVATION_CHECKPOINTING, DEGREES, MULTI_STAGE_SCHEDULES, PP_SCHEDULES
+from gigatrain.config import DEGREES, MULTI_STAGE_SCHEDULES
 from gigatrain.models.flops import matmul_params, param_counts, training_flops_per_token
 from gigatrain.models.transformer import ModelArgs
 from gigatrain.plan.catalog import Accelerator
@@ -77,7 +77,7 @@ class Layout:
     pp: int = 1
     cp: int = 1
     micro_batch_size: int = 1
-    pp_schedule: str = "1F1B"  # one of PP_SCHEDULES (PyTorch's names); ignored when pp == 1
+    pp_schedule: str = "1F1B"  # one of config.PP_SCHEDULES (PyTorch's names); ignored when pp == 1
     pp_stages_per_rank: int = 1  # model chunks per pipeline rank (the multi-stage schedules)
     activation_checkpointing: str = "none"  # none | selective (op-level) | full
 
