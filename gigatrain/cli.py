@@ -111,7 +111,7 @@ def dry_run(cfg: Config, n_processes: int) -> int:
     from gigatrain.data.loader import TokenData
     from gigatrain.fault.inject import ENV, FaultPlan
     from gigatrain.models.flops import param_counts
-    from gigatrain.parallel.mesh import AXES, parallel_dims
+    from gigatrain.parallel.mesh import parallel_dims
     from gigatrain.ranks import global_rank
     from gigatrain.rundir import RunDir
 
@@ -122,18 +122,18 @@ def dry_run(cfg: Config, n_processes: int) -> int:
         return 0  # under torchrun, one report
     model = resolve_model_args(cfg, vocab_size=data.vocab_size if data else None)
     counts = param_counts(model)
-    t = cfg.train
-    local_batch = t.batch_size // dims.dp
     resumed = "continues the run there" if RunDir(cfg.run_dir).read_config() is not None else "a new run"
     lines = [
         f"run        {cfg.run_dir} ({resumed})",
         f"model      {cfg.model.preset}: {model.n_layers} layers, d_model {model.d_model}, {model.n_heads} heads "
         f"({model.n_kv_heads} kv), {(counts.total - counts.embedding - counts.output) / 1e6:,.1f}M parameters "
         f"besides the embeddings",
-        f"layout     {n_processes} process(es): " + " ".join(f"{axis}={getattr(dims, axis)}" for axis in AXES)
+        f"layout     {n_processes} process(es): " + " ".join(f"{axis}={value}" for axis, value in dims.degrees().items())
+        + (f" {dims.pp_schedule}" if dims.pp > 1 else "")
+        + (f", activation checkpointing {dims.activation_checkpointing}" if dims.activation_checkpointing != "none" else "")
         + (" (parallel.auto)" if cfg.parallel.auto else ""),
-        f"batch      {t.batch_size} x {cfg.data.seq_len} = {t.batch_size * cfg.data.seq_len:,} tokens per step; "
-        f"{local_batch} sequences per data-parallel rank in {dims.microbatches} micro-batch(es)",
+        f"batch      {dims.global_batch} x {cfg.data.seq_len} = {dims.global_batch * cfg.data.seq_len:,} tokens per step; "
+        f"{dims.local_batch} sequences per data-parallel rank in {dims.microbatches} micro-batch(es) of {dims.micro_batch_size}",
         f"data       " + (f"{data.path} (vocabulary {data.vocab_size:,})" if data else
                           f"the default corpus ({cfg.data.tokenizer} tokenizer; prepared on first use)"),
     ]
@@ -399,7 +399,7 @@ def run(argv: list[str]) -> int:
     from gigatrain.data import DataError
 
     if argv and argv[0] == "plan":
-        from gigatrain.plan.cli import main as plan_main
+        from gigatrain.plan.app.cli import main as plan_main
 
         return plan_main(argv[1:])
     parser = build_parser()

@@ -56,8 +56,8 @@ class TrainConfig:
     seed: int = 1337
     max_steps: int = 600
     batch_size: int = 16  # global: sequences per optimizer step, whatever the layout
-    batch_tokens: int = 0  # global batch in tokens instead (sets batch_size = batch_tokens / seq_len); 0: unused
-    micro_batch_size: int = 0  # sequences per forward/backward; 0: the whole batch at once
+    batch_tokens: int = 0  # global batch in tokens instead (batch_tokens / seq_len sequences, see global_batch_size); 0: unused
+    micro_batch_size: int = 0  # sequences per forward/backward; 0: the whole batch at once (the planner's under parallel.auto)
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
@@ -76,7 +76,8 @@ class TrainConfig:
     time_limit_s: float = 0.0  # 0: no wall-clock budget
     stop_at_step: int = 0  # 0: run to max_steps
     compile: bool = False
-    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    # selective: op-level (save matmul and attention outputs, recompute the cheap ops), as the planner models it
+    activation_checkpointing: Literal["none", "selective", "full"] = "none"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     samples: int = 3  # generated at the end of training
@@ -99,6 +100,14 @@ class ParallelConfig:
     pp_microbatches: int = 0  # per step and data-parallel rank; 0: one per pipeline stage
     pp_stages_per_rank: int = 0  # 0: 2 for the looped schedules (interleaved, zero-bubble), else 1
     auto: bool = False  # take the planner's best layout for the world size
+
+
+# The layout vocabulary the trainer, the config and the planner share.
+DEGREES = ("dp_replicate", "dp_shard", "tp", "pp", "cp")
+PP_SCHEDULES = typing.get_args(typing.get_type_hints(ParallelConfig)["pp_schedule"])
+# Schedules that run several stages per rank (parallel.pp_stages_per_rank >= 2).
+MULTI_STAGE_SCHEDULES = ("Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble")
+ACTIVATION_CHECKPOINTING = typing.get_args(typing.get_type_hints(TrainConfig)["activation_checkpointing"])
 
 
 @dataclass
@@ -263,7 +272,6 @@ def validate(cfg: Config) -> None:
     if t.batch_tokens:
         _require(t.batch_tokens % d.seq_len == 0, f"train.batch_tokens={t.batch_tokens} is not a multiple of data.seq_len={d.seq_len}; "
                  f"use a multiple such as {max(1, t.batch_tokens // d.seq_len) * d.seq_len}")
-        t.batch_size = t.batch_tokens // d.seq_len  # the one the rest of the system reads
     for name in ("max_steps", "batch_size", "eval_batches", "checkpoint_every", "keep_checkpoints", "eval_every"):
         value = getattr(t, name)
         _require(value >= 1, f"train.{name}={value} is not valid; it must be at least 1")
@@ -285,14 +293,21 @@ def validate(cfg: Config) -> None:
         _require(getattr(f, name) >= 1, f"fault.{name}={getattr(f, name)} is not valid; it must be at least 1")
     _require(f.max_rollbacks >= 0, f"fault.max_rollbacks={f.max_rollbacks} is not valid; it must be 0 or more")
     # micro_batch_size is per rank: parallel.mesh.parallel_dims checks it against the layout.
-    for name in ("dp_replicate", "dp_shard", "tp", "pp", "cp"):
+    for name in DEGREES:
         value = getattr(p, name)
         _require(value >= 1 or value == -1, f"parallel.{name}={value} is not valid; use a positive degree or -1 to infer it from the world size")
-    inferred = [n for n in ("dp_replicate", "dp_shard", "tp", "pp", "cp") if getattr(p, n) == -1]
+    inferred = [n for n in DEGREES if getattr(p, n) == -1]
     _require(len(inferred) <= 1, f"parallel: only one degree may be -1, got {', '.join(inferred)}")
     for name in ("pp_microbatches", "pp_stages_per_rank"):
         value = getattr(p, name)
         _require(value >= 0, f"parallel.{name}={value} is not valid; it must be 0 (automatic) or more")
+
+
+def global_batch_size(cfg: Config) -> int:
+    """Sequences per optimizer step: train.batch_tokens / data.seq_len when batch_tokens is set,
+    else train.batch_size. The resolved layout (parallel.mesh.ParallelDims.global_batch) carries it."""
+    t = cfg.train
+    return t.batch_tokens // cfg.data.seq_len if t.batch_tokens else t.batch_size
 
 
 def resolve_model_args(cfg: Config, vocab_size: int | None = None) -> ModelArgs:

@@ -1,6 +1,6 @@
 import pytest
 
-from gigatrain.config import ConfigError, load_config, resolve_model_args, to_toml
+from gigatrain.config import ConfigError, global_batch_size, load_config, resolve_model_args, to_toml
 
 
 def test_defaults_and_overrides(tmp_path):
@@ -57,5 +57,6 @@ def test_bad_toml_types(tmp_path):
 
 
 def test_global_batch_in_tokens():
-    cfg = load_config(None, ["--data.seq_len=64", "--train.batch_tokens=1024"])
-    assert cfg.train.batch_size == 16
+    cfg = load_config(None, ["--data.seq_len=64", "--train.batch_size=4", "--train.batch_tokens=1024"])
+    assert global_batch_size(cfg) == 16
+    assert cfg.train.batch_size == 4  # validation checks values, it does not rewrite them

@@ -15,6 +15,8 @@ layout with every degree 1, and goes through the same code.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -22,6 +24,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from gigatrain.config import Config
 from gigatrain.models.loss import loss_fn
@@ -34,16 +37,35 @@ from gigatrain.parallel.pipeline import build_schedule, split_model, tied_weight
 from gigatrain.parallel.tensor import apply_tp, loss_context
 
 
+# Op-level selective checkpointing keeps the outputs of these ops (torchtitan's choice): the
+# matmuls and attention, which cost FLOPs to redo, and the reduce-scatters of sequence
+# parallelism, which cost communication; every other op (norms, rotary, SwiGLU's activation and
+# product, residual adds: cheap, memory-bound) is recomputed in the backward. This is what the
+# planner's "selective" assumes (plan.costs.activation_elements).
+_SELECTIVE_SAVED_OPS = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+    torch.ops._c10d_functional.reduce_scatter_tensor.default,
+}
+
+
+def _selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in _SELECTIVE_SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
 def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
-    """'full' recomputes every block in the backward pass; 'selective' every other block,
-    trading half the activation memory saving for less recompute."""
+    """Checkpoint every block: 'full' keeps only its input and recomputes the whole block in
+    the backward; 'selective' also keeps its matmul and attention outputs and recomputes only
+    the cheap ops between them."""
     if mode == "none":
         return
+    options = {"context_fn": partial(create_selective_checkpoint_contexts, _selective_policy)} if mode == "selective" else {}
     for name, block in list(model.layers.named_children()):
-        # Layer names, not positions: a pipeline stage's blocks keep their global numbers.
-        if mode == "full" or int(name) % 2 == 0:
-            # The wrapper's state-dict hooks strip its prefix, so checkpoint names are unchanged.
-            model.layers.register_module(name, checkpoint_wrapper(block, preserve_rng_state=False))
+        # The wrapper's state-dict hooks strip its prefix, so checkpoint names are unchanged.
+        model.layers.register_module(name, checkpoint_wrapper(block, preserve_rng_state=False, **options))
 
 
 def apply_compile(model: nn.Module) -> None:
@@ -248,7 +270,7 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh: dict[str, DeviceMesh
             part.tie_weights()  # the embeddings and the head are sharded alike: Shard(0) of [vocab, d_model]
         if dims.cp > 1:
             apply_cp(part, mesh["cp"], cfg.data.seq_len, device)
-        apply_activation_checkpointing(part, cfg.train.activation_checkpointing)
+        apply_activation_checkpointing(part, dims.activation_checkpointing)
         if cfg.train.compile:
             apply_compile(part)
         if dims.fsdp:

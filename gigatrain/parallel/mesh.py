@@ -23,50 +23,70 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from gigatrain.config import Config, ConfigError
+from gigatrain.config import DEGREES, MULTI_STAGE_SCHEDULES, Config, ConfigError, ParallelConfig, global_batch_size
 from gigatrain.fault.watchdog import Watchdog
 from gigatrain.models.transformer import ModelArgs
 from gigatrain.ranks import global_rank, world_size
 
 AXES = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
-MULTI_STAGE_SCHEDULES = ("Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble")
 # Where rank 0 publishes the current start's store prefix (`start_namespace`), and the pauses
 # (about 2 s in all) between a rank's looks for rank 0's confirmation before it reads the key again.
 CURRENT_START_KEY = "gigatrain/current_start"
 CONFIRM_PAUSES_S = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 0.5, 0.5)
 
 
-def resolve_degrees(cfg: Config, n_processes: int, model_args: ModelArgs) -> None:
-    """Fill in parallel.auto (the planner's layout) and a -1 degree, in place; check the product."""
-    p = cfg.parallel
-    names = ("dp_replicate", "dp_shard", "tp", "pp", "cp")
-    if p.auto:
-        from gigatrain.plan.layout import auto_layout
+@dataclass(frozen=True)
+class LayoutRequest:
+    """What the config (or, under parallel.auto, the planner) asks of the layout, before it is
+    checked: the settings `_split_batch` cuts the batch by, in the config's names."""
 
-        chosen = auto_layout(model_args, n_processes, cfg.data.seq_len, cfg.train.batch_size, device_catalog_name())
-        for name in names:
-            setattr(p, name, chosen[name])
-        if p.pp > 1:
-            p.pp_schedule = {"gpipe": "GPipe", "interleaved": "Interleaved1F1B"}.get(chosen["schedule"], "1F1B")
-            p.pp_stages_per_rank = chosen["virtual_stages"] if p.pp_schedule == "Interleaved1F1B" else 0
-            # The planner's zero-bubble is ZB-H1 with one stage per rank; PyTorch's runs two
-            # or more, so the layers must split into 2*pp stages.
-            if chosen["schedule"] == "zb" and model_args.n_layers % (2 * p.pp) == 0:
-                p.pp_schedule = "InterleavedZeroBubble"
-    fixed = math.prod(getattr(p, n) for n in names if getattr(p, n) != -1)
-    for name in names:
-        if getattr(p, name) == -1:
+    degrees: dict[str, int]  # dp_replicate, dp_shard, tp, pp, cp; none -1
+    global_batch: int
+    micro_batch_size: int  # 0: the whole per-rank batch (or, under a pipeline, pp_microbatches)
+    pp_schedule: str
+    pp_stages_per_rank: int  # 0: 2 for the multi-stage schedules, else 1
+    pp_microbatches: int  # 0: from micro_batch_size, else one per pipeline stage
+    activation_checkpointing: str
+
+
+def resolve_degrees(p: ParallelConfig, n_processes: int) -> dict[str, int]:
+    """The five degrees with a -1 inferred from the world size; checks their product."""
+    degrees = {name: getattr(p, name) for name in DEGREES}
+    fixed = math.prod(v for v in degrees.values() if v != -1)
+    for name, value in degrees.items():
+        if value == -1:
             if n_processes % fixed:
-                others = " x ".join(f"{n}={getattr(p, n)}" for n in names if getattr(p, n) not in (-1, 1)) or "1"
+                others = " x ".join(f"{n}={v}" for n, v in degrees.items() if v not in (-1, 1)) or "1"
                 raise ConfigError(f"parallel.{name}=-1 cannot be inferred: the other degrees ({others}) multiply to {fixed}, "
                                   f"which does not divide the world size {n_processes}; run {fixed}*k processes "
                                   f"or change the degrees")
-            setattr(p, name, n_processes // fixed)
-    product = math.prod(getattr(p, n) for n in names)
+            degrees[name] = n_processes // fixed
+    product = math.prod(degrees.values())
     if product != n_processes:
-        layout = " x ".join(f"{n}={getattr(p, n)}" for n in names)
+        layout = " x ".join(f"{n}={v}" for n, v in degrees.items())
         raise ConfigError(f"parallel layout {layout} needs {product} processes but this run has {n_processes}; "
                           f"set the parallel degrees so that they multiply to {n_processes}")
+    return degrees
+
+
+def layout_request(cfg: Config, n_processes: int, model_args: ModelArgs) -> LayoutRequest:
+    """The config's layout, or under parallel.auto the planner's best one for n_processes (with
+    its micro-batch size and activation checkpointing, so the run is the one the planner costed;
+    a non-zero train.micro_batch_size or a checkpointing mode other than none stays fixed)."""
+    p, t = cfg.parallel, cfg.train
+    batch = global_batch_size(cfg)
+    if p.auto:
+        from gigatrain.plan.layout import auto_layout
+
+        chosen = auto_layout(model_args, n_processes, cfg.data.seq_len, batch, device_catalog_name(),
+                             micro_batch_size=t.micro_batch_size or None,
+                             activation_checkpointing=None if t.activation_checkpointing == "none"
+                             else t.activation_checkpointing)
+        return LayoutRequest(chosen.degrees(), batch, chosen.micro_batch_size, chosen.pp_schedule,
+                             chosen.pp_stages_per_rank if chosen.pp_schedule in MULTI_STAGE_SCHEDULES else 0, 0,
+                             chosen.activation_checkpointing)
+    return LayoutRequest(resolve_degrees(p, n_processes), batch, t.micro_batch_size, p.pp_schedule,
+                         p.pp_stages_per_rank, p.pp_microbatches, t.activation_checkpointing)
 
 
 def device_catalog_name() -> str:
@@ -80,7 +100,9 @@ def device_catalog_name() -> str:
 
 @dataclass(frozen=True)
 class ParallelDims:
-    """A validated layout. `build_mesh` turns it into a DeviceMesh once processes exist."""
+    """The resolved layout of a run, computed once (`parallel_dims`), in the config's names: the
+    five degrees, the pipeline schedule, and how each data-parallel rank's share of the global
+    batch is cut. `build_meshes` turns it into DeviceMeshes once processes exist."""
 
     pp: int
     dp_replicate: int
@@ -88,8 +110,12 @@ class ParallelDims:
     cp: int
     tp: int
     pp_schedule: str
-    stages_per_rank: int
+    stages_per_rank: int  # parallel.pp_stages_per_rank, resolved (1 without a multi-stage schedule)
     microbatches: int  # per data-parallel rank and step (pipeline) or gradient-accumulation steps
+    global_batch: int  # sequences per optimizer step (train.batch_size, or batch_tokens / seq_len)
+    local_batch: int  # sequences per data-parallel rank and step
+    micro_batch_size: int  # sequences per forward/backward: local_batch / microbatches
+    activation_checkpointing: str  # none | selective (op-level) | full
 
     @property
     def world_size(self) -> int:
@@ -111,6 +137,17 @@ class ParallelDims:
         hold partial gradients."""
         return self.dp_replicate * self.dp_shard * self.cp > 1
 
+    def degrees(self) -> dict[str, int]:
+        return {axis: getattr(self, axis) for axis in AXES}
+
+    def to_dict(self) -> dict:
+        """The resolved layout in the config's (and the planner's `Layout`'s) names, as run.json
+        records it for calibration."""
+        return {**self.degrees(), "pp_schedule": self.pp_schedule, "pp_stages_per_rank": self.stages_per_rank,
+                "micro_batch_size": self.micro_batch_size, "microbatches": self.microbatches,
+                "local_batch": self.local_batch, "global_batch": self.global_batch,
+                "activation_checkpointing": self.activation_checkpointing}
+
     def build_meshes(self, device_type: str) -> dict[str, DeviceMesh]:
         """One 1-D mesh per axis, plus the views the axes combine into: "dp" (the ranks a
         global batch is sliced over) and "fsdp" (dp_replicate x dp_shard*cp, the 2-D mesh
@@ -128,117 +165,118 @@ class ParallelDims:
 
 def parallel_dims(cfg: Config, model_args: ModelArgs, n_processes: int | None = None) -> ParallelDims:
     """Resolve and check the layout against the model, sequence length and batch; every
-    broken constraint is one line saying what would fix it."""
+    broken constraint is one line saying what would fix it. The config is only read: the
+    run keeps its degrees as written (-1, auto), so that it resumes under another number of
+    processes."""
     n_processes = world_size() if n_processes is None else n_processes
-    # A copy: the run's config keeps the degrees as written (-1, auto), so that it resumes
-    # under another number of processes.
-    cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel))
-    resolve_degrees(cfg, n_processes, model_args)
-    p = cfg.parallel
+    request = layout_request(cfg, n_processes, model_args)
+    d = request.degrees
     seq_len = cfg.data.seq_len
-    if p.tp > 1:
+    if d["tp"] > 1:
         for name in ("n_heads", "n_kv_heads"):
             value = getattr(model_args, name)
-            if value % p.tp:
-                raise ConfigError(f"parallel.tp={p.tp} does not divide model.{name}={value}; "
+            if value % d["tp"]:
+                raise ConfigError(f"parallel.tp={d['tp']} does not divide model.{name}={value}; "
                                   f"use a tp that divides both n_heads and n_kv_heads")
-        if seq_len % p.tp:
-            raise ConfigError(f"parallel.tp={p.tp} does not divide data.seq_len={seq_len}: sequence parallelism "
-                              f"splits the sequence over tp ranks; pick a seq_len divisible by {p.tp}")
-    if p.cp > 1 and seq_len % (2 * p.cp * p.tp):
-        raise ConfigError(f"data.seq_len={seq_len} is not divisible by 2*parallel.cp{'*parallel.tp' if p.tp > 1 else ''}="
-                          f"{2 * p.cp * p.tp}: context parallelism gives each rank two equal chunks; "
-                          f"use a seq_len that is a multiple of {2 * p.cp * p.tp}")
+        if seq_len % d["tp"]:
+            raise ConfigError(f"parallel.tp={d['tp']} does not divide data.seq_len={seq_len}: sequence parallelism "
+                              f"splits the sequence over tp ranks; pick a seq_len divisible by {d['tp']}")
+    if d["cp"] > 1 and seq_len % (2 * d["cp"] * d["tp"]):
+        raise ConfigError(f"data.seq_len={seq_len} is not divisible by 2*parallel.cp{'*parallel.tp' if d['tp'] > 1 else ''}="
+                          f"{2 * d['cp'] * d['tp']}: context parallelism gives each rank two equal chunks; "
+                          f"use a seq_len that is a multiple of {2 * d['cp'] * d['tp']}")
     try:
-        stages_per_rank, microbatches = _split_batch(cfg, model_args)
+        stages_per_rank, microbatches = _split_batch(request, model_args)
     except ConfigError as err:
-        raise ConfigError(f"{err}{_fitting_batch_hint(cfg, model_args, n_processes)}") from None
-    return ParallelDims(pp=p.pp, dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, cp=p.cp, tp=p.tp,
-                        pp_schedule=p.pp_schedule, stages_per_rank=stages_per_rank, microbatches=microbatches)
+        raise ConfigError(f"{err}{_fitting_batch_hint(cfg, request, model_args, n_processes)}") from None
+    local_batch = request.global_batch // (d["dp_replicate"] * d["dp_shard"])
+    return ParallelDims(pp=d["pp"], dp_replicate=d["dp_replicate"], dp_shard=d["dp_shard"], cp=d["cp"], tp=d["tp"],
+                        pp_schedule=request.pp_schedule, stages_per_rank=stages_per_rank, microbatches=microbatches,
+                        global_batch=request.global_batch, local_batch=local_batch,
+                        micro_batch_size=local_batch // microbatches,
+                        activation_checkpointing=request.activation_checkpointing)
 
 
-def _split_batch(cfg: Config, model_args: ModelArgs) -> tuple[int, int]:
+def _split_batch(request: LayoutRequest, model_args: ModelArgs) -> tuple[int, int]:
     """(stages per rank, microbatches): how each data-parallel rank's share of the global
     batch is cut, for the resolved degrees; every batch constraint is checked here."""
-    p, t = cfg.parallel, cfg.train
-    dp = p.dp_replicate * p.dp_shard
-    if t.batch_size % dp:
-        raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by the data-parallel degree "
+    d = request.degrees
+    dp = d["dp_replicate"] * d["dp_shard"]
+    if request.global_batch % dp:
+        raise ConfigError(f"train.batch_size={request.global_batch} is not divisible by the data-parallel degree "
                           f"dp_replicate*dp_shard={dp}; use a batch size that is a multiple of {dp}")
-    local_batch = t.batch_size // dp
-    if p.pp > 1:
-        return _pipeline_shape(cfg, model_args, local_batch)
-    micro = t.micro_batch_size or local_batch
+    local_batch = request.global_batch // dp
+    if d["pp"] > 1:
+        return _pipeline_shape(request, model_args, local_batch)
+    micro = request.micro_batch_size or local_batch
     if local_batch % micro:
         raise ConfigError(f"train.micro_batch_size={micro} does not divide the per-rank batch "
                           f"batch_size/dp={local_batch}; pick a micro batch that divides {local_batch}")
     return 1, local_batch // micro
 
 
-def fitting_batch_sizes(cfg: Config, model_args: ModelArgs, count: int = 3) -> list[int]:
-    """Global batch sizes this (resolved) layout accepts with the config's micro-batch and
-    pipeline settings: the largest below train.batch_size and the first `count - 1` above
-    it. Found by trying multiples of the data-parallel degree against `_split_batch` itself,
-    so the suggestion never disagrees with the check."""
-    p, t = cfg.parallel, cfg.train
-    dp = p.dp_replicate * p.dp_shard
+def fitting_batch_sizes(request: LayoutRequest, model_args: ModelArgs, count: int = 3) -> list[int]:
+    """Global batch sizes this resolved layout accepts with its micro-batch and pipeline
+    settings: the largest below the requested one and the first `count - 1` above it. Found by
+    trying multiples of the data-parallel degree against `_split_batch` itself, so the
+    suggestion never disagrees with the check."""
+    d = request.degrees
+    dp = d["dp_replicate"] * d["dp_shard"]
     below, above = [], []
     for size in range(dp, dp * 4096 + 1, dp):
-        trial = dataclasses.replace(cfg, train=dataclasses.replace(t, batch_size=size))
         try:
-            _split_batch(trial, model_args)
+            _split_batch(dataclasses.replace(request, global_batch=size), model_args)
         except ConfigError:
             continue
-        (below if size < t.batch_size else above).append(size)
+        (below if size < request.global_batch else above).append(size)
         if len(above) == count - 1:
             break
     return below[-1:] + above
 
 
-def _fitting_batch_hint(cfg: Config, model_args: ModelArgs, n_processes: int) -> str:
-    sizes = fitting_batch_sizes(cfg, model_args)
+def _fitting_batch_hint(cfg: Config, request: LayoutRequest, model_args: ModelArgs, n_processes: int) -> str:
+    sizes = fitting_batch_sizes(request, model_args)
     if not sizes:
         return ""  # not a matter of the batch size: the message already says what to change
     key = "train.batch_size"
     if cfg.train.batch_tokens:
         key, sizes = "train.batch_tokens", [size * cfg.data.seq_len for size in sizes]
     choices = ", ".join(map(str, sizes[:-1])) + (" or " if len(sizes) > 1 else "") + str(sizes[-1])
-    micro = cfg.train.micro_batch_size
+    micro = request.micro_batch_size
     return f"; with {n_processes} processes{f' and train.micro_batch_size={micro}' if micro else ''}, {key} can be {choices}"
 
 
-def _pipeline_shape(cfg: Config, model_args: ModelArgs, local_batch: int) -> tuple[int, int]:
-    p, t = cfg.parallel, cfg.train
+def _pipeline_shape(request: LayoutRequest, model_args: ModelArgs, local_batch: int) -> tuple[int, int]:
+    pp, schedule, micro = request.degrees["pp"], request.pp_schedule, request.micro_batch_size
     from torch.distributed.pipelining import schedules
 
-    class_name = "Schedule" + p.pp_schedule
-    if not hasattr(schedules, class_name):
-        raise ConfigError(f"parallel.pp_schedule={p.pp_schedule} is not in the installed PyTorch "
+    if not hasattr(schedules, "Schedule" + schedule):
+        raise ConfigError(f"parallel.pp_schedule={schedule} is not in the installed PyTorch "
                           f"{torch.__version__}; use 1F1B, GPipe or Interleaved1F1B")
-    multi = p.pp_schedule in MULTI_STAGE_SCHEDULES
-    stages_per_rank = p.pp_stages_per_rank or (2 if multi else 1)
+    multi = schedule in MULTI_STAGE_SCHEDULES
+    stages_per_rank = request.pp_stages_per_rank or (2 if multi else 1)
     if not multi and stages_per_rank != 1:
         raise ConfigError(f"parallel.pp_stages_per_rank={stages_per_rank} needs a multi-stage schedule; "
                           f"use parallel.pp_schedule=Interleaved1F1B or one of {', '.join(MULTI_STAGE_SCHEDULES)}")
     if multi and stages_per_rank < 2:
-        raise ConfigError(f"parallel.pp_schedule={p.pp_schedule} runs several stages per rank; "
+        raise ConfigError(f"parallel.pp_schedule={schedule} runs several stages per rank; "
                           f"set parallel.pp_stages_per_rank to 2 or more (or 0 for 2)")
-    n_stages = p.pp * stages_per_rank
+    n_stages = pp * stages_per_rank
     if model_args.n_layers % n_stages:
         raise ConfigError(f"model.n_layers={model_args.n_layers} cannot be split into {n_stages} equal pipeline stages "
-                          f"(parallel.pp={p.pp} x {stages_per_rank} per rank); use a layer count divisible by {n_stages}")
-    microbatches = p.pp_microbatches
+                          f"(parallel.pp={pp} x {stages_per_rank} per rank); use a layer count divisible by {n_stages}")
+    microbatches = request.pp_microbatches
     if not microbatches:
-        microbatches = local_batch // t.micro_batch_size if t.micro_batch_size else p.pp
-    elif t.micro_batch_size and t.micro_batch_size * microbatches != local_batch:
-        raise ConfigError(f"train.micro_batch_size={t.micro_batch_size} x parallel.pp_microbatches={microbatches} "
+        microbatches = local_batch // micro if micro else pp
+    elif micro and micro * microbatches != local_batch:
+        raise ConfigError(f"train.micro_batch_size={micro} x parallel.pp_microbatches={microbatches} "
                           f"must equal the per-rank batch batch_size/dp={local_batch}; set one of them to 0")
     if local_batch % microbatches:
         raise ConfigError(f"parallel.pp_microbatches={microbatches} does not divide the per-rank batch "
                           f"batch_size/dp={local_batch}; use a divisor of {local_batch} or a larger train.batch_size")
-    if multi and microbatches % p.pp:
-        raise ConfigError(f"parallel.pp_schedule={p.pp_schedule} needs parallel.pp_microbatches={microbatches} "
-                          f"to be a multiple of parallel.pp={p.pp}")
+    if multi and microbatches % pp:
+        raise ConfigError(f"parallel.pp_schedule={schedule} needs parallel.pp_microbatches={microbatches} "
+                          f"to be a multiple of parallel.pp={pp}")
     return stages_per_rank, microbatches
 
 

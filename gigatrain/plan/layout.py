@@ -11,8 +11,8 @@ from typing import Iterator
 
 from gigatrain.models.transformer import ModelArgs
 from gigatrain.plan.catalog import Accelerator, get_accelerator
-from gigatrain.plan.model import (MEMORY_USABLE, RECOMPUTE, SCHEDULES, Efficiency, Estimate, Layout, Workload,
-                                  evaluate)
+from gigatrain.config import ACTIVATION_CHECKPOINTING, MULTI_STAGE_SCHEDULES, PP_SCHEDULES
+from gigatrain.plan.costs import MEMORY_USABLE, Efficiency, Estimate, Layout, Workload, estimate
 from gigatrain.plan.units import divisors
 
 
@@ -21,7 +21,7 @@ class Constraints:
     """What the search may choose. A field set to a value fixes it; None lets the search pick."""
 
     exact_gpus: bool = True  # use exactly the fleet; False allows idle GPUs when the batch forces it
-    even_stages: bool = True  # n_layers % (pp * virtual_stages) == 0, as gigatrain's pipeline needs
+    even_stages: bool = True  # n_layers % (pp * pp_stages_per_rank) == 0, as gigatrain's pipeline needs
     tp_within_scaleup: bool = True  # keep tensor parallel inside one NVLink domain
     max_cp: int = 32
     max_micro_batch: int = 64
@@ -31,9 +31,9 @@ class Constraints:
     pp: int | None = None
     cp: int | None = None
     micro_batch_size: int | None = None
-    schedule: str | None = None
-    virtual_stages: int | None = None
-    recompute: str | None = None
+    pp_schedule: str | None = None
+    pp_stages_per_rank: int | None = None
+    activation_checkpointing: str | None = None
 
     def fixed(self) -> dict:
         names = [f.name for f in fields(Layout)]
@@ -51,8 +51,8 @@ def violations(workload: Workload, layout: Layout, gpu: Accelerator, gpus: int, 
     args, c = workload.model, constraints
     problems = []
     world = layout.world_size
-    if min(layout.degrees().values()) < 1 or layout.micro_batch_size < 1 or layout.virtual_stages < 1:
-        problems.append("degrees, micro-batch size and virtual stages must be at least 1")
+    if min(layout.degrees().values()) < 1 or layout.micro_batch_size < 1 or layout.pp_stages_per_rank < 1:
+        problems.append("degrees, micro-batch size and pipeline stages per rank must be at least 1")
         return problems
     if world > gpus or (c.exact_gpus and world != gpus):
         problems.append(f"layout needs {world} GPUs, the fleet has {gpus}")
@@ -60,24 +60,26 @@ def violations(workload: Workload, layout: Layout, gpu: Accelerator, gpus: int, 
         problems.append(f"tp={layout.tp} must divide n_heads={args.n_heads} and n_kv_heads={args.n_kv_heads}")
     if c.tp_within_scaleup and layout.tp > gpu.scaleup_domain:
         problems.append(f"tp={layout.tp} exceeds the NVLink domain of {gpu.scaleup_domain}")
-    chunks = layout.pp * layout.virtual_stages
+    chunks = layout.pp * layout.pp_stages_per_rank
     if chunks > args.n_layers or (c.even_stages and args.n_layers % chunks):
-        problems.append(f"pp x virtual stages = {chunks} must {'divide' if c.even_stages else 'not exceed'} "
+        problems.append(f"pp x stages per rank = {chunks} must {'divide' if c.even_stages else 'not exceed'} "
                         f"n_layers={args.n_layers}")
     if layout.cp > 1 and workload.seq_len % (2 * layout.cp):
         problems.append(f"seq_len={workload.seq_len} must be divisible by 2 x cp = {2 * layout.cp}")
     if workload.global_batch % (layout.dp * layout.micro_batch_size):
         problems.append(f"global batch {workload.global_batch} must be divisible by dp x micro-batch = "
                         f"{layout.dp} x {layout.micro_batch_size}")
-    if layout.schedule not in SCHEDULES or layout.recompute not in RECOMPUTE:
-        problems.append(f"schedule must be one of {SCHEDULES} and recompute one of {RECOMPUTE}")
-    if layout.schedule == "interleaved" and layout.pp > 1 and layout.virtual_stages < 2:
-        problems.append("the interleaved schedule needs virtual_stages >= 2")
-    if layout.schedule != "interleaved" and layout.virtual_stages != 1:
-        problems.append("virtual_stages > 1 needs the interleaved schedule")
+    if layout.pp_schedule not in PP_SCHEDULES or layout.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
+        problems.append(f"pp_schedule must be one of {PP_SCHEDULES} and activation_checkpointing one of "
+                        f"{ACTIVATION_CHECKPOINTING}")
+    multi = layout.pp_schedule in MULTI_STAGE_SCHEDULES
+    if multi and layout.pp > 1 and layout.pp_stages_per_rank < 2:
+        problems.append(f"{layout.pp_schedule} needs pp_stages_per_rank >= 2")
+    if not multi and layout.pp_stages_per_rank != 1:
+        problems.append(f"pp_stages_per_rank > 1 needs one of {MULTI_STAGE_SCHEDULES}")
     per_rank = workload.global_batch // max(layout.dp, 1)
-    if layout.schedule == "interleaved" and layout.pp > 1 and per_rank // layout.micro_batch_size < layout.pp:
-        problems.append("the interleaved schedule needs at least pp micro-batches")
+    if multi and layout.pp > 1 and (per_rank // layout.micro_batch_size) % layout.pp:
+        problems.append(f"{layout.pp_schedule} needs a multiple of pp micro-batches")
     for name, value in c.fixed().items():
         if getattr(layout, name) != value:
             problems.append(f"{name} is fixed to {value}")
@@ -135,18 +137,20 @@ def _shard_choices(dp: int, c: Constraints) -> list[int]:
 
 
 def _schedule_choices(args: ModelArgs, pp: int, c: Constraints) -> list[tuple[str, int]]:
+    """(pp_schedule, pp_stages_per_rank) pairs, by PyTorch's schedule names."""
     if pp == 1:
-        return [("1f1b", 1)]
+        return [("1F1B", 1)]
     per_stage = args.n_layers // pp if c.even_stages else math.ceil(args.n_layers / pp)
     chunkings = [v for v in range(2, min(per_stage, 16) + 1)
                  if (not c.even_stages or args.n_layers % (pp * v) == 0) and (c.even_stages or pp * v <= args.n_layers)]
-    options = [("1f1b", 1), ("zb", 1), ("gpipe", 1)] + [("interleaved", v) for v in chunkings]
-    if c.schedule is None:
-        options = [(s, v) for s, v in options if s != "gpipe"]  # GPipe never beats 1F1B: same bubble, more memory
+    options = [("1F1B", 1), ("GPipe", 1)] + [(schedule, v) for v in chunkings for schedule in MULTI_STAGE_SCHEDULES]
+    if c.pp_schedule is None:
+        # GPipe never beats 1F1B (same bubble, more memory), nor LoopedBFS interleaved 1F1B.
+        options = [(s, v) for s, v in options if s not in ("GPipe", "LoopedBFS")]
     else:
-        options = [(s, v) for s, v in options if s == c.schedule]
-    if c.virtual_stages is not None:
-        options = [(s, v) for s, v in options if v == c.virtual_stages]
+        options = [(s, v) for s, v in options if s == c.pp_schedule]
+    if c.pp_stages_per_rank is not None:
+        options = [(s, v) for s, v in options if v == c.pp_stages_per_rank]
     return options
 
 
@@ -163,19 +167,20 @@ def search(workload: Workload, gpus: int, gpu: Accelerator, efficiency: Efficien
         micro_batches = [m for m in divisors(per_rank) if m <= c.max_micro_batch]
         if c.micro_batch_size is not None:
             micro_batches = [c.micro_batch_size] if per_rank % c.micro_batch_size == 0 else []
-        recomputes = [c.recompute] if c.recompute is not None else list(RECOMPUTE)
+        recomputes = ([c.activation_checkpointing] if c.activation_checkpointing is not None
+                      else list(ACTIVATION_CHECKPOINTING))
         for shard in _shard_choices(dp, c):
             for mbs in micro_batches:
                 for schedule, virtual in _schedule_choices(args, pp, c):
-                    if schedule == "interleaved" and per_rank // mbs < pp:
-                        continue  # interleaving needs at least pp micro-batches in flight
+                    if schedule in MULTI_STAGE_SCHEDULES and (per_rank // mbs) % pp:
+                        continue  # PyTorch's looped schedules take a multiple of pp micro-batches
                     for recompute in recomputes:  # fastest first: stop at the first that fits
                         layout = Layout(dp_replicate=dp // shard, dp_shard=shard, tp=tp, pp=pp, cp=cp,
-                                        micro_batch_size=mbs, schedule=schedule, virtual_stages=virtual,
-                                        recompute=recompute)
-                        estimate = evaluate(workload, layout, gpu, efficiency, even_stages=c.even_stages)
-                        if estimate.fits:
-                            best.append(estimate)
+                                        micro_batch_size=mbs, pp_schedule=schedule, pp_stages_per_rank=virtual,
+                                        activation_checkpointing=recompute)
+                        costed = estimate(workload, layout, gpu, efficiency, even_stages=c.even_stages)
+                        if costed.fits:
+                            best.append(costed)
                             break
         best = _rank(best, distinct)[: max(top, 1) * 4]  # keep the list short while searching
     return _rank(best, distinct)[:top]
@@ -186,7 +191,7 @@ def _rank(estimates: list[Estimate], distinct: bool) -> list[Estimate]:
         layout = e.layout
         # Step times within 0.1% are a tie (the model is not that precise): prefer the simpler layout.
         return (float(f"{e.step_time_s:.3g}"), e.gpus, layout.tp * layout.pp * layout.cp, layout.dp_replicate,
-                -layout.micro_batch_size, layout.virtual_stages, e.step_time_s)
+                -layout.micro_batch_size, layout.pp_stages_per_rank, e.step_time_s)
     ranked = sorted(estimates, key=key)
     if not distinct:
         return ranked
@@ -209,8 +214,8 @@ def explain_no_layout(workload: Workload, gpus: int, gpu: Accelerator, constrain
                 f"and the model's heads (tp), layers (pp) and sequence (cp) within the constraints; {fix}")
     smallest = math.inf
     for tp, pp, cp, dp in candidates:
-        layout = Layout(dp_shard=dp, tp=tp, pp=pp, cp=cp, micro_batch_size=1, recompute="full")
-        smallest = min(smallest, evaluate(workload, layout, gpu, even_stages=c.even_stages).memory_total_gb)
+        layout = Layout(dp_shard=dp, tp=tp, pp=pp, cp=cp, micro_batch_size=1, activation_checkpointing="full")
+        smallest = min(smallest, estimate(workload, layout, gpu, even_stages=c.even_stages).memory_total_gb)
     return (f"no layout fits in {gpu.memory_gb:g} GB per GPU: the leanest needs {smallest:.1f} GB; "
             f"use more GPUs, a GPU with more memory, or a shorter sequence")
 
@@ -223,27 +228,28 @@ def best_layout(workload: Workload, gpus: int, gpu: Accelerator, efficiency: Eff
     return found[0]
 
 
-def auto_layout(model_args: ModelArgs, world_size: int, seq_len: int, global_batch: int, gpu: str) -> dict:
-    """The planner's best layout for `gigatrain train --parallel.auto=true`.
-
-    Returns the five degrees by their config names (their product is world_size) plus the
-    micro-batch size, pipeline schedule and recompute the planner assumed. Raises ConfigError
-    (one line) when no layout of world_size processes can train this model and batch.
+def auto_layout(model_args: ModelArgs, world_size: int, seq_len: int, global_batch: int, gpu: str,
+                micro_batch_size: int | None = None, activation_checkpointing: str | None = None) -> Layout:
+    """The planner's best layout for `gigatrain train --parallel.auto=true`, in the config's names:
+    the five degrees (their product is world_size), the micro-batch size, the pipeline schedule
+    and its stages per rank, and the activation checkpointing the step time was estimated with.
+    A micro-batch size or checkpointing mode given here is fixed rather than chosen. Raises
+    ConfigError (one line) when no layout of world_size processes can train this model and batch.
     """
     from gigatrain.config import ConfigError
 
-    ones = {"dp_replicate": 1, "dp_shard": 1, "tp": 1, "pp": 1, "cp": 1}
     if world_size == 1:
-        return {**ones, "micro_batch_size": global_batch, "schedule": "1f1b", "virtual_stages": 1, "recompute": "none"}
+        return Layout(micro_batch_size=micro_batch_size or global_batch,
+                      activation_checkpointing=activation_checkpointing or "none")
     try:
         accelerator = get_accelerator(gpu)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     workload = Workload(model_args, seq_len, global_batch, act_bytes=4 if gpu == "cpu" else 2)
+    constraints = Constraints(exact_gpus=True, micro_batch_size=micro_batch_size,
+                              activation_checkpointing=activation_checkpointing)
     try:
-        chosen = best_layout(workload, world_size, accelerator, Efficiency(), Constraints(exact_gpus=True),
-                             fix="change the number of processes or train.batch_size").layout
+        return best_layout(workload, world_size, accelerator, Efficiency(), constraints,
+                           fix="change the number of processes or train.batch_size").layout
     except NoLayoutError as err:
         raise ConfigError(f"parallel.auto: {err}") from None
-    return {**chosen.degrees(), "micro_batch_size": chosen.micro_batch_size, "schedule": chosen.schedule,
-            "virtual_stages": chosen.virtual_stages, "recompute": chosen.recompute}

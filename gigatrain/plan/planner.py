@@ -11,7 +11,7 @@ from gigatrain.models.flops import param_counts
 from gigatrain.models.transformer import ModelArgs
 from gigatrain.plan.catalog import Accelerator
 from gigatrain.plan.layout import Constraints, NoLayoutError, explain_no_layout, search
-from gigatrain.plan.model import Efficiency, Estimate, Workload
+from gigatrain.plan.costs import Efficiency, Estimate, Workload
 from gigatrain.plan.power import CostInputs, power_and_cost
 from gigatrain.plan.reliability import ReliabilityInputs, reliability, simulate_run
 
@@ -55,9 +55,9 @@ def layout_record(spec: PlanSpec, estimate: Estimate) -> dict:
         **layout.degrees(),
         "micro_batch_size": layout.micro_batch_size,
         "microbatches": estimate.microbatches,
-        "pp_schedule": layout.schedule if layout.pp > 1 else None,
-        "virtual_stages": layout.virtual_stages,
-        "recompute": layout.recompute,
+        "pp_schedule": layout.pp_schedule if layout.pp > 1 else None,
+        "pp_stages_per_rank": layout.pp_stages_per_rank,
+        "activation_checkpointing": layout.activation_checkpointing,
         "layout": layout.describe(),
         "gpus_used": estimate.gpus,
         "step_time_s": estimate.step_time_s,

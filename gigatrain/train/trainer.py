@@ -41,7 +41,7 @@ from gigatrain.models.flops import param_counts, training_flops_per_token
 from gigatrain.models.transformer import Transformer
 from gigatrain.parallel import parallelize
 from gigatrain.parallel.device import pick_device, pick_dtype
-from gigatrain.parallel.mesh import AXES, init_distributed, parallel_dims
+from gigatrain.parallel.mesh import init_distributed, parallel_dims
 from gigatrain.ranks import global_rank, is_main_process
 from gigatrain.rundir import RunDir, RunDirLock
 from gigatrain.train.checkpointing import CheckpointManager, TrainState
@@ -143,10 +143,10 @@ class Trainer:
             model = Transformer(self.model_args, seed=t.seed)
         self.parallel = parallelize(model, self.dims, self.mesh, cfg, self.device, self.dtype)
         self.optimizers = [build_optimizer(part, t, self.device) for part in self.parallel.parts]
-        self.loader = BatchLoader(self.data.split("train"), self.seq_len, t.batch_size, seed=t.seed,
+        self.loader = BatchLoader(self.data.split("train"), self.seq_len, self.dims.global_batch, seed=t.seed,
                                   rank=self.parallel.dp_rank, world_size=self.dims.dp)
 
-        self.tokens_per_step = t.batch_size * self.seq_len
+        self.tokens_per_step = self.dims.global_batch * self.seq_len
         self.flops_per_token = training_flops_per_token(self.model_args, self.seq_len)
         self.peak_flops = peak_flops(self.device)
         self.metrics = MetricsProcessor(records, tokens_per_step=self.tokens_per_step,
@@ -154,11 +154,10 @@ class Trainer:
                                         world_size=self.dims.world_size, device=self.device)
         self.state = TrainState(schedule_steps=schedule_horizon(t, None))
         self.checkpoints = CheckpointManager(cfg, self.run_dir, self.parallel, self.optimizers, self.loader, self.state,
-                                             model_args=self.model_args, data=self.data, layout=self.layout(),
+                                             model_args=self.model_args, data=self.data, layout=self.dims.degrees(),
                                              tokens_per_step=self.tokens_per_step, faults=self.faults,
                                              event=self.metrics.event, is_main=self.is_main)
-        self.validator = Validator(cfg, self.data, self.parallel, local_batch=self.loader.local_batch,
-                                   world_size=self.dims.world_size, device=self.device, dtype=self.dtype,
+        self.validator = Validator(cfg, self.data, self.parallel, dims=self.dims, device=self.device, dtype=self.dtype,
                                    clock=self.clock, run_dir=self.run_dir)
 
     @property
@@ -167,9 +166,6 @@ class Trainer:
         if self.dims.pp > 1:
             raise AttributeError("a pipeline-parallel rank holds stages, not the whole model; use trainer.parallel.parts")
         return self.parallel.parts[0]
-
-    def layout(self) -> dict:
-        return {axis: getattr(self.dims, axis) for axis in AXES}
 
     # -- one optimizer step ---------------------------------------------------------
     def train_step(self, inputs: torch.Tensor, targets: torch.Tensor, lr: float) -> tuple[float, float, str | None]:
@@ -286,7 +282,7 @@ class Trainer:
         self.metrics.message(f"run {self.run_dir.path}  model {cfg.model.preset} ({counts.total / 1e6:.2f}M params)  "
                              f"device {self.device}  {self.tokens_per_step:,} tokens/step"
                              + (f"  {self.dims.world_size} processes: "
-                                + " x ".join(f"{k}={v}" for k, v in self.layout().items())
+                                + " x ".join(f"{k}={v}" for k, v in self.dims.degrees().items())
                                 if self.dims.world_size > 1 else "")
                              + (f"  resumed at step {step}" if resumed else ""))
         if step >= t.max_steps:
@@ -332,7 +328,7 @@ class Trainer:
             "device": self.device.type,
             "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
             "world_size": self.dims.world_size,
-            "layout": self.layout(),
+            "layout": self.dims.to_dict(),
             "model_args": asdict(self.model_args),
             "n_params": param_counts(self.model_args).total,
             "seq_len": self.seq_len,

@@ -12,6 +12,7 @@ import torch
 from gigatrain.config import Config
 from gigatrain.data.loader import TokenData, eval_batches
 from gigatrain.metrics.processor import MetricsProcessor
+from gigatrain.parallel.mesh import ParallelDims
 from gigatrain.rundir import RunDir
 from gigatrain.train.evaluate import generate, sample_text
 from gigatrain.train.stopping import EndCut, RunClock
@@ -57,10 +58,9 @@ class Validator:
     """Evaluates the val split under the training layout (every rank takes part) and writes
     samples (one process only: sampling runs the whole model)."""
 
-    def __init__(self, cfg: Config, data: TokenData, parallel, *, local_batch: int, world_size: int,
+    def __init__(self, cfg: Config, data: TokenData, parallel, *, dims: ParallelDims,
                  device: torch.device, dtype: torch.dtype | None, clock: RunClock, run_dir: RunDir):
-        self.cfg, self.data, self.parallel = cfg, data, parallel
-        self.local_batch, self.world_size = local_batch, world_size
+        self.cfg, self.data, self.parallel, self.dims = cfg, data, parallel, dims
         self.device, self.dtype, self.clock, self.run_dir = device, dtype, clock, run_dir
         self.costs = EndCosts()
         self.batches_done = 0  # by the last evaluation
@@ -82,7 +82,7 @@ class Validator:
         before each batch after the first with the batch's cost (every rank must answer the
         same), may end it early; then the result stands for the batches done."""
         split = self.data.split("val")
-        batch, local = self.cfg.train.batch_size, self.local_batch
+        batch, local = self.dims.global_batch, self.dims.local_batch
         mine = slice(self.parallel.dp_rank * local, (self.parallel.dp_rank + 1) * local)
         loss_sum, count, done = torch.zeros((), device=self.device), 0, 0
         started = time.perf_counter()
@@ -108,14 +108,14 @@ class Validator:
     def samples(self) -> int:
         """Samples at the end of the run: sampling runs the whole model in one process, so a
         multi-process run leaves them to `gigatrain generate RUN` after training."""
-        return self.cfg.train.samples if self.world_size == 1 else 0
+        return self.cfg.train.samples if self.dims.world_size == 1 else 0
 
     def sampling(self) -> dict:
         return dict(temperature=0.8, top_k=50, context_len=self.cfg.data.seq_len, device=self.device, dtype=self.dtype)
 
     def write_samples(self, step: int, count: int, cut=None) -> None:
         """Up to `count` samples into samples.txt; `cut`, asked before each with its cost, may end them early."""
-        if not count or self.world_size > 1:
+        if not count or self.dims.world_size > 1:
             return
         prompts = DEFAULT_CORPUS_PROMPTS if not self.cfg.data.path else [""]
         generator = torch.Generator().manual_seed(self.cfg.train.seed)
@@ -137,7 +137,7 @@ class Validator:
     def measure_end_costs(self) -> None:
         """Time one evaluation batch and one sampled token, what the end of the run is planned from."""
         self.evaluate(max_batches=1)
-        if self.world_size == 1 and self.cfg.train.samples:
+        if self.dims.world_size == 1 and self.cfg.train.samples:
             with self.clock.timed("samples_plots"):
                 started = time.perf_counter()
                 generate(self.parallel.parts[0], [self.data.tokenizer.eot_id] * self.cfg.data.seq_len, 1,

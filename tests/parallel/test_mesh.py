@@ -1,6 +1,7 @@
 """Layouts are checked from the config and the world size alone, before any process group
 or memory exists; each broken constraint is one line that says what would fix it."""
 
+import copy
 import re
 
 import pytest
@@ -9,6 +10,8 @@ from gigatrain.config import ConfigError, load_config, resolve_model_args
 from gigatrain.parallel.context import rank_positions
 from gigatrain.parallel.mesh import parallel_dims
 from gigatrain.parallel.pipeline import stage_indices
+from gigatrain.plan.costs import Layout
+from gigatrain.plan.layout import auto_layout
 from helpers import TINY, run_cli
 
 SHAPE = ["--model.n_layers=8", "--model.n_heads=8", "--model.n_kv_heads=4", "--model.tie_embeddings=false"]
@@ -95,3 +98,50 @@ def test_a_batch_that_does_not_split_names_batch_sizes_that_do(overrides, world,
     key = "--train.batch_tokens" if "tokens" in str(caught.value).rsplit(";", 1)[1] else "--train.batch_size"
     for size in named:  # each suggestion passes the same check
         dims(*overrides, f"{key}={size}", world=world)
+
+
+def test_the_resolved_layout_carries_the_batch_split_and_leaves_the_config_as_written():
+    cfg = load_config(None, [*TINY, *SHAPE, "--parallel.tp=2", "--train.batch_tokens=1024", "--train.micro_batch_size=2",
+                             "--train.activation_checkpointing=selective"])
+    written = copy.deepcopy(cfg)
+    d = parallel_dims(cfg, resolve_model_args(cfg), n_processes=8)
+    assert cfg == written  # neither validation nor resolution rewrites a field
+    assert (d.global_batch, d.local_batch, d.micro_batch_size, d.microbatches) == (16, 4, 2, 2)
+    assert d.activation_checkpointing == "selective"
+    assert d.to_dict() == {"pp": 1, "dp_replicate": 1, "dp_shard": 4, "cp": 1, "tp": 2, "pp_schedule": "1F1B",
+                           "pp_stages_per_rank": 1, "micro_batch_size": 2, "microbatches": 2, "local_batch": 4,
+                           "global_batch": 16, "activation_checkpointing": "selective"}
+
+
+def test_parallel_auto_resolves_to_the_planners_whole_layout():
+    """Degrees, schedule, micro-batch and checkpointing: the run is the one the planner costed."""
+    cfg = load_config(None, [*TINY, *SHAPE, "--parallel.auto=true", "--train.batch_size=32"])
+    written = copy.deepcopy(cfg)
+    d = parallel_dims(cfg, resolve_model_args(cfg), n_processes=8)
+    chosen = auto_layout(resolve_model_args(cfg), 8, 64, 32, "cpu")
+    assert cfg == written
+    assert d.degrees() == chosen.degrees() and d.micro_batch_size == chosen.micro_batch_size
+    assert d.activation_checkpointing == chosen.activation_checkpointing
+    assert d.pp_schedule == chosen.pp_schedule or d.pp == 1
+
+
+def test_parallel_auto_trains_with_the_planners_micro_batch_and_checkpointing(tmp_path, byte_data, monkeypatch):
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
+    from gigatrain.plan import layout as plan_layout
+    from gigatrain.rundir import RunDir
+    from gigatrain.train.trainer import Trainer, resolve_run_config
+
+    # One process leaves the real planner nothing to choose; this one picks as it would on a fleet.
+    monkeypatch.setattr(plan_layout, "auto_layout",
+                        lambda *args, **kwargs: Layout(micro_batch_size=2, activation_checkpointing="selective"))
+    cfg = resolve_run_config(None, [*TINY, f"--run.dir={tmp_path / 'run'}", f"--data.path={byte_data}",
+                                    "--parallel.auto=true", "--train.max_steps=2", "--train.samples=0"])
+    trainer = Trainer(cfg)
+    assert (trainer.dims.micro_batch_size, trainer.dims.microbatches, trainer.dims.activation_checkpointing) == (2, 4, "selective")
+    assert all(isinstance(block, CheckpointWrapper) for block in trainer.model.layers.values())
+    result = trainer.run()
+    trainer.close()
+    assert result.step == 2
+    recorded = RunDir(tmp_path / "run").read_run_info()["layout"]
+    assert (recorded["micro_batch_size"], recorded["activation_checkpointing"]) == (2, "selective")

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from gigatrain.models.transformer import ModelArgs
 from gigatrain.plan.catalog import get_accelerator
 from gigatrain.plan.layout import Constraints, auto_layout, search, violations
-from gigatrain.plan.model import Workload
+from gigatrain.plan.costs import Workload
 
 GPUS = ["a100", "h100", "gb200", "cpu"]
 
@@ -25,7 +25,7 @@ def problems(draw):
     batch = draw(st.sampled_from([1, 6, 16, 64, 96, 512]))
     gpus = draw(st.sampled_from([1, 2, 3, 6, 8, 12, 16, 24, 64, 100, 128, 1000]))
     constraints = Constraints(exact_gpus=draw(st.booleans()), even_stages=draw(st.booleans()),
-                              tp=draw(st.sampled_from([None, None, 1, 2])), recompute=draw(st.sampled_from([None, "full"])))
+                              tp=draw(st.sampled_from([None, None, 1, 2])), activation_checkpointing=draw(st.sampled_from([None, "full"])))
     return args, seq, batch, gpus, draw(st.sampled_from(GPUS)), constraints
 
 
@@ -63,12 +63,12 @@ def test_auto_layout_multiplies_to_the_world_size(problem):
     except ConfigError as err:
         assert "\n" not in str(err) and gpus > 1  # world size 1 always has a layout
         return
-    degrees = {k: chosen[k] for k in ("dp_replicate", "dp_shard", "tp", "pp", "cp")}
+    degrees = chosen.degrees()
     assert math.prod(degrees.values()) == gpus
     assert args.n_heads % degrees["tp"] == 0 and args.n_kv_heads % degrees["tp"] == 0
     assert args.n_layers % degrees["pp"] == 0
     assert degrees["cp"] == 1 or seq % (2 * degrees["cp"]) == 0
-    assert batch % (degrees["dp_replicate"] * degrees["dp_shard"]) == 0
+    assert batch % (degrees["dp_replicate"] * degrees["dp_shard"] * chosen.micro_batch_size) == 0
     if gpus == 1:
         assert set(degrees.values()) == {1}
 
@@ -77,15 +77,16 @@ def test_auto_layout_picks_fsdp_for_a_small_model():
     from gigatrain.models.presets import get_preset
 
     chosen = auto_layout(get_preset("llama3-8b"), 8, 8192, 64, "h100")
-    assert chosen["dp_shard"] * chosen["dp_replicate"] == 8 and chosen["tp"] == chosen["pp"] == 1
+    assert chosen.dp == 8 and chosen.tp == chosen.pp == 1
 
 
 def test_fixed_choices_are_respected():
     from gigatrain.models.presets import get_preset
 
     workload = Workload(get_preset("llama3-70b"), 8192, 512)
-    constraints = Constraints(tp=8, pp=4, schedule="interleaved", recompute="full")
+    constraints = Constraints(tp=8, pp=4, pp_schedule="Interleaved1F1B", activation_checkpointing="full")
     found = search(workload, 1024, get_accelerator("h100"), constraints=constraints, top=3)
     assert found
     for e in found:
-        assert (e.layout.tp, e.layout.pp, e.layout.schedule, e.layout.recompute) == (8, 4, "interleaved", "full")
+        assert (e.layout.tp, e.layout.pp, e.layout.pp_schedule, e.layout.activation_checkpointing) == \
+            (8, 4, "Interleaved1F1B", "full")

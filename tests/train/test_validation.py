@@ -3,15 +3,16 @@
 import pytest
 import torch
 
-from gigatrain.config import load_config
+from gigatrain.config import load_config, resolve_model_args
+from gigatrain.parallel.mesh import parallel_dims
 from gigatrain.train.stopping import RunClock
 from gigatrain.train.validation import IGNORE, EndCosts, Validator, end_plan, pad_batch
 
 
 def validator(*overrides, world_size=1):
     cfg = load_config(None, list(overrides))
-    return Validator(cfg, data=None, parallel=None, local_batch=cfg.train.batch_size, world_size=world_size,
-                     device=torch.device("cpu"), dtype=None, clock=RunClock(0.0, cfg.train.time_limit_s), run_dir=None)
+    dims = parallel_dims(cfg, resolve_model_args(cfg), world_size)
+    return Validator(cfg, data=None, parallel=None, dims=dims, device=torch.device("cpu"), dtype=None, clock=RunClock(0.0, cfg.train.time_limit_s), run_dir=None)
 
 
 def test_evaluates_every_eval_every_steps_but_the_last_which_ends_the_run():

@@ -13,7 +13,12 @@ schedule and activation recompute. The model is a roofline per transformer layer
              pipeline sends; ring collectives at a fraction of link bandwidth plus a latency
              per ring step; FSDP/HSDP and CP traffic overlaps compute, TP traffic does not;
   pipeline   the bubble of each schedule: (pp-1) micro-batch times for GPipe and 1F1B,
-             (pp-1)/v for interleaved 1F1B with v virtual stages, (pp-1)/3 for zero-bubble ZB-H1.
+             (pp-1)/v for Interleaved1F1B and LoopedBFS with v stages per rank, (pp-1)/(3v)
+             for InterleavedZeroBubble (ZB-H1's third, interleaved over v stages).
+
+Layouts use the config's names (parallel.*, train.micro_batch_size,
+train.activation_checkpointing, PyTorch's pipeline schedule names), so a layout the planner
+picks is a layout the trainer runs, and "selective" means the same op-level recompute in both.
 
 FLOP counts come from gigatrain.models.flops (the PaLM convention the trainer's MFU uses).
 Expert parallelism is the seam left for MoE: a layer's cost is per_layer_* below, and an MoE
@@ -26,13 +31,10 @@ import math
 from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 
+from gigatrain.config import DEGREES, MULTI_STAGE_SCHEDULES
 from gigatrain.models.flops import matmul_params, param_counts, training_flops_per_token
 from gigatrain.models.transformer import ModelArgs
 from gigatrain.plan.catalog import Accelerator
-
-SCHEDULES = ("1f1b", "interleaved", "zb", "gpipe")
-RECOMPUTE = ("none", "selective", "full")
-DEGREES = ("dp_replicate", "dp_shard", "tp", "pp", "cp")
 
 GB = 1e9
 NVLINK_LATENCY_S = 1e-6  # per ring step inside an NVLink domain (NCCL LL/LL128 protocols)
@@ -53,6 +55,10 @@ class Workload:
     act_bytes: int = 2  # bytes per activation element: 2 under bf16 autocast, 4 for fp32 (CPU)
     flash_attention: bool = True  # False: scores are materialised (pre-2022 kernels, e.g. Megatron 2021)
     sequence_parallel: bool = True  # False: norms and residuals run unsharded on every TP rank (pre-2022 Megatron)
+    # True: "selective" is gigatrain's (torchtitan's) op-level policy, which keeps every matmul
+    # output; False: Megatron's selective recompute (Korthikanti et al.), which keeps the
+    # residual stream instead of the output projections' unreduced outputs (published runs).
+    op_level_selective: bool = True
 
     @property
     def tokens_per_step(self) -> int:
@@ -71,9 +77,9 @@ class Layout:
     pp: int = 1
     cp: int = 1
     micro_batch_size: int = 1
-    schedule: str = "1f1b"  # pipeline schedule; ignored when pp == 1
-    virtual_stages: int = 1  # model chunks per pipeline rank (interleaved 1F1B)
-    recompute: str = "none"  # activation recompute: none | selective | full
+    pp_schedule: str = "1F1B"  # one of config.PP_SCHEDULES (PyTorch's names); ignored when pp == 1
+    pp_stages_per_rank: int = 1  # model chunks per pipeline rank (the multi-stage schedules)
+    activation_checkpointing: str = "none"  # none | selective (op-level) | full
 
     @property
     def dp(self) -> int:
@@ -93,13 +99,16 @@ class Layout:
         if self.tp > 1:
             parts.append(f"tp{self.tp}")
         if self.pp > 1:
-            schedule = {"interleaved": f"int{self.virtual_stages}"}.get(self.schedule, self.schedule)
+            schedule = {"Interleaved1F1B": "int", "InterleavedZeroBubble": "zb", "LoopedBFS": "bfs"}.get(
+                self.pp_schedule, self.pp_schedule.lower())
+            if self.pp_schedule in MULTI_STAGE_SCHEDULES:
+                schedule += str(self.pp_stages_per_rank)
             parts.append(f"pp{self.pp}:{schedule}")
         if self.cp > 1:
             parts.append(f"cp{self.cp}")
         parts.append(f"mbs{self.micro_batch_size}")
-        if self.recompute != "none":
-            parts.append(f"rc={self.recompute}")
+        if self.activation_checkpointing != "none":
+            parts.append(f"ac={self.activation_checkpointing}")
         return " ".join(parts)
 
 
@@ -184,7 +193,7 @@ def model_costs(args: ModelArgs, seq_len: int) -> ModelCosts:
 
 
 def activation_elements(args: ModelArgs, kv_dim_per_rank: float, tp: int, recompute: str, score_len: int = 0,
-                        sequence_parallel: bool = True) -> float:
+                        sequence_parallel: bool = True, op_level_selective: bool = True) -> float:
     """Activation elements one layer keeps per token for its backward, per TP rank.
 
     With sequence parallelism every stored tensor is split over tp (Korthikanti et al. 2022,
@@ -192,11 +201,18 @@ def activation_elements(args: ModelArgs, kv_dim_per_rank: float, tp: int, recomp
     attention keeps no seq x seq scores. Per token, for a Llama block:
       none       attention: norm input, normed input, q, k, v, attention output (4h + 2kv)
                  MLP: norm input, normed input, gate, up, silu(gate), product (2h + 4f)
-      selective  recompute norms and SwiGLU's element-wise ops: keep the residual inputs, q, k, v,
-                 attention output, gate and up (4h + 2kv + 2f)
+      selective  op-level, as the trainer runs it (parallel.apply_activation_checkpointing): keep
+                 the layer input and every matmul and attention output, recompute norms, rotary,
+                 SwiGLU's element-wise ops and residual adds: the input (h), q, k, v, the
+                 attention output, gate and up, and the two output projections before their
+                 reduction, h wide on every TP rank (5h + 2kv + 2f without TP); under
+                 sequence parallelism also their reduce-scattered copies. Megatron's selective
+                 (op_level_selective=False) keeps the two residual inputs instead of the
+                 projections' outputs: 4h + 2kv + 2f, /tp with SP
       full       keep only the layer input (h), recompute the whole layer in the backward
     Without flash attention (score_len = sequence length) the softmax output, dropout mask and
-    dropout output add Korthikanti's 5as bytes per token, which selective recompute drops.
+    dropout output add Korthikanti's 5as bytes per token, which selective recompute drops
+    (the attention kernel's output is kept, not its internals).
     Without sequence parallelism the norm inputs and outputs (4h) are whole on every TP rank.
     """
     h, f = args.d_model, args.ffn_hidden
@@ -204,8 +220,11 @@ def activation_elements(args: ModelArgs, kv_dim_per_rank: float, tp: int, recomp
     norm_h = per_rank_h if sequence_parallel else h  # residual-stream tensors around the norms
     if recompute == "full":
         return norm_h
-    if recompute == "selective":
+    if recompute == "selective" and not op_level_selective:
         return 2 * norm_h + 2 * per_rank_h + 2 * kv_dim_per_rank + 2 * per_rank_f
+    if recompute == "selective":
+        projection_outputs = 2 * (h + (per_rank_h if tp > 1 and sequence_parallel else 0))
+        return norm_h + 2 * per_rank_h + 2 * kv_dim_per_rank + 2 * per_rank_f + projection_outputs
     return 4 * norm_h + 2 * per_rank_h + 2 * kv_dim_per_rank + 4 * per_rank_f + 2.5 * args.n_heads / tp * score_len
 
 
@@ -246,12 +265,13 @@ def bubble_microbatches(layout: Layout) -> float:
     """Idle time of a pipeline flush, in micro-batch times of one stage."""
     if layout.pp == 1:
         return 0.0
-    if layout.schedule == "interleaved":
-        return (layout.pp - 1) / layout.virtual_stages
-    if layout.schedule == "zb":
+    if layout.pp_schedule in ("Interleaved1F1B", "LoopedBFS"):
+        return (layout.pp - 1) / layout.pp_stages_per_rank
+    if layout.pp_schedule == "InterleavedZeroBubble":
         # ZB-H1 (Qi et al. 2024): splitting the backward into input- and weight-gradient passes
-        # fills the 1F1B bubble to about a third at the same activation memory.
-        return (layout.pp - 1) / 3
+        # fills the 1F1B bubble to about a third at the same activation memory; PyTorch's
+        # schedule interleaves it over the rank's stages, which divides it as for 1F1B.
+        return (layout.pp - 1) / (3 * layout.pp_stages_per_rank)
     return float(layout.pp - 1)  # GPipe and 1F1B (Narayanan et al. 2021, sec. 2.2)
 
 
@@ -259,12 +279,12 @@ def microbatches_in_flight(layout: Layout, microbatches: int) -> float:
     """Micro-batches whose activations the first pipeline stage holds at its peak."""
     if layout.pp == 1:
         return 1.0
-    if layout.schedule == "gpipe":
+    if layout.pp_schedule in ("GPipe", "LoopedBFS"):  # every forward before any backward
         return float(microbatches)
     in_flight = float(min(layout.pp, microbatches))
-    if layout.schedule == "interleaved":
+    if layout.pp_schedule in MULTI_STAGE_SCHEDULES:
         # Narayanan et al. 2021 sec. 2.2.2: (1 + (p-1)/(p v)) times the 1F1B activations.
-        in_flight *= 1 + (layout.pp - 1) / (layout.pp * layout.virtual_stages)
+        in_flight *= 1 + (layout.pp - 1) / (layout.pp * layout.pp_stages_per_rank)
     return in_flight
 
 
@@ -299,7 +319,7 @@ class Context:
 
 def layer_time(c: Context) -> PieceTime:
     args, layout, eff, ab, tp = c.workload.model, c.layout, c.eff, c.workload.act_bytes, c.layout.tp
-    full = layout.recompute == "full"
+    full = layout.activation_checkpointing == "full"
     replay = 4 / 3 if full else 1.0  # full recompute replays the forward: 1 + 1/3 of fwd+bwd
     # Flash kernels skip the masked half of causal attention; unfused ones compute every score,
     # then write, softmax, mask and re-read the [heads, seq, seq] matrix (SCORE_PASSES times).
@@ -309,7 +329,7 @@ def layer_time(c: Context) -> PieceTime:
     matmuls = c.tokens * c.costs.layer_dense_flops / tp * replay / (c.peak * eff.matmul)
     stored = activation_elements(args, c.kv_per_rank, tp, "none", 0, c.workload.sequence_parallel)
     elementwise = (eff.elementwise_passes * stored + SCORE_PASSES * args.n_heads / tp * score_len) * ab * c.tokens
-    elementwise *= 1 + (1 / 3 if layout.recompute != "none" else 0)  # recompute replays the element-wise ops
+    elementwise *= 1 + (1 / 3 if layout.activation_checkpointing != "none" else 0)  # recompute replays the element-wise ops
     weights = c.costs.layer_params / tp * (3 * ab + 8 + (ab if full else 0))  # W read fwd+bwd, dW written, fp32 accumulate
     compute = matmuls + attention + (elementwise + weights) / c.hbm + eff.layer_overhead_s
 
@@ -364,7 +384,7 @@ def data_parallel_time(c: Context, params_per_rank: float, collectives: int, mic
     return seconds
 
 
-def evaluate(workload: Workload, layout: Layout, gpu: Accelerator, efficiency: Efficiency = Efficiency(),
+def estimate(workload: Workload, layout: Layout, gpu: Accelerator, efficiency: Efficiency = Efficiency(),
              even_stages: bool = True) -> Estimate:
     """Memory per GPU and time per optimizer step of one layout (which must divide the batch)."""
     eff = efficiency.resolve(gpu)
@@ -390,7 +410,7 @@ def evaluate(workload: Workload, layout: Layout, gpu: Accelerator, efficiency: E
     bubble = bubble_microbatches(layout) * microbatch_time
     pp_bw, pp_lat = link(gpu, tp * layout.cp * layout.dp * 2, eff)
     p2p = (c.tokens * args.d_model * workload.act_bytes / tp) / pp_bw + pp_lat  # scatter/gather: 1/tp per rank
-    pp_exposed = 2 * (pp * layout.virtual_stages - 1) * p2p if pp > 1 else 0.0
+    pp_exposed = 2 * (pp * layout.pp_stages_per_rank - 1) * p2p if pp > 1 else 0.0
 
     params_per_rank = max(stage_params(c.costs, args, pp, per_stage, last_layers)) / tp
     dp_time = data_parallel_time(c, params_per_rank, max(per_stage, 1), microbatches)
@@ -408,7 +428,7 @@ def evaluate(workload: Workload, layout: Layout, gpu: Accelerator, efficiency: E
     memory_gb = memory_breakdown(workload, layout, c.costs, per_stage, last_layers, microbatches, c.kv_per_rank)
     world, peak = layout.world_size, c.peak
     tokens_per_s = workload.tokens_per_step / step
-    replayed = (c.costs.layer_attention_flops + c.costs.layer_dense_flops) / 3 if layout.recompute == "full" else 0.0
+    replayed = (c.costs.layer_attention_flops + c.costs.layer_dense_flops) / 3 if layout.activation_checkpointing == "full" else 0.0
     return Estimate(layout=layout, gpus=world, fits=sum(memory_gb.values()) <= gpu.memory_gb * MEMORY_USABLE,
                     memory_gb=memory_gb, time_s=time_s, step_time_s=step, tokens_per_s=tokens_per_s,
                     mfu=tokens_per_s * workload.flops_per_token / (world * peak),
@@ -431,9 +451,10 @@ def memory_breakdown(workload: Workload, layout: Layout, costs: ModelCosts, per_
     tokens = layout.micro_batch_size * workload.seq_len / cp
     score_len = 0 if workload.flash_attention else workload.seq_len
     sp = workload.sequence_parallel
-    per_layer_act = tokens * activation_elements(args, kv_per_rank, tp, layout.recompute, score_len, sp) * ab
+    per_layer_act = tokens * activation_elements(args, kv_per_rank, tp, layout.activation_checkpointing, score_len, sp,
+                                                 workload.op_level_selective) * ab
     replay_buffer = (tokens * activation_elements(args, kv_per_rank, tp, "none", score_len, sp) * ab
-                     if layout.recompute != "none" else 0.0)
+                     if layout.activation_checkpointing != "none" else 0.0)
     logits = tokens * args.vocab_size / tp * (ab + 8)  # bf16 logits, fp32 copy and its gradient
 
     def stage(layers: int, params: float, in_flight: float, has_head: bool) -> dict[str, float]:

@@ -1,7 +1,8 @@
 """Fit the model's efficiency factors to measured runs (`gigatrain plan --calibrate RUN_DIR...`).
 
-A run directory holds config.json (the resolved config), run.json (device, model shape, peak
-FLOP/s) and metrics.jsonl (one line per optimizer step with step_time_s). The measured step
+A run directory (read through gigatrain.rundir.RunDir) holds run.json (the layout the trainer
+resolved, device, model shape, peak FLOP/s), config.json (the dtype) and metrics.jsonl (one line
+per optimizer step with step_time_s). The measured step
 time of a run is the median after its warm-up steps. The fit minimises the mean squared log
 error of predicted against measured step times (so a 10% miss counts the same on a 0.1 s and a
 10 s step) by Nelder-Mead over the logs of the factors, and reports errors before and after,
@@ -10,18 +11,19 @@ plus leave-one-out errors: each run predicted by factors fitted without it.
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 import tomllib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
 
+from gigatrain.config import ConfigError
 from gigatrain.models.transformer import ModelArgs
 from gigatrain.plan.catalog import Accelerator, accelerator_for_device, get_accelerator
-from gigatrain.plan.model import Efficiency, Layout, Workload, evaluate
+from gigatrain.plan.costs import Efficiency, Layout, Workload, estimate
+from gigatrain.rundir import RunDir
 
 WARMUP_FRACTION = 0.2  # skip the first fifth of the steps (at least 2): allocator and thread-pool warm-up
 COMPUTE_FACTORS = ("matmul", "elementwise_passes", "layer_overhead_s", "step_overhead_s")
@@ -45,66 +47,54 @@ class MeasuredRun:
     steps: int
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CalibrationError(f"{path} does not exist; pass run directories written by `gigatrain train`") from None
-    except json.JSONDecodeError as err:
-        raise CalibrationError(f"{path} is not valid JSON: {err}") from None
-
-
-def measured_step_time(metrics_path: Path) -> tuple[float, int]:
+def measured_step_time(run: RunDir) -> tuple[float, int]:
     """Median step time after warm-up, and the number of steps it is taken over."""
+    if not run.metrics.is_file():
+        raise CalibrationError(f"{run.metrics} does not exist; the run has no metrics yet")
     times = {}
-    try:
-        lines = metrics_path.read_text().splitlines()
-    except FileNotFoundError:
-        raise CalibrationError(f"{metrics_path} does not exist; the run has no metrics yet") from None
-    for line in lines:
-        if not line.strip():
-            continue
-        record = json.loads(line)
+    for record in run.metrics_records():  # a line torn by a crash is skipped
         if "step_time_s" in record and "step" in record:
             times[int(record["step"])] = float(record["step_time_s"])  # a resumed run rewrites steps
     ordered = [times[step] for step in sorted(times)]
     skip = max(2, int(len(ordered) * WARMUP_FRACTION))
     kept = ordered[skip:]
     if len(kept) < 3:
-        raise CalibrationError(f"{metrics_path} has {len(ordered)} steps; calibration needs at least {skip + 3}")
+        raise CalibrationError(f"{run.metrics} has {len(ordered)} steps; calibration needs at least {skip + 3}")
     return statistics.median(kept), len(kept)
 
 
 def read_run(run_dir: str | Path) -> MeasuredRun:
-    run_dir = Path(run_dir)
-    config = _read_json(run_dir / "config.json")
-    info = _read_json(run_dir / "run.json")
+    """A run as it was trained: the layout the trainer resolved (run.json's "layout", in the
+    planner's names), its device and model shape, and its measured step time."""
+    run = RunDir(run_dir)
+    try:
+        info, config = run.read_run_info(), run.read_config() or {}
+    except ConfigError as err:
+        raise CalibrationError(str(err)) from None
+    if info is None:
+        raise CalibrationError(f"{run.run_info} does not exist; pass run directories written by `gigatrain train`")
+    resolved = info.get("layout", {})
+    layout_names = [f.name for f in fields(Layout)]
+    missing = [name for name in layout_names + ["global_batch"] if name not in resolved]
+    if missing:
+        raise CalibrationError(f"{run.run_info} does not record the resolved layout ({', '.join(missing)} missing); "
+                               f"pass runs trained by this version of gigatrain")
+    layout = Layout(**{name: resolved[name] for name in layout_names})
     args_fields = {f for f in ModelArgs.__dataclass_fields__}
     model = ModelArgs(**{k: v for k, v in info["model_args"].items() if k in args_fields})
-    train, parallel = config.get("train", {}), config.get("parallel", {})
-    world = int(info.get("world_size", 1))
-    degrees = {k: int(parallel.get(k, 1)) for k in ("dp_replicate", "dp_shard", "tp", "pp", "cp")}
-    inferred = [k for k, v in degrees.items() if v == -1]
-    if inferred:  # -1 means "whatever the world size leaves"
-        degrees[inferred[0]] = world // math.prod(v for k, v in degrees.items() if v != -1)
-    batch = int(train["batch_size"])
-    dp = degrees["dp_replicate"] * degrees["dp_shard"]
-    micro = int(train.get("micro_batch_size") or 0) or batch // dp
+    dtype = config.get("train", {}).get("dtype", "auto")
     cpu = info.get("device", "cpu") == "cpu"
-    fp32 = train.get("dtype", "auto") == "float32" or (cpu and train.get("dtype", "auto") == "auto")
+    fp32 = dtype == "float32" or (cpu and dtype == "auto")
     gpu = get_accelerator("cpu") if cpu else accelerator_for_device(info.get("device_name", ""))
     if info.get("peak_flops"):  # the denominator the run itself measured or looked up
         gpu = replace(gpu, peak_bf16_tflops=float(info["peak_flops"]) / 1e12, peak_fp8_tflops=0.0)
-    recompute = train.get("activation_checkpointing", "none")
-    layout = Layout(micro_batch_size=micro, recompute=recompute if recompute in ("none", "selective", "full") else "none",
-                    **degrees)
-    workload = Workload(model, int(info.get("seq_len") or config["data"]["seq_len"]), batch, act_bytes=4 if fp32 else 2)
-    step_time, steps = measured_step_time(run_dir / "metrics.jsonl")
-    return MeasuredRun(run_dir.name, workload, layout, gpu, step_time, steps)
+    workload = Workload(model, int(info["seq_len"]), int(resolved["global_batch"]), act_bytes=4 if fp32 else 2)
+    step_time, steps = measured_step_time(run)
+    return MeasuredRun(run.path.name, workload, layout, gpu, step_time, steps)
 
 
 def predict(run: MeasuredRun, efficiency: Efficiency) -> float:
-    return evaluate(run.workload, run.layout, run.gpu, efficiency).step_time_s
+    return estimate(run.workload, run.layout, run.gpu, efficiency).step_time_s
 
 
 def _log_errors(runs: list[MeasuredRun], efficiency: Efficiency) -> np.ndarray:

@@ -15,7 +15,7 @@ from gigatrain.models.presets import get_preset
 from gigatrain.models.transformer import ModelArgs
 from gigatrain.plan.catalog import get_accelerator
 from gigatrain.plan.layout import Constraints, best_layout
-from gigatrain.plan.model import Efficiency, Estimate, Workload
+from gigatrain.plan.costs import Efficiency, Estimate, Workload
 
 TOLERANCE = 0.15  # relative error the planner aims for on every published run
 
@@ -51,11 +51,12 @@ class PublishedRun:
     metric: str  # "mfu" (PaLM-convention MFU) or "megatron_tflops" (Megatron's eq. 3 TFLOP/s per GPU)
     published: float
     degrees: dict = field(default_factory=dict)  # the paper's parallel degrees (config names)
-    recompute: str | None = None  # as stated by the paper; None: the planner picks
-    schedule: str | None = None  # pipeline schedule the paper used; None: the planner picks
+    activation_checkpointing: str | None = None  # as stated by the paper; None: the planner picks
+    pp_schedule: str | None = None  # pipeline schedule the paper used (PyTorch's name); None: the planner picks
     even_stages: bool = True
     flash_attention: bool = True
     sequence_parallel: bool = True
+    op_level_selective: bool = True  # False: the run's stack recomputes as Megatron does (plan.costs.Workload)
     catalog_overrides: dict = field(default_factory=dict)  # hardware figures the source states differently
     known_miss: str = ""  # why the planner misses this run by more than TOLERANCE (docs/planner.md)
     note: str = ""
@@ -75,20 +76,24 @@ def _megatron(params: str, layers: int, hidden: int, heads: int, tp: int, pp: in
     return PublishedRun(name=f"GPT {params} on {gpus} A100", source=MEGATRON, model=gpt(layers, hidden, heads),
                         gpu="a100", gpus=gpus, seq_len=2048, global_batch=batch, metric="megatron_tflops",
                         published=tflops, degrees={"tp": tp, "pp": pp, "cp": 1, "dp_shard": 1, "dp_replicate": dp},
-                        recompute="full", flash_attention=False, schedule="interleaved" if pp > 1 else None,
+                        activation_checkpointing="full", flash_attention=False,
+                        pp_schedule="Interleaved1F1B" if pp > 1 else None,
                         sequence_parallel=False)
 
 
 PUBLISHED_RUNS: list[PublishedRun] = [
     PublishedRun(name="Llama 3 405B on 8,192 H100", source=LLAMA3, model=get_preset("llama3-405b"), gpu="h100",
-                 gpus=8192, seq_len=8192, global_batch=2048, metric="mfu", published=0.43, schedule="interleaved",
-                 degrees={"tp": 8, "cp": 1, "pp": 16, "dp_shard": 64, "dp_replicate": 1}, even_stages=False),
+                 gpus=8192, seq_len=8192, global_batch=2048, metric="mfu", published=0.43, pp_schedule="Interleaved1F1B",
+                 degrees={"tp": 8, "cp": 1, "pp": 16, "dp_shard": 64, "dp_replicate": 1}, even_stages=False,
+                 op_level_selective=False),
     PublishedRun(name="Llama 3 405B on 16,384 H100", source=LLAMA3, model=get_preset("llama3-405b"), gpu="h100",
-                 gpus=16384, seq_len=8192, global_batch=2048, metric="mfu", published=0.41, schedule="interleaved",
-                 degrees={"tp": 8, "cp": 1, "pp": 16, "dp_shard": 128, "dp_replicate": 1}, even_stages=False),
+                 gpus=16384, seq_len=8192, global_batch=2048, metric="mfu", published=0.41, pp_schedule="Interleaved1F1B",
+                 degrees={"tp": 8, "cp": 1, "pp": 16, "dp_shard": 128, "dp_replicate": 1}, even_stages=False,
+                 op_level_selective=False),
     PublishedRun(name="Llama 3 405B, 131k context, 16,384 H100", source=LLAMA3, model=get_preset("llama3-405b"),
-                 gpu="h100", gpus=16384, seq_len=131072, global_batch=128, metric="mfu", published=0.38, schedule="interleaved",
+                 gpu="h100", gpus=16384, seq_len=131072, global_batch=128, metric="mfu", published=0.38, pp_schedule="Interleaved1F1B",
                  degrees={"tp": 8, "cp": 16, "pp": 16, "dp_shard": 8, "dp_replicate": 1}, even_stages=False,
+                 op_level_selective=False,
                  known_miss="attention (57% of the FLOPs at 131k) ran at ~22% of peak in Meta's context-parallel "
                             "kernels, not the 45% the catalog assumes for flash attention on H100"),
     _megatron("1.7B", 24, 2304, 24, 1, 1, 32, 512, 137),
@@ -103,15 +108,15 @@ PUBLISHED_RUNS: list[PublishedRun] = [
     _megatron("1T", 128, 25600, 160, 8, 64, 3072, 3072, 163),
     PublishedRun(name="Llama 3 8B, FSDP on 64 A100", source=TORCHTITAN, model=get_preset("llama3-8b"), gpu="a100",
                  gpus=64, seq_len=8192, global_batch=64, metric="mfu", published=0.582,
-                 degrees={"tp": 1, "pp": 1, "cp": 1, "dp_shard": 64, "dp_replicate": 1}, recompute="selective",
+                 degrees={"tp": 1, "pp": 1, "cp": 1, "dp_shard": 64, "dp_replicate": 1}, activation_checkpointing="selective",
                  catalog_overrides=TORCHTITAN_FABRIC),
     PublishedRun(name="Llama 3 70B, FSDP on 64 A100", source=TORCHTITAN, model=get_preset("llama3-70b"), gpu="a100",
                  gpus=64, seq_len=8192, global_batch=64, metric="mfu", published=0.517,
-                 degrees={"tp": 1, "pp": 1, "cp": 1, "dp_shard": 64, "dp_replicate": 1}, recompute="full",
+                 degrees={"tp": 1, "pp": 1, "cp": 1, "dp_shard": 64, "dp_replicate": 1}, activation_checkpointing="full",
                  catalog_overrides=TORCHTITAN_FABRIC),
     PublishedRun(name="Llama 2 13B, FSDP on 64 A100", source=TORCHTITAN, model=LLAMA2_13B, gpu="a100",
                  gpus=64, seq_len=4096, global_batch=128, metric="mfu", published=0.611,
-                 degrees={"tp": 1, "pp": 1, "cp": 1, "dp_shard": 64, "dp_replicate": 1}, recompute="none",
+                 degrees={"tp": 1, "pp": 1, "cp": 1, "dp_shard": 64, "dp_replicate": 1}, activation_checkpointing="none",
                  catalog_overrides=TORCHTITAN_FABRIC),
 ]
 
@@ -129,10 +134,11 @@ class Prediction:
 
 def predict(run: PublishedRun, efficiency: Efficiency = Efficiency()) -> Prediction:
     workload = Workload(run.model, run.seq_len, run.global_batch, flash_attention=run.flash_attention,
-                        sequence_parallel=run.sequence_parallel)
+                        sequence_parallel=run.sequence_parallel, op_level_selective=run.op_level_selective)
     gpu = replace(get_accelerator(run.gpu), **run.catalog_overrides)
-    constraints = Constraints(exact_gpus=True, even_stages=run.even_stages, recompute=run.recompute,
-                              schedule=run.schedule, **run.degrees)
+    constraints = Constraints(exact_gpus=True, even_stages=run.even_stages,
+                              activation_checkpointing=run.activation_checkpointing, pp_schedule=run.pp_schedule,
+                              **run.degrees)
     estimate = best_layout(workload, run.gpus, gpu, efficiency, constraints)
     if run.metric == "megatron_tflops":
         predicted = megatron_flops_per_step(run) / estimate.step_time_s / run.gpus / 1e12

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gigatrain.plan.cli import main
+from gigatrain.plan.app.cli import main
 
 REQUIRED_KEYS = {"mfu", "tokens_per_s", "step_time_s", "days", "power_mw", "energy_mwh", "cost_lease_usd",
                  "cost_build_usd", "dp_replicate", "dp_shard", "tp", "pp", "cp"}

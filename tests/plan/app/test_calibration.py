@@ -8,9 +8,9 @@ import pytest
 
 from gigatrain.models.presets import get_preset
 from gigatrain.models.transformer import ModelArgs
-from gigatrain.plan.calibrate import calibrate, load_efficiency, read_run, save_efficiency
+from gigatrain.plan.app.calibrate import CalibrationError, calibrate, load_efficiency, read_run, save_efficiency
 from gigatrain.plan.catalog import get_accelerator
-from gigatrain.plan.model import Efficiency, Layout, Workload, evaluate
+from gigatrain.plan.costs import Efficiency, Layout, Workload, estimate
 
 TOLERANCE = 0.15  # calibrated predictions within 15% of the measured median step time
 CPU_PEAK = 60e9
@@ -26,7 +26,10 @@ def write_run(run_dir: Path, args: ModelArgs, seq: int, batch: int, micro: int, 
               "data": {"seq_len": seq}, "train": {"batch_size": batch, "micro_batch_size": micro, "dtype": "auto",
                                                   "activation_checkpointing": recompute},
               "parallel": {"dp_replicate": 1, "dp_shard": 1, "tp": 1, "pp": 1, "cp": 1, "auto": False}}
-    info = {"git_sha": "x", "versions": {}, "device": "cpu", "device_name": "cpu", "world_size": 1,
+    layout = {"pp": 1, "dp_replicate": 1, "dp_shard": 1, "cp": 1, "tp": 1, "pp_schedule": "1F1B",
+              "pp_stages_per_rank": 1, "micro_batch_size": micro, "microbatches": batch // micro, "local_batch": batch,
+              "global_batch": batch, "activation_checkpointing": recompute}
+    info = {"git_sha": "x", "versions": {}, "device": "cpu", "device_name": "cpu", "world_size": 1, "layout": layout,
             "model_args": {**model, "rope_theta": 10000.0, "norm_eps": 1e-5}, "seq_len": seq,
             "tokens_per_step": seq * batch, "flops_per_token": 1, "peak_flops": CPU_PEAK}
     (run_dir / "config.json").write_text(json.dumps(config))
@@ -50,11 +53,11 @@ def test_calibration_recovers_known_factors(tmp_path: Path):
     for i, (layers, d, ffn, seq, batch, micro) in enumerate(SHAPES):
         args = ModelArgs(n_layers=layers, d_model=d, n_heads=4, n_kv_heads=2, ffn_hidden=ffn, vocab_size=256,
                          max_seq_len=256, tie_embeddings=True)
-        true_time = evaluate(Workload(args, seq, batch, act_bytes=4), Layout(micro_batch_size=micro), cpu, truth).step_time_s
+        true_time = estimate(Workload(args, seq, batch, act_bytes=4), Layout(micro_batch_size=micro), cpu, truth).step_time_s
         noise = [1.02, 0.98, 1.01, 0.99, 1.0, 1.03, 0.97, 1.0, 1.01, 0.99]
         write_run(tmp_path / f"run{i}", args, seq, batch, micro, [5 * true_time, 2 * true_time] + [true_time * n for n in noise])
         dirs.append(tmp_path / f"run{i}")
-    assert read_run(dirs[0]).step_time_s == pytest.approx(evaluate(
+    assert read_run(dirs[0]).step_time_s == pytest.approx(estimate(
         read_run(dirs[0]).workload, read_run(dirs[0]).layout, cpu, truth).step_time_s, rel=0.02)  # warm-up skipped
     report = calibrate(dirs)
     assert max(abs(e) for e in report.errors("after")) < 0.03
@@ -74,6 +77,33 @@ def test_resumed_runs_keep_the_latest_step_times(tmp_path: Path):
     run = read_run(tmp_path / "r")
     assert run.step_time_s == pytest.approx(0.1) and run.layout.micro_batch_size == 8
     assert run.workload.act_bytes == 4  # CPU runs train in fp32
+
+
+def test_a_line_torn_by_a_crash_does_not_stop_calibration(tmp_path: Path):
+    write_run(tmp_path / "r", get_preset("tiny"), 64, 8, 8, [1.0] * 3 + [0.1] * 10)
+    with open(tmp_path / "r" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 14, "step_ti')  # the process died mid-write
+    assert read_run(tmp_path / "r").step_time_s == pytest.approx(0.1)
+
+
+def test_the_layout_is_the_one_the_trainer_resolved_not_the_config(tmp_path: Path):
+    """config.json keeps the degrees as written (-1, parallel.auto); run.json has what ran."""
+    write_run(tmp_path / "r", get_preset("tiny"), 64, 8, 4, [0.1] * 12, recompute="selective")
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    config["parallel"].update(dp_shard=-1, auto=True)
+    config["train"].update(micro_batch_size=0, activation_checkpointing="none")
+    (tmp_path / "r" / "config.json").write_text(json.dumps(config))
+    layout = read_run(tmp_path / "r").layout
+    assert (layout.dp_shard, layout.micro_batch_size, layout.activation_checkpointing) == (1, 4, "selective")
+
+
+def test_a_run_json_without_the_resolved_layout_is_one_line(tmp_path: Path):
+    write_run(tmp_path / "r", get_preset("tiny"), 64, 8, 8, [0.1] * 12)
+    info = json.loads((tmp_path / "r" / "run.json").read_text())
+    info["layout"] = {"pp": 1, "dp_replicate": 1, "dp_shard": 1, "cp": 1, "tp": 1}
+    (tmp_path / "r" / "run.json").write_text(json.dumps(info))
+    with pytest.raises(CalibrationError, match="does not record the resolved layout"):
+        read_run(tmp_path / "r")
 
 
 def test_calibrated_planner_predicts_fresh_cpu_runs(tmp_path: Path):

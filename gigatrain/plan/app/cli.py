@@ -17,6 +17,7 @@ import sys
 from dataclasses import asdict, fields
 from pathlib import Path
 
+from gigatrain.config import ACTIVATION_CHECKPOINTING, PP_SCHEDULES, ConfigError
 from gigatrain.fault import EXIT_USAGE
 from gigatrain.usage import Parser, UsageError, count, number
 
@@ -42,9 +43,10 @@ def build_parser() -> Parser:
     for name in ("tp", "pp", "cp", "dp-shard", "dp-replicate"):
         search.add_argument(f"--{name}", type=count(name, whole=True))
     search.add_argument("--mbs", type=count("mbs", whole=True), help="micro-batch size (sequences)")
-    search.add_argument("--schedule", choices=["1f1b", "interleaved", "zb", "gpipe"])
-    search.add_argument("--virtual-stages", type=count("virtual-stages", whole=True))
-    search.add_argument("--recompute", choices=["none", "selective", "full"])
+    search.add_argument("--schedule", choices=PP_SCHEDULES, help="pipeline schedule (parallel.pp_schedule)")
+    search.add_argument("--virtual-stages", type=count("virtual-stages", whole=True),
+                        help="pipeline stages per rank (parallel.pp_stages_per_rank)")
+    search.add_argument("--recompute", choices=ACTIVATION_CHECKPOINTING, help="train.activation_checkpointing")
     search.add_argument("--uneven-stages", action="store_true", help="allow pp not dividing the layers (gigatrain needs even)")
     search.add_argument("--exact", action="store_true", help="use exactly --gpus GPUs (default: leave some idle if the batch forces it)")
     search.add_argument("--top", type=count("top", whole=True), default=5, help="layouts to show")
@@ -90,10 +92,10 @@ def resolve_model(text: str):
     if text in PRESETS:
         return text, get_preset(text), None, None
     if text.endswith(".toml") or Path(text).is_file():
-        from gigatrain.config import load_config, resolve_model_args
+        from gigatrain.config import global_batch_size, load_config, resolve_model_args
 
         cfg = load_config(text, [])
-        return Path(text).stem, resolve_model_args(cfg), cfg.data.seq_len, cfg.train.batch_size
+        return Path(text).stem, resolve_model_args(cfg), cfg.data.seq_len, global_batch_size(cfg)
     raise UsageError(f"unknown model {text!r}; pass a preset ({', '.join(PRESETS)}) or a TOML config file")
 
 
@@ -101,7 +103,7 @@ def build_spec(args: argparse.Namespace, catalog: dict):
     from gigatrain.models.flops import param_counts
     from gigatrain.plan.catalog import get_accelerator
     from gigatrain.plan.layout import Constraints
-    from gigatrain.plan.model import Efficiency
+    from gigatrain.plan.costs import Efficiency
     from gigatrain.plan.planner import CHINCHILLA_TOKENS_PER_PARAM, DEFAULT_BATCH_TOKENS, PlanSpec
     from gigatrain.plan.power import CostInputs
     from gigatrain.plan.reliability import ReliabilityInputs
@@ -122,13 +124,13 @@ def build_spec(args: argparse.Namespace, catalog: dict):
     tokens = args.tokens or CHINCHILLA_TOKENS_PER_PARAM * param_counts(model).total
     constraints = Constraints(
         exact_gpus=args.exact, even_stages=not args.uneven_stages, tp=args.tp, pp=args.pp, cp=args.cp,
-        dp_shard=args.dp_shard, dp_replicate=args.dp_replicate, micro_batch_size=args.mbs, schedule=args.schedule,
-        virtual_stages=args.virtual_stages, recompute=args.recompute)
+        dp_shard=args.dp_shard, dp_replicate=args.dp_replicate, micro_batch_size=args.mbs, pp_schedule=args.schedule,
+        pp_stages_per_rank=args.virtual_stages, activation_checkpointing=args.recompute)
     efficiency = Efficiency()
     if args.efficiency:
         from dataclasses import replace
 
-        from gigatrain.plan.calibrate import load_efficiency
+        from gigatrain.plan.app.calibrate import load_efficiency
 
         efficiency, meta = load_efficiency(args.efficiency)
         if meta.get("device", gpu.name) != gpu.name:
@@ -176,8 +178,8 @@ def _print_json(data) -> None:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from gigatrain.plan.calibrate import calibrate, save_efficiency
-    from gigatrain.plan.report import print_calibration
+    from gigatrain.plan.app.calibrate import calibrate, save_efficiency
+    from gigatrain.plan.app.report import print_calibration
 
     report = calibrate(args.calibrate)
     data = report.to_dict()
@@ -189,8 +191,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_published(args: argparse.Namespace) -> int:
-    from gigatrain.plan.published import comparison_rows
-    from gigatrain.plan.report import print_published
+    from gigatrain.plan.app.published import comparison_rows
+    from gigatrain.plan.app.report import print_published
 
     rows = comparison_rows()
     _print_json({"published": rows}) if args.json else print_published(rows)
@@ -199,8 +201,8 @@ def cmd_published(args: argparse.Namespace) -> int:
 
 def cmd_sources(args: argparse.Namespace) -> int:
     from gigatrain.plan import power, reliability
-    from gigatrain.plan.model import Efficiency
-    from gigatrain.plan.report import print_sources
+    from gigatrain.plan.costs import Efficiency
+    from gigatrain.plan.app.report import print_sources
 
     sections = {
         "power and cost": {f.name: (getattr(power.CostInputs(), f.name), power.SOURCES[f.name])
@@ -223,7 +225,7 @@ def cmd_list_gpus(args: argparse.Namespace, catalog: dict) -> int:
         return 0
     from rich.table import Table
 
-    from gigatrain.plan.report import make_console
+    from gigatrain.plan.app.report import make_console
 
     table = Table(title="Hardware catalog (per GPU; sources: gigatrain/plan/hardware.toml)", title_justify="left")
     for column in ("name", "bf16 TF", "fp8 TF", "HBM GB", "HBM GB/s", "NVLink GB/s", "domain", "net GB/s", "TDP W",
@@ -239,8 +241,8 @@ def cmd_list_gpus(args: argparse.Namespace, catalog: dict) -> int:
 
 def cmd_plan(args: argparse.Namespace, catalog: dict) -> int:
     from gigatrain.plan.planner import make_plan
-    from gigatrain.plan.report import print_plan, print_sweep
-    from gigatrain.plan.sweep import parse_sweep, run_sweep
+    from gigatrain.plan.app.report import print_plan, print_sweep
+    from gigatrain.plan.app.sweep import parse_sweep, run_sweep
 
     spec = build_spec(args, catalog)
     if args.sweep:
@@ -255,16 +257,12 @@ def cmd_plan(args: argparse.Namespace, catalog: dict) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `gigatrain plan ARGS...` (argv excludes the word 'plan'); returns the exit code."""
-    from gigatrain.plan.calibrate import CalibrationError
+    from gigatrain.plan.app.calibrate import CalibrationError
     from gigatrain.plan.catalog import CatalogError, load_catalog
     from gigatrain.plan.layout import NoLayoutError
-    from gigatrain.plan.sweep import SweepError
+    from gigatrain.plan.app.sweep import SweepError
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        from gigatrain.config import ConfigError
-    except ImportError:  # the planner also runs without the trainer's config module
-        ConfigError = UsageError
     try:
         args = build_parser().parse_args(argv)
         if args.calibrate:

@@ -1,7 +1,7 @@
 """Fresh, short CPU training runs of gigatrain itself, for calibrating the planner.
 
 Used by test_calibration.py; also runnable to regenerate the figures in docs/planner.md:
-    python tests/plan/cpu_runs.py /tmp/cpu-runs && gigatrain plan --calibrate /tmp/cpu-runs/*
+    python tests/plan/app/cpu_runs.py /tmp/cpu-runs && gigatrain plan --calibrate /tmp/cpu-runs/*
 """
 
 from __future__ import annotations
