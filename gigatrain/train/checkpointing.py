@@ -225,8 +225,11 @@ def load_run(path: Path, device: torch.device) -> LoadedRun:
     changes nothing in the run directory: a training run may be writing beside it."""
     run_dir = RunDir(path)
     run_dir.require_run()
-    cfg = from_dict(run_dir.read_config())
-    args = ModelArgs(**run_dir.read_run_info()["model_args"])
+    cfg, info = from_dict(run_dir.read_config()), run_dir.read_run_info()
+    if info is None or not isinstance(info.get("model_args"), dict):
+        raise ConfigError(f"{run_dir.run_info} is missing or names no model_args; it is written when training "
+                          f"starts: train the run (gigatrain train --run.dir={path})")
+    args = ModelArgs(**info["model_args"])
     with torch.device(device):
         model = Transformer(args)
     restored = checkpoint.restore(run_dir.checkpoints, [model], report=_warn, repair=False)

@@ -129,8 +129,8 @@ def test_parallel_auto_trains_with_the_planners_micro_batch_and_checkpointing(tm
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 
     from gigatrain.plan import layout as plan_layout
-    from gigatrain.rundir import RunDir
-    from gigatrain.train.trainer import Trainer, resolve_run_config
+    from gigatrain.rundir import RunDir, resolve_run_config
+    from gigatrain.train.trainer import Trainer
 
     # One process leaves the real planner nothing to choose; this one picks as it would on a fleet.
     monkeypatch.setattr(plan_layout, "auto_layout",
