@@ -26,6 +26,7 @@ FLOORS = {
     "gigatrain.fault": 3,
     "gigatrain.parallel": 4,
     "gigatrain.train": 5,
+    "gigatrain.interop": 6,  # Hugging Face export and import: reads runs and checkpoints, writes both
     "gigatrain.plan.app": 6,  # the application: plan CLI, report tables, sweep, calibrate, published runs
     "gigatrain.launch": 6,
     "gigatrain.usage": 6,  # the command lines' shared parser
