@@ -3,7 +3,10 @@
 Three kinds, one interface (`Tokenizer`):
   byte  256 ids, one per UTF-8 byte; nothing to train. eot_id = 0 (the NUL byte),
         because NUL does not occur in real text; a NUL inside a document would
-        read as a document separator, which is harmless.
+        read as a document separator, which is harmless. Saved as a Hugging Face
+        tokenizer.json that gives the same ids (a BPE without merges over ByteLevel's
+        256 characters, see `_new_byte_level`); gigatrain itself encodes with
+        `str.encode`, which is faster.
   bpe   GPT-2 style byte-level BPE trained here with Hugging Face `tokenizers`:
         ByteLevel pre-tokenizer (no prefix space, so decode(encode(s)) == s), all
         256 bytes in the initial alphabet (any text encodes, nothing is unknown)
@@ -12,12 +15,18 @@ Three kinds, one interface (`Tokenizer`):
         `<|endoftext|>`, `</s>`, `<|end_of_text|>` that it has.
 
 The kind is read from the tokenizer itself, not from where it came from: a
-tokenizer.json built exactly like ours (see `_is_gigatrain_bpe`) is "bpe", so
+tokenizer.json built exactly like ours (see `_kind_of`) is "byte" or "bpe", so
 save -> load round trips all three kinds.
 
-Every kind saves to `directory/tokenizer.json`. Special-token text inside a
-document (a literal "<|endoftext|>") is encoded as ordinary text: only `prepare`
-inserts separators.
+Every kind saves to `directory/tokenizer.json`, a Hugging Face tokenizer file.
+Special-token text inside a document (a literal "<|endoftext|>") is encoded as
+ordinary text: only `prepare` inserts separators.
+
+`save_pretrained` writes what transformers' AutoTokenizer loads: tokenizer.json with
+gigatrain's beginning-of-document convention as its post-processor (every document
+is [eot] + its tokens, see `encode_documents`) and tokenizer_config.json stating it
+(bos_token = eot, add_bos_token), so that transformers' ids for a text are the ids
+the model was trained on for that text as a document.
 
 Long documents (a minified file, a huge JSON line) are encoded in pieces of at most
 PIECE_CHARS characters, ENCODE_BATCH_CHARS characters at a time, so the tokenizer's
@@ -40,11 +49,12 @@ from pathlib import Path
 
 import numpy as np
 import tokenizers as hf
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from gigatrain.data.errors import DataError
 
 TOKENIZER_FILE = "tokenizer.json"
+HF_TOKENIZER_CONFIG_FILE = "tokenizer_config.json"  # transformers' settings beside tokenizer.json
 EOT_TOKEN = "<|endoftext|>"
 EOT_CANDIDATES = (EOT_TOKEN, "</s>", "<|end_of_text|>")  # searched in this order
 KINDS = ("byte", "bpe", "json")
@@ -87,6 +97,7 @@ class Tokenizer:
     kind: str  # "byte" | "bpe" | "json"
     vocab_size: int  # every id is < vocab_size
     eot_id: int  # separates documents in the token stream
+    hf: hf.Tokenizer  # the Hugging Face tokenizer with the same ids: what `save` writes
 
     def encode(self, text: str) -> list[int]:
         return self.encode_batch([text])[0]
@@ -116,7 +127,45 @@ class Tokenizer:
         raise NotImplementedError
 
     def save(self, directory: Path) -> Path:
-        raise NotImplementedError
+        """`directory/tokenizer.json`, which `load_tokenizer` reads back as this tokenizer."""
+        path = Path(directory) / TOKENIZER_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.hf.save(str(path))
+        return path
+
+    def save_pretrained(self, directory: Path, *, model_max_length: int | None = None) -> Path:
+        """`directory` as a Hugging Face tokenizer folder (tokenizer.json + tokenizer_config.json):
+        transformers' `AutoTokenizer.from_pretrained(directory)(text)["input_ids"]` is
+        encode_documents([text]), and with add_special_tokens=False it is encode(text)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        eot = self.hf.id_to_token(self.eot_id)
+        exported = hf.Tokenizer.from_str(self.hf.to_str())
+        # The document start, for tools that read tokenizer.json alone (tokenizers, vLLM's
+        # detokenizer, older transformers); a pair is two documents, as prepare would write them.
+        exported.post_processor = processors.TemplateProcessing(
+            single=f"{eot}:0 $A:0", pair=f"{eot}:0 $A:0 {eot}:1 $B:1", special_tokens=[(eot, self.eot_id)])
+        exported.save(str(directory / TOKENIZER_FILE))
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            # gigatrain's documents start with eot (and so end at the next one): transformers 5
+            # rebuilds the post-processor from these, the same "<eot> $A" as tokenizer.json's.
+            "bos_token": eot,
+            "add_bos_token": True,
+            "eos_token": eot,
+            "add_eos_token": False,
+            # A literal "<|endoftext|>" inside a text is text, as when prepare encoded the data;
+            # for the byte kind it also keeps the text "Ā" (ByteLevel's name for the NUL byte) text.
+            "split_special_tokens": True,
+            "clean_up_tokenization_spaces": False,  # decode(encode(text)) == text
+        }
+        unk = json.loads(self.hf.to_str())["model"].get("unk_token")
+        if unk is not None:
+            config["unk_token"] = unk
+        if model_max_length is not None:
+            config["model_max_length"] = model_max_length
+        (directory / HF_TOKENIZER_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        return directory
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(kind={self.kind!r}, vocab_size={self.vocab_size}, eot_id={self.eot_id})"
@@ -144,6 +193,9 @@ class ByteTokenizer(Tokenizer):
     vocab_size = 256
     eot_id = 0
 
+    def __init__(self) -> None:
+        self.hf = _new_byte_level()
+
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [list(text.encode("utf-8")) for text in texts]
 
@@ -158,12 +210,6 @@ class ByteTokenizer(Tokenizer):
     def decode(self, ids: Iterable[int]) -> str:
         # A window can cut a multi-byte character in half: show U+FFFD rather than fail.
         return bytes(ids).decode("utf-8", errors="replace")
-
-    def save(self, directory: Path) -> Path:
-        path = Path(directory) / TOKENIZER_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"gigatrain_tokenizer": "byte", "vocab_size": 256}) + "\n")
-        return path
 
 
 class HFTokenizer(Tokenizer):
@@ -193,12 +239,6 @@ class HFTokenizer(Tokenizer):
     def decode(self, ids: Iterable[int]) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=False)
 
-    def save(self, directory: Path) -> Path:
-        path = Path(directory) / TOKENIZER_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.hf.save(str(path))
-        return path
-
 
 def _has_byte_level_boundaries(hf_tokenizer: hf.Tokenizer) -> bool:
     """True when a space before a non-space always starts a pre-token (`split_long_text` is exact).
@@ -223,21 +263,49 @@ def _new_bpe() -> hf.Tokenizer:
     return tokenizer
 
 
-def _bpe_signature(hf_tokenizer: hf.Tokenizer) -> dict:
-    """The parts of a tokenizer.json that make it a gigatrain BPE (everything but the merges)."""
+def _byte_characters() -> list[str]:
+    """ByteLevel's character for each byte (GPT-2's table): the printable bytes stand for
+    themselves, the others for the characters from U+0100 up, in order."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                 *range(ord("\u00ae"), ord("\u00ff") + 1)}
+    shifted = iter(range(256, 512))
+    return [chr(byte) if byte in printable else chr(next(shifted)) for byte in range(256)]
+
+
+def _new_byte_level() -> hf.Tokenizer:
+    """The byte kind as a Hugging Face tokenizer: ByteLevel turns the whole text (no regex
+    split: nothing would merge across it anyway) into one character per UTF-8 byte, and a
+    BPE without merges gives each character its byte's value as id."""
+    vocab = {character: byte for byte, character in enumerate(_byte_characters())}
+    tokenizer = hf.Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
+def _signature(hf_tokenizer: hf.Tokenizer, *, with_vocab: bool) -> dict:
+    """The parts of a tokenizer.json that decide gigatrain's ids and text. Not the post-processor:
+    gigatrain encodes without it (an exported tokenizer.json has one), nor truncation or padding,
+    which HFTokenizer switches off."""
     config = json.loads(hf_tokenizer.to_str())
-    keys = ("normalizer", "pre_tokenizer", "post_processor", "decoder", "added_tokens")
-    return {"model": config["model"]["type"]} | {key: config.get(key) for key in keys}
+    keys = ("normalizer", "pre_tokenizer", "decoder", "added_tokens")
+    return {"model": config["model"] if with_vocab else config["model"]["type"]} | {key: config.get(key) for key in keys}
 
 
-def _reference_signature() -> dict:
+def _reference_bpe() -> hf.Tokenizer:
     reference = _new_bpe()
     reference.add_special_tokens([EOT_TOKEN])  # id 0, exactly where BpeTrainer puts it
-    return _bpe_signature(reference)
+    return reference
 
 
-def _is_gigatrain_bpe(hf_tokenizer: hf.Tokenizer) -> bool:
-    return _bpe_signature(hf_tokenizer) == _reference_signature()
+def _kind_of(hf_tokenizer: hf.Tokenizer) -> str:
+    """"byte" or "bpe" for a tokenizer.json built exactly like ours (a BPE: anything but its
+    merges), else "json"."""
+    if _signature(hf_tokenizer, with_vocab=True) == _signature(_new_byte_level(), with_vocab=True):
+        return "byte"
+    if _signature(hf_tokenizer, with_vocab=False) == _signature(_reference_bpe(), with_vocab=False):
+        return "bpe"
+    return "json"
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
@@ -262,13 +330,16 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
 
 
 def from_tokenizer_json(path: Path | str) -> Tokenizer:
-    """Load a Hugging Face tokenizer.json (kind "bpe" if it is one of ours, else "json")."""
+    """Load a Hugging Face tokenizer.json (kind "byte" or "bpe" if it is one of ours, else "json")."""
     path = Path(path)
     try:
         hf_tokenizer = hf.Tokenizer.from_file(str(path))
     except Exception as error:  # tokenizers raises a bare Exception on bad files
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise DataError(f"{path} is not a valid Hugging Face tokenizer.json ({reason}): pass a tokenizer.json saved by tokenizers or transformers") from None
+    kind = _kind_of(hf_tokenizer)
+    if kind == "byte":
+        return ByteTokenizer()
     for name in EOT_CANDIDATES:
         eot_id = hf_tokenizer.token_to_id(name)
         if eot_id is not None:
@@ -276,7 +347,6 @@ def from_tokenizer_json(path: Path | str) -> Tokenizer:
     else:
         looked_for = ", ".join(EOT_CANDIDATES)
         raise DataError(f"{path} has no end-of-text token (looked for {looked_for}): add one of them to the tokenizer's special tokens")
-    kind = "bpe" if _is_gigatrain_bpe(hf_tokenizer) else "json"
     return HFTokenizer(hf_tokenizer, kind=kind, eot_id=eot_id)
 
 
@@ -294,6 +364,8 @@ def load_tokenizer(path: Path | str) -> Tokenizer:
         config = json.loads(file.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise DataError(f"{file} is not valid JSON ({error}): re-run `gigatrain prepare` or pass another tokenizer") from None
+    # Before the byte kind was saved as a Hugging Face file, it was this one line; prepared data
+    # folders and runs still hold it, and it names exactly one tokenizer, so it still loads.
     if isinstance(config, dict) and "gigatrain_tokenizer" in config:
         if config.get("gigatrain_tokenizer") != "byte" or config.get("vocab_size") != 256:
             raise DataError(f"{file} describes an unknown gigatrain tokenizer {config!r}: re-run `gigatrain prepare`")

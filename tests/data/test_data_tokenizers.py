@@ -110,6 +110,24 @@ def test_save_then_load_round_trips_each_kind(tmp_path, bpe, kind):
     assert make_tokenizer(str(path)).kind == kind
 
 
+def test_the_byte_kind_saves_a_hugging_face_tokenizer_with_the_same_ids(tmp_path):
+    path = make_tokenizer("byte").save(tmp_path)
+    saved = hf.Tokenizer.from_file(str(path))  # tokenizers itself reads it
+    every_byte = "".join(chr(i) for i in range(1, 128)) + "Āé😀漢字"
+    for text in SAMPLES + [every_byte]:
+        assert saved.encode(text, add_special_tokens=False).ids == list(text.encode("utf-8"))
+        assert saved.decode(list(text.encode("utf-8"))) == text
+    assert saved.get_vocab_size() == 256
+
+
+def test_the_byte_kinds_old_file_still_loads(tmp_path):
+    """Data folders prepared, and runs trained, before the byte kind was saved as a Hugging Face file."""
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"gigatrain_tokenizer": "byte", "vocab_size": 256}) + "\n")
+    loaded = load_tokenizer(tmp_path)
+    assert (loaded.kind, loaded.vocab_size, loaded.eot_id) == ("byte", 256, 0)
+    assert loaded.encode(SAMPLES[2]) == list(SAMPLES[2].encode("utf-8"))
+
+
 def test_foreign_tokenizer_json_is_kind_json_and_round_trips(tmp_path):
     foreign = foreign_tokenizer(["<pad>", "</s>"])
     foreign.save(str(tmp_path / "tokenizer.json"))
