@@ -301,7 +301,10 @@ def _reference_bpe() -> hf.Tokenizer:
 def _kind_of(hf_tokenizer: hf.Tokenizer) -> str:
     """"byte" or "bpe" for a tokenizer.json built exactly like ours (a BPE: anything but its
     merges), else "json"."""
-    if _signature(hf_tokenizer, with_vocab=True) == _signature(_new_byte_level(), with_vocab=True):
+    byte_level = _new_byte_level()
+    # The size first: a 128k-token vocabulary is not compared entry by entry.
+    if (hf_tokenizer.get_vocab_size(with_added_tokens=True) == byte_level.get_vocab_size(with_added_tokens=True)
+            and _signature(hf_tokenizer, with_vocab=True) == _signature(byte_level, with_vocab=True)):
         return "byte"
     if _signature(hf_tokenizer, with_vocab=False) == _signature(_reference_bpe(), with_vocab=False):
         return "bpe"
