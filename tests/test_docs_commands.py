@@ -54,6 +54,8 @@ NOT_RUN = {
     "kubectl": "needs a Kubernetes cluster (tests/launch/test_k8s.py checks the manifests); stdin must be "
                "the JSON manifest",
     "tail": "follows the log of a running job",
+    "lm_eval": "lm-evaluation-harness, not a gigatrain dependency, evaluates for hours; it reads an exported folder",
+    "vllm": "an inference server: needs a GPU and the vllm package; it serves an exported folder",
 }
 KNOWN_PROGRAMS = {"gigatrain", "torchrun", "python", "python3", "export", *NOT_RUN}  # that start a command block
 RUN_READERS = ("eval", "generate", "report")  # gigatrain commands whose first argument is a run directory
