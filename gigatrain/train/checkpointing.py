@@ -54,8 +54,10 @@ def identity_differences(saved: dict, current: dict, allow_data_change: bool) ->
     """What differs between a checkpoint's identity and this process's, each with its fix."""
     new_run = "start a new run with --run.dir=<new dir>"
     differences = []
-    model = [f"model.{name} {saved['model'].get(name)} -> {value}" for name, value in current["model"].items()
-             if saved["model"].get(name) != value]
+    # A field the checkpoint does not name is newer than the checkpoint: it had the default.
+    defaults = {field.name: field.default for field in dataclasses.fields(ModelArgs)}
+    model = [f"model.{name} {saved['model'].get(name, defaults.get(name))} -> {value}"
+             for name, value in current["model"].items() if saved["model"].get(name, defaults.get(name)) != value]
     if model:
         differences.append(f"the model differs ({', '.join(model)}): drop those overrides to resume, or {new_run}")
     old, new = saved["tokenizer"], current["tokenizer"]
@@ -64,7 +66,8 @@ def identity_differences(saved: dict, current: dict, allow_data_change: bool) ->
                            f"{new['kind']}, {new['vocab_size']} tokens, sha256 {new['sha256'][:12]}): a run cannot change "
                            f"its tokenizer; {new_run}")
     old, new = saved["data"], current["data"]
-    if old["sha256"] != new["sha256"] and not allow_data_change:
+    # None: no data yet (an imported model at step 0), so any data continues it.
+    if old is not None and old["sha256"] != new["sha256"] and not allow_data_change:
         differences.append(f"the data differs ({old['path']} -> {new['path']}, other shards): to continue on it on "
                            f"purpose pass --data.allow_change=true, or {new_run}")
     return differences
@@ -145,10 +148,13 @@ class CheckpointManager:
         if restored is None:
             return False
         self.state.schedule_steps = schedule_horizon(self.cfg.train, restored.get("schedule_steps"))
-        trained_on = restored.get("identity", {}).get("data")
-        if trained_on is None or trained_on["sha256"] == self.identity["data"]["sha256"]:
+        identity = restored.get("identity", {})
+        same_data = "data" not in identity or (identity["data"] is not None
+                                               and identity["data"]["sha256"] == self.identity["data"]["sha256"])
+        if same_data and restored.get("loader") is not None:
             self.loader.load_state_dict(restored["loader"])
-        # else other data, as data.allow_change asked: its position means nothing there; read it from the start
+        # else other data, as data.allow_change asked (its position means nothing there), or an
+        # imported model that has seen none: read it from the start
         return True
 
     def roll_back(self) -> dict | None:
