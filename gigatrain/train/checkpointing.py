@@ -39,15 +39,24 @@ class TrainState:
 
 def identity(args: ModelArgs, data: TokenData) -> dict:
     """What a run's checkpoints must be resumed with (saved in each one's trainer state): the
-    model's shape (max_seq_len aside: it sizes rotary tables that are computed, not saved), the
-    tokenizer (by content) and the data (by its shards' checksums, wherever it lies)."""
-    shape = {name: value for name, value in dataclasses.asdict(args).items() if name != "max_seq_len"}
+    model's shape, the tokenizer (by content) and the data (by its shards' checksums, wherever
+    it lies)."""
     tokenizer_file = Path(data.path) / data.manifest["tokenizer"]["file"]  # a plain name: TokenData checked it
     shards = {name: [shard["sha256"] for shard in split["shards"]] for name, split in sorted(data.manifest["splits"].items())}
-    return {"model": shape,
-            "tokenizer": {"kind": data.tokenizer.kind, "vocab_size": data.vocab_size,
-                          "sha256": sha256_file(tokenizer_file)},
+    return {"model": model_identity(args),
+            "tokenizer": tokenizer_identity(data.tokenizer.kind, data.vocab_size, tokenizer_file),
             "data": {"sha256": hashlib.sha256(json.dumps(shards).encode()).hexdigest(), "path": str(data.path)}}
+
+
+def model_identity(args: ModelArgs) -> dict:
+    """The model's part of the identity: its shape, max_seq_len aside (it sizes rotary tables
+    that are computed, not saved)."""
+    return {name: value for name, value in dataclasses.asdict(args).items() if name != "max_seq_len"}
+
+
+def tokenizer_identity(kind: str, vocab_size: int, file: Path) -> dict:
+    """The tokenizer's part of the identity: its file by content, as prepare wrote it."""
+    return {"kind": kind, "vocab_size": vocab_size, "sha256": sha256_file(file)}
 
 
 def identity_differences(saved: dict, current: dict, allow_data_change: bool) -> list[str]:
