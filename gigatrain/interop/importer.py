@@ -54,7 +54,6 @@ class Imported:
     preset: str
     args: ModelArgs
     tensors: int
-    tokenizer: Tokenizer
 
 
 def import_hf(hf_dir: Path, out: Path) -> Imported:
@@ -100,7 +99,7 @@ def import_hf(hf_dir: Path, out: Path) -> Imported:
         if created:  # nothing half-written is left to look like a run
             shutil.rmtree(out, ignore_errors=True)
         raise
-    return Imported(out, preset, args, tensors, tokenizer)
+    return Imported(out, preset, args, tensors)
 
 
 def preset_and_overrides(args: ModelArgs) -> tuple[str, dict]:
@@ -167,6 +166,9 @@ def _load_weights(hf_dir: Path, model: Transformer, args: ModelArgs) -> int:
                     if mapped is None:
                         continue
                     name, tensor = mapped
+                    if name not in params:  # e.g. a layer beyond num_hidden_layers
+                        raise ConfigError(f"{path}: tensor {hf_name} has no place in the model config.json "
+                                          f"describes")
                     if tuple(tensor.shape) != tuple(params[name].shape):
                         raise ConfigError(f"{path}: {hf_name} is {list(tensor.shape)}, the config makes it "
                                           f"{list(params[name].shape)}")
