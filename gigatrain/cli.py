@@ -1,4 +1,4 @@
-"""`gigatrain prepare|train|eval|generate|report|plan|launch`.
+"""`gigatrain prepare|train|eval|generate|import|report|plan|launch`.
 
 User mistakes (a bad config key, a missing file, a corrupted shard) end with one
 line on stderr, `gigatrain: error: ...`, and exit code 2, never a traceback. Under
@@ -183,6 +183,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if args.num_samples > 1:
             print(f"--- sample {i + 1} ---")
         print(text)
+    return 0
+
+
+# -- import ---------------------------------------------------------------------------------
+def cmd_import(args: argparse.Namespace) -> int:
+    from gigatrain.interop.importer import import_hf
+
+    imported = import_hf(Path(args.hf_dir), Path(args.out))
+    a = imported.args
+    print(f"imported {imported.tensors} tensors of {args.hf_dir} ({a.n_layers} layers, d_model {a.d_model}, "
+          f"{a.n_heads} heads ({a.n_kv_heads} kv), vocabulary {a.vocab_size:,}; preset {imported.preset} plus "
+          f"overrides) into {args.out} at step 0")
+    print(f"continue training it: gigatrain prepare TEXT --tokenizer {args.out}/tokenizer.json --out DATA; "
+          f"gigatrain train --run.dir={args.out} --data.path=DATA")
     return 0
 
 
@@ -374,6 +388,14 @@ def build_parser() -> Parser:
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
     p.add_argument("--device", default="auto", choices=devices, help="auto: cuda where available, else cpu")
 
+    p = sub.add_parser("import", help="a local Hugging Face Llama folder as a run directory at step 0",
+                       description="Turn a local Hugging Face Llama folder (config.json, model.safetensors or its "
+                                   "sharded index, tokenizer.json) into a gigatrain run directory at step 0, which "
+                                   "`gigatrain train --run.dir=RUN_DIR --data.path=DATA` continues. Nothing is "
+                                   "downloaded, and nothing in the folder is executed: safetensors only.")
+    p.add_argument("hf_dir", help="the Hugging Face model folder")
+    p.add_argument("--out", required=True, help="the new run directory (must not exist, or be empty)")
+
     p = sub.add_parser("report", help="summarise a run and redraw its plots",
                        description="Print a run's summary (steps, losses, tokens/s, MFU, goodput, restarts) and "
                                    "redraw loss.png and throughput.png in its directory.")
@@ -423,7 +445,8 @@ def run(argv: list[str]) -> int:
             return cmd_train(args, overrides)
         if args.command == "launch":
             return cmd_launch(args, overrides, argv)
-        return {"prepare": cmd_prepare, "eval": cmd_eval, "generate": cmd_generate, "report": cmd_report}[args.command](args)
+        return {"prepare": cmd_prepare, "eval": cmd_eval, "generate": cmd_generate, "import": cmd_import,
+                "report": cmd_report}[args.command](args)
     except UsageError as err:
         return _fail(str(err))
     except (ConfigError, DataError, CheckpointError) as err:

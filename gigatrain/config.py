@@ -39,6 +39,19 @@ class ModelConfig:
     n_kv_heads: int | None = None
     ffn_hidden: int | None = None
     tie_embeddings: bool | None = None
+    vocab_size: int | None = None  # None: the tokenizer's (an imported model may have more rows than its tokenizer ids)
+    max_seq_len: int | None = None  # sizes the rotary tables; training's data.seq_len raises it when longer
+    rope_theta: float | None = None
+    norm_eps: float | None = None
+    # Llama 3.1's rotary scaling (models/transformer.py); rope_scaling_factor 1: none
+    rope_scaling_factor: float | None = None
+    rope_low_freq_factor: float | None = None
+    rope_high_freq_factor: float | None = None
+    rope_original_max_seq_len: int | None = None
+
+
+# The ModelArgs fields a config may override (every one: an imported model's shape is a preset plus these).
+MODEL_OVERRIDES = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name != "preset")
 
 
 @dataclass
@@ -259,12 +272,21 @@ def validate(cfg: Config) -> None:
     """Values that have the right type but cannot work."""
     m, d, t, p = cfg.model, cfg.data, cfg.train, cfg.parallel
     _require(m.preset in PRESETS, f"model.preset={m.preset!r} is not valid; choose one of: {', '.join(PRESETS)}")
-    for name in ("n_layers", "d_model", "n_heads", "n_kv_heads", "ffn_hidden"):
+    for name in ("n_layers", "d_model", "n_heads", "n_kv_heads", "ffn_hidden", "vocab_size", "max_seq_len",
+                 "rope_original_max_seq_len"):
         value = getattr(m, name)
         _require(value is None or value >= 1, f"model.{name}={value} is not valid; it must be at least 1")
+    for name in ("rope_theta", "norm_eps", "rope_low_freq_factor"):
+        value = getattr(m, name)
+        _require(value is None or value > 0, f"model.{name}={value} is not valid; it must be positive")
+    _require(m.rope_scaling_factor is None or m.rope_scaling_factor >= 1,
+             f"model.rope_scaling_factor={m.rope_scaling_factor} is not valid; use 1 (no scaling) or more")
     args = resolve_model_args(cfg)
     _require(args.d_model % args.n_heads == 0, f"model.d_model={args.d_model} is not divisible by model.n_heads={args.n_heads}; pick sizes with d_model % n_heads == 0")
     _require(args.head_dim % 2 == 0, f"head dimension d_model/n_heads={args.head_dim} must be even for rotary embeddings; change model.d_model or model.n_heads")
+    _require(args.rope_high_freq_factor > args.rope_low_freq_factor,
+             f"model.rope_high_freq_factor={args.rope_high_freq_factor} is not valid; it must be above "
+             f"model.rope_low_freq_factor={args.rope_low_freq_factor}")
     _require(args.n_heads % args.n_kv_heads == 0, f"model.n_heads={args.n_heads} is not divisible by model.n_kv_heads={args.n_kv_heads}; grouped-query attention needs n_heads % n_kv_heads == 0")
     _require(d.seq_len >= 2, f"data.seq_len={d.seq_len} is not valid; it must be at least 2")
     _require(d.vocab_size >= 257, f"data.vocab_size={d.vocab_size} is not valid; a BPE vocabulary needs more than the 256 bytes (e.g. 4096)")
@@ -311,7 +333,8 @@ def global_batch_size(cfg: Config) -> int:
 
 
 def resolve_model_args(cfg: Config, vocab_size: int | None = None) -> ModelArgs:
-    """The preset with the config's shape overrides; vocab_size from the tokenizer when given.
+    """The preset with the config's shape overrides; vocab_size from the tokenizer when given
+    (model.vocab_size, when set, is the model's own and must hold every id of the tokenizer).
 
     The context length is the training sequence length for the small presets;
     the published presets keep theirs unless training uses a longer one.
@@ -321,16 +344,11 @@ def resolve_model_args(cfg: Config, vocab_size: int | None = None) -> ModelArgs:
         base = get_preset(m.preset)
     except KeyError as err:
         raise ConfigError(str(err.args[0])) from None
-    args = with_overrides(
-        base,
-        n_layers=m.n_layers,
-        d_model=m.d_model,
-        n_heads=m.n_heads,
-        n_kv_heads=m.n_kv_heads,
-        ffn_hidden=m.ffn_hidden,
-        tie_embeddings=m.tie_embeddings,
-        vocab_size=vocab_size,
-    )
+    if m.vocab_size is not None and vocab_size is not None and m.vocab_size < vocab_size:
+        raise ConfigError(f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's vocabulary ({vocab_size} "
+                          f"ids); drop model.vocab_size or use a tokenizer of at most {m.vocab_size} ids")
+    args = with_overrides(base, vocab_size=m.vocab_size or vocab_size,
+                          **{name: getattr(m, name) for name in MODEL_OVERRIDES if name != "vocab_size"})
     return dataclasses.replace(args, max_seq_len=max(args.max_seq_len, cfg.data.seq_len))
 
 

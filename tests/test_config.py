@@ -1,6 +1,9 @@
 import pytest
 
-from gigatrain.config import ConfigError, global_batch_size, load_config, resolve_model_args, to_toml
+import dataclasses
+
+from gigatrain.config import MODEL_OVERRIDES, ConfigError, global_batch_size, load_config, resolve_model_args, to_toml
+from gigatrain.models.transformer import ModelArgs
 
 
 def test_defaults_and_overrides(tmp_path):
@@ -11,6 +14,19 @@ def test_defaults_and_overrides(tmp_path):
     assert cfg.train.lr == 3e-4 and cfg.data.seq_len == 64 and cfg.train.compile is True
     assert resolve_model_args(cfg, vocab_size=300).n_layers == 3
     assert resolve_model_args(cfg, vocab_size=300).vocab_size == 300
+
+
+def test_every_model_field_can_be_overridden_and_vocab_size_may_exceed_the_tokenizers():
+    """An imported model's shape is a preset plus overrides, whatever it is."""
+    assert set(MODEL_OVERRIDES) == {field.name for field in dataclasses.fields(ModelArgs)}
+    cfg = load_config(None, ["--model.preset=tiny", "--model.rope_scaling_factor=8", "--model.rope_original_max_seq_len=64",
+                             "--model.rope_theta=500000", "--model.norm_eps=1e-6", "--model.max_seq_len=1024",
+                             "--model.vocab_size=320"])
+    args = resolve_model_args(cfg, vocab_size=300)
+    assert (args.rope_scaling_factor, args.rope_original_max_seq_len, args.rope_theta, args.norm_eps, args.max_seq_len,
+            args.vocab_size) == (8.0, 64, 500000.0, 1e-6, 1024, 320)
+    with pytest.raises(ConfigError, match="model.vocab_size=320 is smaller than the tokenizer's vocabulary"):
+        resolve_model_args(cfg, vocab_size=400)
 
 
 def test_round_trip_through_toml(tmp_path):
@@ -30,6 +46,8 @@ def test_round_trip_through_toml(tmp_path):
     ("--model.preset=gpt5", ["model.preset", "llama3-8b"]),
     ("--train.lr=-1", ["train.lr", "positive"]),
     ("--model.n_kv_heads=3", ["n_kv_heads", "divisible"]),
+    ("--model.rope_scaling_factor=0.5", ["model.rope_scaling_factor", "1 (no scaling)"]),
+    ("--model.rope_low_freq_factor=4", ["model.rope_high_freq_factor", "above"]),
     ("--parallel.pp_schedule=ZeroBubbleX", ["parallel.pp_schedule", "GPipe", "Interleaved1F1B"]),
     ("--parallel.tp=0", ["parallel.tp", "-1"]),
     ("train.lr", ["--section.key=value"]),

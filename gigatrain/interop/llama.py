@@ -109,6 +109,10 @@ def hf_config(args: ModelArgs, *, bos_token_id: int | None, eos_token_id: int | 
         "vocab_size": args.vocab_size,
         "max_position_embeddings": args.max_seq_len,
         "rope_theta": args.rope_theta,
+        # The legacy key of Llama 3.1's own config.json files, which transformers 5 still reads.
+        "rope_scaling": {"rope_type": "llama3", "factor": args.rope_scaling_factor,
+                         "low_freq_factor": args.rope_low_freq_factor, "high_freq_factor": args.rope_high_freq_factor,
+                         "original_max_position_embeddings": args.rope_original_max_seq_len} if args.rope_scaled else None,
         "rms_norm_eps": args.norm_eps,
         "tie_word_embeddings": args.tie_embeddings,
         "hidden_act": "silu",
@@ -133,6 +137,7 @@ def model_args_from_hf(config: dict, source: str) -> ModelArgs:
     if unsupported:
         raise ConfigError(f"{source}: {', '.join(f'{k}={v}' for k, v in unsupported.items())} is not supported; "
                           f"gigatrain's Llama has no biases and a SwiGLU (silu) MLP")
+    rope = _rope_options(config, source)
     try:
         n_heads = int(config["num_attention_heads"])
         d_model = int(config["hidden_size"])
@@ -144,9 +149,9 @@ def model_args_from_hf(config: dict, source: str) -> ModelArgs:
             ffn_hidden=int(config["intermediate_size"]),
             vocab_size=int(config["vocab_size"]),
             max_seq_len=int(config.get("max_position_embeddings", 2048)),
-            rope_theta=float(config.get("rope_theta", (config.get("rope_parameters") or {}).get("rope_theta", 10000.0))),
             norm_eps=float(config.get("rms_norm_eps", 1e-5)),
             tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+            **rope,
         )
     except (KeyError, TypeError, ValueError) as err:
         raise ConfigError(f"{source}: not a complete Llama config ({type(err).__name__}: {err})") from None
@@ -155,3 +160,32 @@ def model_args_from_hf(config: dict, source: str) -> ModelArgs:
         raise ConfigError(f"{source}: head_dim={head_dim} differs from hidden_size/num_attention_heads="
                           f"{args.head_dim}; gigatrain's heads split d_model evenly")
     return args
+
+
+def _rope_options(config: dict, source: str) -> dict:
+    """The ModelArgs rotary fields of a config.json: rope_theta, and Llama 3.1's "llama3" scaling,
+    from the legacy `rope_scaling` (Llama 3.1's own files) or transformers 5's `rope_parameters`."""
+    scaling = config.get("rope_scaling") or config.get("rope_parameters") or {}
+    if not isinstance(scaling, dict):
+        raise ConfigError(f"{source}: rope_scaling={scaling!r} is not a dict of rotary parameters")
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    partial = scaling.get("partial_rotary_factor", config.get("partial_rotary_factor"))
+    if partial not in (None, 1, 1.0):
+        raise ConfigError(f"{source}: partial_rotary_factor={partial} is not supported; gigatrain rotates every "
+                          f"feature of each head")
+    if rope_type not in ("default", "llama3"):
+        raise ConfigError(f"{source}: rope_type {rope_type!r} is not supported; gigatrain's rotary embeddings are "
+                          f"the plain ones (rope_type default) or Llama 3.1's scaling (rope_type llama3)")
+    try:
+        options = {"rope_theta": float(config.get("rope_theta") or scaling.get("rope_theta") or 10000.0)}
+        if rope_type == "llama3":
+            options.update(
+                rope_scaling_factor=float(scaling["factor"]),
+                rope_low_freq_factor=float(scaling["low_freq_factor"]),
+                rope_high_freq_factor=float(scaling["high_freq_factor"]),
+                # transformers' own fallback when the scaling does not name it
+                rope_original_max_seq_len=int(scaling.get("original_max_position_embeddings")
+                                              or config.get("max_position_embeddings", 2048)))
+    except (KeyError, TypeError, ValueError) as err:
+        raise ConfigError(f"{source}: incomplete rotary parameters {scaling!r} ({type(err).__name__}: {err})") from None
+    return options

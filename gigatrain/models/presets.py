@@ -12,7 +12,10 @@ from dataclasses import replace
 from gigatrain.models.transformer import ModelArgs
 
 # Sources: Llama 3 herd paper (arXiv:2407.21783) table 3 for 8B/70B/405B;
-# the Llama 3.2 1B model card / config.json for 1B; GPT-2 small (Radford et al. 2019)
+# the Llama 3.2 1B model card / config.json for 1B; the rotary scaling and the 131,072-token
+# context from the Llama 3.1 (8B/70B/405B) and 3.2 (1B) config.json files ("rope_scaling":
+# rope_type llama3, factor 8 and 32, low_freq_factor 1, high_freq_factor 4,
+# original_max_position_embeddings 8192); GPT-2 small (Radford et al. 2019)
 # for 124M, with a SwiGLU MLP of hidden 2048 (= 2/3 * 4 * 768) so the parameter count
 # matches GPT-2's GELU MLP of hidden 3072.
 PRESETS: dict[str, ModelArgs] = {
@@ -22,10 +25,10 @@ PRESETS: dict[str, ModelArgs] = {
     # (docs/benchmarks.md): at that budget a narrow model that sees more tokens wins.
     "cpu-small": ModelArgs(n_layers=4, d_model=96, n_heads=4, n_kv_heads=2, ffn_hidden=288, vocab_size=4096, max_seq_len=512, tie_embeddings=True),
     "gpt2-124m": ModelArgs(n_layers=12, d_model=768, n_heads=12, n_kv_heads=12, ffn_hidden=2048, vocab_size=50257, max_seq_len=1024, tie_embeddings=True),
-    "llama3-1b": ModelArgs(n_layers=16, d_model=2048, n_heads=32, n_kv_heads=8, ffn_hidden=8192, vocab_size=128256, max_seq_len=8192, rope_theta=500000.0, tie_embeddings=True),
-    "llama3-8b": ModelArgs(n_layers=32, d_model=4096, n_heads=32, n_kv_heads=8, ffn_hidden=14336, vocab_size=128256, max_seq_len=8192, rope_theta=500000.0),
-    "llama3-70b": ModelArgs(n_layers=80, d_model=8192, n_heads=64, n_kv_heads=8, ffn_hidden=28672, vocab_size=128256, max_seq_len=8192, rope_theta=500000.0),
-    "llama3-405b": ModelArgs(n_layers=126, d_model=16384, n_heads=128, n_kv_heads=8, ffn_hidden=53248, vocab_size=128256, max_seq_len=8192, rope_theta=500000.0),
+    "llama3-1b": ModelArgs(n_layers=16, d_model=2048, n_heads=32, n_kv_heads=8, ffn_hidden=8192, vocab_size=128256, max_seq_len=131072, rope_theta=500000.0, tie_embeddings=True, rope_scaling_factor=32.0),
+    "llama3-8b": ModelArgs(n_layers=32, d_model=4096, n_heads=32, n_kv_heads=8, ffn_hidden=14336, vocab_size=128256, max_seq_len=131072, rope_theta=500000.0, rope_scaling_factor=8.0),
+    "llama3-70b": ModelArgs(n_layers=80, d_model=8192, n_heads=64, n_kv_heads=8, ffn_hidden=28672, vocab_size=128256, max_seq_len=131072, rope_theta=500000.0, rope_scaling_factor=8.0),
+    "llama3-405b": ModelArgs(n_layers=126, d_model=16384, n_heads=128, n_kv_heads=8, ffn_hidden=53248, vocab_size=128256, max_seq_len=131072, rope_theta=500000.0, rope_scaling_factor=8.0),
 }
 
 

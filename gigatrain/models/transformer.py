@@ -32,10 +32,26 @@ class ModelArgs:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
+    # Llama 3.1's rotary scaling ("llama3" in transformers), which stretched an 8192-token
+    # model to max_seq_len: long wavelengths slowed by rope_scaling_factor, short ones kept,
+    # those between blended. A factor of 1 is no scaling: the plain rotary frequencies.
+    rope_scaling_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_seq_len: int = 8192
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def rope_scaled(self) -> bool:
+        return self.rope_scaling_factor != 1.0
+
+    @property
+    def pretraining_seq_len(self) -> int:
+        """The context the model was pretrained at: before a rotary scaling extended it to max_seq_len."""
+        return self.rope_original_max_seq_len if self.rope_scaled else self.max_seq_len
 
 
 class RMSNorm(nn.Module):
@@ -50,10 +66,29 @@ class RMSNorm(nn.Module):
         return normed.type_as(x) * self.weight
 
 
-def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_frequencies(args: ModelArgs) -> torch.Tensor:
+    """The rotary angular frequencies of each head's feature pairs [head_dim // 2], float64,
+    with Llama 3.1's scaling where the model has one (as transformers'
+    `_compute_llama3_parameters` computes it, in float64 instead of float32)."""
+    head_dim = args.head_dim
+    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    if not args.rope_scaled:
+        return freqs
+    factor, low, high = args.rope_scaling_factor, args.rope_low_freq_factor, args.rope_high_freq_factor
+    old_context = args.rope_original_max_seq_len
+    wavelengths = 2 * math.pi / freqs
+    # Wavelengths longer than the original context / low: slowed by the factor; shorter than
+    # context / high: kept; between: a blend, smooth in the wavelength.
+    slowed = torch.where(wavelengths > old_context / low, freqs / factor, freqs)
+    smooth = (old_context / wavelengths - low) / (high - low)
+    blended = (1 - smooth) * slowed / factor + smooth * slowed
+    between = ~(wavelengths < old_context / high) & ~(wavelengths > old_context / low)
+    return torch.where(between, blended, slowed)
+
+
+def rope_tables(args: ModelArgs) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of every (position, frequency) pair, each [max_seq_len, head_dim // 2]."""
-    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), freqs)
+    angles = torch.outer(torch.arange(args.max_seq_len, dtype=torch.float64), rope_frequencies(args))
     return angles.cos().float(), angles.sin().float()
 
 
@@ -182,7 +217,7 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def init_buffers(self) -> None:
-        cos, sin = rope_tables(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta)
+        cos, sin = rope_tables(self.args)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
 

@@ -39,23 +39,34 @@ class TrainState:
 
 def identity(args: ModelArgs, data: TokenData) -> dict:
     """What a run's checkpoints must be resumed with (saved in each one's trainer state): the
-    model's shape (max_seq_len aside: it sizes rotary tables that are computed, not saved), the
-    tokenizer (by content) and the data (by its shards' checksums, wherever it lies)."""
-    shape = {name: value for name, value in dataclasses.asdict(args).items() if name != "max_seq_len"}
+    model's shape, the tokenizer (by content) and the data (by its shards' checksums, wherever
+    it lies)."""
     tokenizer_file = Path(data.path) / data.manifest["tokenizer"]["file"]  # a plain name: TokenData checked it
     shards = {name: [shard["sha256"] for shard in split["shards"]] for name, split in sorted(data.manifest["splits"].items())}
-    return {"model": shape,
-            "tokenizer": {"kind": data.tokenizer.kind, "vocab_size": data.vocab_size,
-                          "sha256": sha256_file(tokenizer_file)},
+    return {"model": model_identity(args),
+            "tokenizer": tokenizer_identity(data.tokenizer.kind, data.vocab_size, tokenizer_file),
             "data": {"sha256": hashlib.sha256(json.dumps(shards).encode()).hexdigest(), "path": str(data.path)}}
+
+
+def model_identity(args: ModelArgs) -> dict:
+    """The model's part of the identity: its shape, max_seq_len aside (it sizes rotary tables
+    that are computed, not saved)."""
+    return {name: value for name, value in dataclasses.asdict(args).items() if name != "max_seq_len"}
+
+
+def tokenizer_identity(kind: str, vocab_size: int, file: Path) -> dict:
+    """The tokenizer's part of the identity: its file by content, as prepare wrote it."""
+    return {"kind": kind, "vocab_size": vocab_size, "sha256": sha256_file(file)}
 
 
 def identity_differences(saved: dict, current: dict, allow_data_change: bool) -> list[str]:
     """What differs between a checkpoint's identity and this process's, each with its fix."""
     new_run = "start a new run with --run.dir=<new dir>"
     differences = []
-    model = [f"model.{name} {saved['model'].get(name)} -> {value}" for name, value in current["model"].items()
-             if saved["model"].get(name) != value]
+    # A field the checkpoint does not name is newer than the checkpoint: it had the default.
+    defaults = {field.name: field.default for field in dataclasses.fields(ModelArgs)}
+    model = [f"model.{name} {saved['model'].get(name, defaults.get(name))} -> {value}"
+             for name, value in current["model"].items() if saved["model"].get(name, defaults.get(name)) != value]
     if model:
         differences.append(f"the model differs ({', '.join(model)}): drop those overrides to resume, or {new_run}")
     old, new = saved["tokenizer"], current["tokenizer"]
@@ -64,7 +75,8 @@ def identity_differences(saved: dict, current: dict, allow_data_change: bool) ->
                            f"{new['kind']}, {new['vocab_size']} tokens, sha256 {new['sha256'][:12]}): a run cannot change "
                            f"its tokenizer; {new_run}")
     old, new = saved["data"], current["data"]
-    if old["sha256"] != new["sha256"] and not allow_data_change:
+    # None: no data yet (an imported model at step 0), so any data continues it.
+    if old is not None and old["sha256"] != new["sha256"] and not allow_data_change:
         differences.append(f"the data differs ({old['path']} -> {new['path']}, other shards): to continue on it on "
                            f"purpose pass --data.allow_change=true, or {new_run}")
     return differences
@@ -145,10 +157,13 @@ class CheckpointManager:
         if restored is None:
             return False
         self.state.schedule_steps = schedule_horizon(self.cfg.train, restored.get("schedule_steps"))
-        trained_on = restored.get("identity", {}).get("data")
-        if trained_on is None or trained_on["sha256"] == self.identity["data"]["sha256"]:
+        identity = restored.get("identity", {})
+        same_data = "data" not in identity or (identity["data"] is not None
+                                               and identity["data"]["sha256"] == self.identity["data"]["sha256"])
+        if same_data and restored.get("loader") is not None:
             self.loader.load_state_dict(restored["loader"])
-        # else other data, as data.allow_change asked: its position means nothing there; read it from the start
+        # else other data, as data.allow_change asked (its position means nothing there), or an
+        # imported model that has seen none: read it from the start
         return True
 
     def roll_back(self) -> dict | None:

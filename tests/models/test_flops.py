@@ -1,5 +1,7 @@
 """Parameter and FLOP counts against hand-computed values, and against the real module."""
 
+from dataclasses import replace
+
 import torch
 
 from gigatrain.models.flops import param_counts, training_flops_per_token
@@ -41,3 +43,11 @@ def test_counts_match_the_module():
         with torch.device("meta"):
             model = Transformer(args)
         assert sum(p.numel() for p in model.parameters()) == param_counts(args).total, name
+
+
+def test_rotary_scaling_and_context_change_no_parameter_or_flop_count():
+    """The rotary tables are computed, not learned, and FLOPs count the trained sequence length."""
+    scaled = get_preset("llama3-8b")
+    plain = replace(scaled, rope_scaling_factor=1.0, max_seq_len=8192)
+    assert scaled.max_seq_len == 131072 and param_counts(scaled) == param_counts(plain)
+    assert training_flops_per_token(scaled, 8192) == training_flops_per_token(plain, 8192)

@@ -2,7 +2,9 @@ import torch
 import torch.nn.functional as F
 
 from gigatrain.models.presets import get_preset, with_overrides
-from gigatrain.models.transformer import Transformer, apply_rope, rope_tables
+import math
+
+from gigatrain.models.transformer import ModelArgs, Transformer, apply_rope, rope_frequencies, rope_tables
 
 
 def tiny(**overrides):
@@ -50,7 +52,7 @@ def test_grouped_query_attention_equals_repeated_heads():
 
 
 def test_rope_preserves_norm_and_is_relative():
-    cos, sin = rope_tables(16, 32, 10000.0)
+    cos, sin = rope_tables(ModelArgs(n_layers=1, d_model=16, n_heads=1, n_kv_heads=1, ffn_hidden=16, vocab_size=8, max_seq_len=32))
     q = torch.randn(1, 32, 1, 16)
     rotated = apply_rope(q, cos, sin)
     torch.testing.assert_close(rotated.norm(dim=-1), q.norm(dim=-1))
@@ -62,6 +64,20 @@ def test_rope_preserves_norm_and_is_relative():
     score_3_1 = (qr[0, 3] * kr[0, 1]).sum()
     score_12_10 = (qr[0, 12] * kr[0, 10]).sum()
     torch.testing.assert_close(score_3_1, score_12_10)
+
+
+def test_rope_scaling_slows_long_wavelengths_keeps_short_ones_and_is_off_by_default():
+    plain = ModelArgs(n_layers=1, d_model=256, n_heads=2, n_kv_heads=2, ffn_hidden=16, vocab_size=8, max_seq_len=64,
+                      rope_theta=500000.0)
+    # The default path computes the very tables it always did (the golden losses depend on them).
+    freqs = 1.0 / (500000.0 ** (torch.arange(0, 128, 2, dtype=torch.float64) / 128))
+    assert torch.equal(rope_tables(plain)[0], torch.outer(torch.arange(64, dtype=torch.float64), freqs).cos().float())
+    scaled = rope_frequencies(ModelArgs(**{**plain.__dict__, "rope_scaling_factor": 8.0, "rope_original_max_seq_len": 64}))
+    wavelengths = 2 * math.pi / freqs
+    assert torch.equal(scaled[wavelengths < 64 / 4], freqs[wavelengths < 64 / 4])
+    assert torch.equal(scaled[wavelengths > 64], freqs[wavelengths > 64] / 8)
+    between = (wavelengths >= 16) & (wavelengths <= 64)
+    assert between.any() and torch.all((scaled[between] < freqs[between]) & (scaled[between] > freqs[between] / 8))
 
 
 def test_tied_embeddings_share_storage():

@@ -122,3 +122,15 @@ def test_identity_differences_name_each_fix():
     other_tokenizer = {**IDENTITY, "tokenizer": {"kind": "bpe", "vocab_size": 512, "sha256": "00" * 32}}
     difference, = identity_differences(IDENTITY, other_tokenizer, allow_data_change=True)
     assert "a run cannot change its tokenizer" in difference
+
+
+def test_a_model_field_newer_than_the_checkpoint_is_its_default_and_no_data_means_any_data():
+    """A checkpoint saved before the rotary-scaling fields existed resumes; an imported model
+    (its identity's data None: it has seen none) continues on whatever data it is given."""
+    before = {**IDENTITY, "model": {"d_model": 4}}
+    now = {**IDENTITY, "model": {"d_model": 4, "rope_scaling_factor": 1.0, "rope_original_max_seq_len": 8192}}
+    assert identity_differences(before, now, allow_data_change=False) == []
+    scaled = {**IDENTITY, "model": {"d_model": 4, "rope_scaling_factor": 8.0}}
+    difference, = identity_differences(before, scaled, allow_data_change=False)
+    assert "model.rope_scaling_factor 1.0 -> 8.0" in difference
+    assert identity_differences({**IDENTITY, "data": None}, IDENTITY, allow_data_change=False) == []

@@ -114,7 +114,8 @@ def build_spec(args: argparse.Namespace, catalog: dict):
     gpu = get_accelerator(args.gpu, catalog)
     if args.precision == "fp8" and gpu.peak_fp8_tflops <= 0:
         raise UsageError(f"{gpu.name} has no FP8 tensor cores; plan it with --precision bf16")
-    seq = args.seq or config_seq or model.max_seq_len
+    # A preset's own context is the one it was pretrained at (8192 for Llama 3.1, not the 131,072 its rotary scaling extends it to).
+    seq = args.seq or config_seq or model.pretraining_seq_len
     if args.batch:
         batch = max(1, round(args.batch / seq))
     elif config_batch and not args.seq:
