@@ -40,7 +40,7 @@ SAME_FLOOR = {
     "gigatrain.rundir": {"gigatrain.data"},  # the run's tokenizer file name
     "gigatrain.metrics": {"gigatrain.plan"},  # MFU's peak FLOPs, goodput's closed form
     "gigatrain.plan.app": {"gigatrain.usage"},
-    "gigatrain.cli": {"gigatrain.plan.app", "gigatrain.launch", "gigatrain.usage"},
+    "gigatrain.cli": {"gigatrain.plan.app", "gigatrain.launch", "gigatrain.usage", "gigatrain.interop"},
     "gigatrain.__main__": {"gigatrain.cli"},
 }
 
