@@ -158,10 +158,12 @@ def export(run_path: Path, out: Path, *, step: int | None = None, dtype: torch.d
     files = [SINGLE_FILE] if len(shards) == 1 else \
         [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
 
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-export-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)  # ours: a previous export of this process that died
-    tmp.mkdir()
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as err:
+        raise ExportError(f"cannot create {out} ({err.strerror}: {err.filename}); export into a folder you can write") from None
     try:
         size_of = dict(sizes)
         weight_map = {}

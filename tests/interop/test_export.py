@@ -163,9 +163,9 @@ def test_bad_input_is_one_line_and_exit_2(tied_run, tmp_path):
     assert (empty / "model.safetensors").is_file()
 
 
-def random_run(run_dir: Path, args: ModelArgs) -> Path:
+def random_run(run_dir: Path, args: ModelArgs, *overrides: str) -> Path:
     """A run directory around a random-weights checkpoint of `args` (no training: only what export reads)."""
-    cfg = load_config(None, ["--model.preset=tiny", f"--run.dir={run_dir}"])
+    cfg = load_config(None, ["--model.preset=tiny", f"--run.dir={run_dir}", *overrides])
     rundir = RunDir(run_dir)
     rundir.path.mkdir(parents=True)
     rundir.write_config(to_dict(cfg), "")
@@ -175,6 +175,19 @@ def random_run(run_dir: Path, args: ModelArgs) -> Path:
     assert checkpointer.save(1, [Transformer(args, seed=0)], None, {"step": 1}) >= 0 and checkpointer.wait()
     checkpointer.close()
     return run_dir
+
+
+def test_a_run_trained_in_bf16_exports_bf16_by_default(tmp_path):
+    args = ModelArgs(n_layers=1, d_model=32, n_heads=2, n_kv_heads=1, ffn_hidden=64, vocab_size=256, max_seq_len=64)
+    run_dir = random_run(tmp_path / "run", args, "--train.dtype=bfloat16")
+    code, out, err = export(str(run_dir), "--out", str(tmp_path / "hf"))
+    assert code == 0 and "(bfloat16," in out, err
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "hf" / "model.safetensors", "pt") as weights:
+        assert {weights.get_tensor(name).dtype for name in weights.keys()} == {torch.bfloat16}
+    assert "(float32," in export(str(run_dir), "--out", str(tmp_path / "fp32"), "--dtype", "float32")[1]
 
 
 def test_export_holds_about_one_tensor_in_memory_not_the_model(tmp_path):
