@@ -84,12 +84,15 @@ def pick_checkpoint(run_dir: RunDir, step: int | None, report) -> dcp.ModelTenso
             have = ", ".join(str(int(p.name.removeprefix("step_"))) for p in dcp.committed(directory)) or "none"
             raise ExportError(f"{run_dir.path} has no checkpoint of step {step} (committed steps: {have})")
         return dcp.ModelTensors(path)
-    for path in reversed(dcp.committed(directory)):
+    candidates = list(reversed(dcp.committed(directory)))
+    for path in candidates:
         try:
             return dcp.ModelTensors(path)
         except dcp.CheckpointError as err:
             report(f"{err}; trying the one before it")
-    raise ExportError(f"{run_dir.path} has no loadable checkpoint; train it first (gigatrain train --run.dir={run_dir.path})")
+    if candidates:
+        raise ExportError(f"no loadable checkpoint in {directory}: all {len(candidates)} are damaged or refused (see above)")
+    raise ExportError(f"{run_dir.path} has no checkpoint yet; train it first (gigatrain train --run.dir={run_dir.path})")
 
 
 def _layer_order(name: str) -> tuple:
