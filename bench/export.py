@@ -2,8 +2,8 @@
 
 For each preset, a run directory around a checkpoint of random weights (model only, as export
 reads it) is written, then `gigatrain export` runs in a subprocess of its own, so its peak
-resident memory (ru_maxrss of the child) is the export's alone. Export streams one tensor at a
-time, so the peak should stay near the interpreter's baseline (torch imported) plus about four
+resident memory (VmHWM of the child) is the export's alone. Export streams one tensor at a
+time, so the peak should stay near the interpreter's baseline (torch imported) plus about two
 copies of the largest tensor (the embeddings), however deep the model.
 
     python bench/export.py [--preset gpt2-124m llama3-1b] [--n-layers N] [--dir DIR]
@@ -33,7 +33,9 @@ from gigatrain.models.transformer import Transformer
 from gigatrain.rundir import RunDir
 
 # Each child prints its own peak RSS (KiB) last: the baseline imports what export imports.
-PEAK = "import resource, sys; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+# VmHWM, not ru_maxrss: Linux keeps ru_maxrss across fork and exec, so a child would report
+# this process's peak (the model it just built) as its own.
+PEAK = "import sys; print(next(l for l in open('/proc/self/status') if l.startswith('VmHWM:')).split()[1])"
 BASELINE = "import torch, gigatrain.cli, gigatrain.interop.export; " + PEAK
 EXPORT = "import sys; from gigatrain.cli import run; code = run(sys.argv[1:]); " + PEAK + "; sys.exit(code)"
 

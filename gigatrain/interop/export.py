@@ -9,9 +9,9 @@
 Streaming: each weight is read from the DCP checkpoint on its own (whatever layout saved it),
 converted (interop.llama.to_hf) and appended to its safetensors file, whose header is written
 first from the shapes DCP's metadata records. Host memory holds one tensor at a time, never
-the whole model, so a model larger than the machine's memory exports too: about four copies
-of the largest tensor (DCP's read path holds the file's bytes, the tensor loaded from them and
-the one they land in), which for a Llama is the embedding matrix.
+the whole model, so a model larger than the machine's memory exports too: the peak is about
+two copies of the largest tensor (the one DCP loads from the file and the one it copies that
+into), which for a Llama is the embedding matrix.
 
 Nothing is half written: the folder is built in a temporary sibling and renamed into place
 at the end; an existing non-empty --out is refused, never overwritten.

@@ -191,11 +191,12 @@ def test_a_run_trained_in_bf16_exports_bf16_by_default(tmp_path):
 
 
 def test_export_holds_about_one_tensor_in_memory_not_the_model(tmp_path):
-    """A 202 MB fp32 model whose largest tensor is 4.2 MB. Reading one (DCP's bytes, the tensor
-    torch.load makes, the one it lands in) and converting it (the rotary permutation copies)
-    hold a few copies of one tensor, and the first export imports a few modules (~7 MB): the
-    peak grows by ~25 MB. Bound: 50 MB, a quarter of the model; holding the model would grow
-    it by 202 MB or more."""
+    """A 202 MB fp32 model whose largest tensor is 4.2 MB. Reading one (the tensor DCP loads
+    from the file, the one it copies that into) and converting it (the rotary permutation
+    copies) hold a few copies of one tensor, and the first export imports a few modules
+    (~7 MB): the peak grows by ~25 MB. Bound: 50 MB, a quarter of the model; holding the model
+    would grow it by 202 MB or more. (VmHWM, not ru_maxrss, which Linux carries over from the
+    parent across fork and exec.)"""
     args = ModelArgs(n_layers=12, d_model=512, n_heads=8, n_kv_heads=8, ffn_hidden=2048, vocab_size=256,
                      max_seq_len=128, tie_embeddings=False)
     run_dir = random_run(tmp_path / "run", args)
