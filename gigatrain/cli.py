@@ -1,4 +1,4 @@
-"""`gigatrain prepare|train|eval|generate|import|report|plan|launch`.
+"""`gigatrain prepare|train|eval|generate|export|import|report|plan|launch`.
 
 User mistakes (a bad config key, a missing file, a corrupted shard) end with one
 line on stderr, `gigatrain: error: ...`, and exit code 2, never a traceback. Under
@@ -183,6 +183,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if args.num_samples > 1:
             print(f"--- sample {i + 1} ---")
         print(text)
+    return 0
+
+
+# -- export ---------------------------------------------------------------------------------
+def cmd_export(args: argparse.Namespace) -> int:
+    from gigatrain.interop.export import DEFAULT_MAX_SHARD_SIZE, DTYPES, export, parse_size
+
+    try:
+        max_shard_bytes = parse_size(args.max_shard_size or DEFAULT_MAX_SHARD_SIZE)
+    except ValueError as err:
+        raise UsageError(f"--max-shard-size: {err}") from None
+    result = export(Path(args.run_dir), Path(args.out), step=args.step, dtype=DTYPES.get(args.dtype),
+                    max_shard_bytes=max_shard_bytes,
+                    report=lambda line: print(f"gigatrain: warning: {line}", file=sys.stderr))
+    print(f"exported step {result.step} of {args.run_dir} to {result.out} ({str(result.dtype).removeprefix('torch.')}, "
+          f"{result.total_bytes / 1e6:.1f} MB in {len(result.files)} file(s))")
     return 0
 
 
@@ -388,6 +404,21 @@ def build_parser() -> Parser:
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
     p.add_argument("--device", default="auto", choices=devices, help="auto: cuda where available, else cpu")
 
+    p = sub.add_parser("export", help="write a run's checkpoint as a Hugging Face Llama folder",
+                       description="Write a run's checkpoint as a folder that transformers loads with "
+                                   "AutoModelForCausalLM.from_pretrained(DIR): config.json, generation_config.json, "
+                                   "safetensors weights and the tokenizer. Checkpoints of any layout (FSDP, TP, PP) "
+                                   "are read one tensor at a time, so the model need not fit in memory.")
+    p.add_argument("run_dir", help=run_dir_help)
+    p.add_argument("--out", required=True, metavar="DIR", help="the folder to create (new, or empty)")
+    p.add_argument("--step", type=number("use the step of one of the run's checkpoints", minimum=0, integer=True),
+                   default=None, metavar="N", help="export checkpoints/step_N (default: the newest that verifies)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="the weights' dtype (default: bfloat16 if the run trained in bf16, else float32)")
+    p.add_argument("--max-shard-size", default=None, metavar="SIZE",
+                   help="the largest safetensors file, e.g. 5GB, 500MB (default: 5GB); a larger model is split "
+                        "into model-0000i-of-0000N.safetensors plus model.safetensors.index.json")
+
     p = sub.add_parser("import", help="a local Hugging Face Llama folder as a run directory at step 0",
                        description="Turn a local Hugging Face Llama folder (config.json, model.safetensors or its "
                                    "sharded index, tokenizer.json) into a gigatrain run directory at step 0, which "
@@ -445,7 +476,8 @@ def run(argv: list[str]) -> int:
             return cmd_train(args, overrides)
         if args.command == "launch":
             return cmd_launch(args, overrides, argv)
-        return {"prepare": cmd_prepare, "eval": cmd_eval, "generate": cmd_generate, "import": cmd_import,
+        return {"prepare": cmd_prepare, "eval": cmd_eval, "generate": cmd_generate, "export": cmd_export,
+                "import": cmd_import,
                 "report": cmd_report}[args.command](args)
     except UsageError as err:
         return _fail(str(err))

@@ -13,7 +13,7 @@ What "runs" means, by program (see `Session.run_simple`):
 - `torchrun ... -m gigatrain train ...`: the same dry run, for the world size torchrun would
   start (--nnodes x --nproc-per-node), with the command's environment.
 - What a user brings is made up, small: a missing source of `prepare` or text of `eval` becomes
-  a few standard-library files; a missing run directory that `eval`, `generate`, `report` or
+  a few standard-library files; a missing run directory that `eval`, `generate`, `export`, `report` or
   `plan --calibrate` reads becomes a copy of a tiny trained run.
 - NOT_RUN: programs that need other systems or take minutes; what is checked of them is there.
 """
@@ -58,7 +58,7 @@ NOT_RUN = {
     "vllm": "an inference server: needs a GPU and the vllm package; it serves an exported folder",
 }
 KNOWN_PROGRAMS = {"gigatrain", "torchrun", "python", "python3", "export", *NOT_RUN}  # that start a command block
-RUN_READERS = ("eval", "generate", "report")  # gigatrain commands whose first argument is a run directory
+RUN_READERS = ("eval", "generate", "export", "report")  # gigatrain commands whose first argument is a run directory
 
 
 # -- extraction -----------------------------------------------------------------------------------

@@ -570,3 +570,36 @@ def _flatten(tree: dict, prefix: str = ""):
             yield from _flatten(value, f"{prefix}{key}.")
         elif isinstance(value, torch.Tensor):
             yield f"{prefix}{key}", value
+
+
+MODEL_PREFIX = "model."  # Checkpointer.save keys the weights {"model": state_dict}; DCP joins keys with dots
+
+
+class ModelTensors:
+    """A committed checkpoint's model weights, read one tensor at a time (for export): host
+    memory holds one tensor, never the whole model, whatever layout wrote the checkpoint.
+
+    Opening verifies the manifest and reads the metadata through _SafeReader, as `load` does;
+    `shapes` then names every weight (as in a one-process state dict) with its global shape
+    and dtype (DCP's metadata records them, and which chunks each process saved)."""
+
+    def __init__(self, path: Path):
+        problem = verify(path)
+        if problem is not None:
+            raise CheckpointError(f"checkpoint {path} is damaged: {problem}")
+        self.path = path
+        metadata = _SafeReader(str(path)).read_metadata()
+        self.shapes = {name.removeprefix(MODEL_PREFIX): (torch.Size(item.size), item.properties.dtype)
+                       for name, item in metadata.state_dict_metadata.items() if name.startswith(MODEL_PREFIX)}
+        if not self.shapes:
+            raise CheckpointError(f"checkpoint {path} holds no model weights")
+
+    def read(self, name: str) -> torch.Tensor:
+        """One weight, whole (DCP gathers its chunks from the files that hold them)."""
+        shape, dtype = self.shapes[name]
+        tensor = torch.empty(shape, dtype=dtype)
+        try:
+            dcp.load({MODEL_PREFIX + name: tensor}, storage_reader=_SafeReader(str(self.path)))
+        except (Exception, CheckpointException) as err:
+            raise CheckpointError(f"cannot read {name} from checkpoint {self.path}: {_describe(err)}") from None
+        return tensor
