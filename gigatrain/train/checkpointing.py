@@ -65,10 +65,14 @@ def identity_differences(saved: dict, current: dict, allow_data_change: bool) ->
     differences = []
     # A field the checkpoint does not name is newer than the checkpoint: it had the default.
     defaults = {field.name: field.default for field in dataclasses.fields(ModelArgs)}
-    model = [f"model.{name} {saved['model'].get(name, defaults.get(name))} -> {value}"
-             for name, value in current["model"].items() if saved["model"].get(name, defaults.get(name)) != value]
-    if model:
-        differences.append(f"the model differs ({', '.join(model)}): drop those overrides to resume, or {new_run}")
+    changed = {name: (saved["model"].get(name, defaults.get(name)), value) for name, value in current["model"].items()
+               if saved["model"].get(name, defaults.get(name)) != value}
+    if changed:
+        # Every ModelArgs field is a model.* override, so the saved values themselves are the fix
+        # (also where a preset changed under the run, as the llama3 presets' rope scaling did).
+        was = ", ".join(f"model.{name} {old} -> {new}" for name, (old, new) in changed.items())
+        back = " ".join(f"--model.{name}={old}" for name, (old, _) in changed.items())
+        differences.append(f"the model differs ({was}): resume with {back}, or {new_run}")
     old, new = saved["tokenizer"], current["tokenizer"]
     if old != new:
         differences.append(f"the tokenizer differs ({old['kind']}, {old['vocab_size']} tokens, sha256 {old['sha256'][:12]} -> "

@@ -39,7 +39,7 @@ def test_another_head_count_with_the_same_tensor_sizes_is_refused_in_one_line(tm
     line, = result.stderr.strip().splitlines()
     assert line.startswith(f"gigatrain: error: cannot resume {run_dir} from step_00000002: the model differs "
                            f"(model.n_heads 4 -> 2, model.n_kv_heads 2 -> 1)")
-    assert "--run.dir=<new dir>" in line
+    assert "resume with --model.n_heads=4 --model.n_kv_heads=2, or" in line and "--run.dir=<new dir>" in line
     assert (run_dir / "config.json").read_text() == config
     assert checkpoint.latest(run_dir / "checkpoints").name == "step_00000002"
 
