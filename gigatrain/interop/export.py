@@ -32,13 +32,12 @@ import torch
 from gigatrain.checkpoint import dcp
 from gigatrain.config import ConfigError, from_dict
 from gigatrain.data.tokenizers import load_tokenizer
+from gigatrain.interop import CONFIG_FILE, GENERATION_CONFIG_FILE, INDEX_FILE, WEIGHTS_FILE
 from gigatrain.interop.llama import hf_config, hf_name, to_hf
 from gigatrain.models.transformer import ModelArgs, Transformer
 from gigatrain.parallel.device import pick_dtype
 from gigatrain.rundir import RunDir
 
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_SIZE = "5GB"  # transformers' save_pretrained default before 5.x: files that every hub tool takes
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # safetensors' dtype names (https://github.com/huggingface/safetensors, the format's README)
@@ -154,7 +153,7 @@ def export(run_path: Path, out: Path, *, step: int | None = None, dtype: torch.d
     if {hf_name(n) for n in names} != expected:
         raise ExportError(f"checkpoint {checkpoint.path} does not hold the weights of the model in {run_dir.run_info}")
     shards = plan_shards(sizes, max_shard_bytes)
-    files = [SINGLE_FILE] if len(shards) == 1 else \
+    files = [WEIGHTS_FILE] if len(shards) == 1 else \
         [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
 
     tmp = out.parent / f".{out.name}.tmp-export-{os.getpid()}"
@@ -181,8 +180,8 @@ def export(run_path: Path, out: Path, *, step: int | None = None, dtype: torch.d
         if len(files) > 1:
             _write_json(tmp / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
         eot = tokenizer.eot_id  # documents are [eot] + text: eot begins and ends each one
-        _write_json(tmp / "config.json", hf_config(args, bos_token_id=eot, eos_token_id=eot, dtype=dtype))
-        _write_json(tmp / "generation_config.json", {"bos_token_id": eot, "eos_token_id": eot, "do_sample": False})
+        _write_json(tmp / CONFIG_FILE, hf_config(args, bos_token_id=eot, eos_token_id=eot, dtype=dtype))
+        _write_json(tmp / GENERATION_CONFIG_FILE, {"bos_token_id": eot, "eos_token_id": eot, "do_sample": False})
         tokenizer.save_pretrained(tmp, model_max_length=args.max_seq_len)  # tokenizer.json + tokenizer_config.json
         try:
             os.rename(tmp, out)  # onto a missing or empty folder: atomic

@@ -33,6 +33,7 @@ from safetensors import SafetensorError, safe_open
 from gigatrain.checkpoint.dcp import Checkpointer
 from gigatrain.config import MODEL_OVERRIDES, Config, ConfigError, to_dict, to_toml, validate
 from gigatrain.data.tokenizers import TOKENIZER_FILE, Tokenizer, load_tokenizer
+from gigatrain.interop import CONFIG_FILE, INDEX_FILE, WEIGHTS_FILE
 from gigatrain.interop.llama import from_hf, model_args_from_hf
 from gigatrain.models.flops import param_counts
 from gigatrain.models.presets import PRESETS
@@ -42,9 +43,6 @@ from gigatrain.train.checkpointing import TrainState, model_identity, tokenizer_
 from gigatrain.train.optim import build_optimizer
 from gigatrain.train.trainer import git_sha, package_versions
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
