@@ -23,8 +23,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 from gigatrain.checkpoint.dcp import Checkpointer
 from gigatrain.config import load_config, to_dict
 from gigatrain.data.tokenizers import make_tokenizer

@@ -112,7 +112,6 @@ def dry_run(cfg: Config, n_processes: int) -> int:
     from gigatrain.fault.inject import ENV, FaultPlan
     from gigatrain.models.flops import param_counts
     from gigatrain.parallel.mesh import parallel_dims
-    from gigatrain.ranks import global_rank
     from gigatrain.rundir import RunDir
 
     dims = parallel_dims(cfg, resolve_model_args(cfg), n_processes)
@@ -134,7 +133,7 @@ def dry_run(cfg: Config, n_processes: int) -> int:
         + (" (parallel.auto)" if cfg.parallel.auto else ""),
         f"batch      {dims.global_batch} x {cfg.data.seq_len} = {dims.global_batch * cfg.data.seq_len:,} tokens per step; "
         f"{dims.local_batch} sequences per data-parallel rank in {dims.microbatches} micro-batch(es) of {dims.micro_batch_size}",
-        f"data       " + (f"{data.path} (vocabulary {data.vocab_size:,})" if data else
+        "data       " + (f"{data.path} (vocabulary {data.vocab_size:,})" if data else
                           f"the default corpus ({cfg.data.tokenizer} tokenizer; prepared on first use)"),
     ]
     if os.environ.get(ENV):

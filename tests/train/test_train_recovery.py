@@ -1,8 +1,6 @@
 """Recovery alone: what an interruption cost, from the records an earlier process left.
 (Rollbacks under injected faults: tests/fault/test_recovery.py.)"""
 
-import pytest
-
 from gigatrain.config import FaultConfig
 from gigatrain.rundir import RunDir
 from gigatrain.train.recovery import Recovery, previous_segment
