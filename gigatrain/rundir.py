@@ -22,12 +22,18 @@ import errno
 import fcntl
 import json
 import os
+import platform
 import socket
+import subprocess
 import time
+from importlib import metadata
 from pathlib import Path
+
+import torch
 
 from gigatrain.config import Config, ConfigError, apply_overrides, from_dict, load_config
 from gigatrain.data.tokenizers import TOKENIZER_FILE
+from gigatrain.models.transformer import ModelArgs
 from gigatrain.paths import write_atomic
 
 
@@ -46,6 +52,31 @@ def read_jsonl(path: Path) -> list[dict]:
             except json.JSONDecodeError:
                 continue  # a line torn by a crash mid-write
     return records
+
+
+def git_sha() -> str:
+    """The commit of the gigatrain source tree, or 'unknown' outside a git checkout."""
+    source = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True, timeout=5)
+        sha = out.stdout.strip()
+        if out.returncode != 0 or not sha:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=source,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("gigatrain", "numpy", "tokenizers", "safetensors", "rich", "matplotlib", "pyarrow"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
 
 
 class RunDir:
@@ -131,6 +162,18 @@ class RunDir:
     def read_run_info(self) -> dict | None:
         return self._read_json(self.run_info)
 
+    def model_args(self) -> ModelArgs:
+        """The model's shape, as training recorded it in run.json (what eval, generate and
+        export build the model from); one line for a folder that is not a trained run."""
+        self.require_run()
+        info = self.read_run_info() or {}
+        try:
+            return ModelArgs(**info["model_args"])
+        except (TypeError, KeyError) as err:
+            raise ConfigError(f"{self.run_info} is missing or holds no valid model_args ({type(err).__name__}: {err}); "
+                              f"it is written when training starts: train the run (gigatrain train "
+                              f"--run.dir={self.path})") from None
+
     def metrics_records(self) -> list[dict]:
         return read_jsonl(self.metrics)
 
@@ -153,7 +196,9 @@ class RunDir:
         write_atomic(self.config_toml, toml_text)
 
     def write_run_info(self, info: dict) -> None:
-        write_atomic(self.run_info, json.dumps(info, indent=1) + "\n")
+        """run.json: `info`, after the provenance every run records (the source's commit, the versions)."""
+        write_atomic(self.run_info, json.dumps({"git_sha": git_sha(), "versions": package_versions(), **info},
+                                               indent=1) + "\n")
 
     def lock(self) -> RunDirLock:
         return RunDirLock(self)

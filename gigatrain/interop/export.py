@@ -131,15 +131,10 @@ def export(run_path: Path, out: Path, *, step: int | None = None, dtype: torch.d
            max_shard_bytes: int | None = None, report=print) -> ExportResult:
     """Write `out` from the run's checkpoint (see the module's docstring)."""
     run_dir = RunDir(run_path)
-    run_dir.require_run()
-    info = run_dir.read_run_info()
-    if info is None or not isinstance(info.get("model_args"), dict):
-        raise ExportError(f"{run_dir.run_info} is missing or names no model_args; train the run first "
-                          f"(gigatrain train --run.dir={run_path})")
+    args = run_dir.model_args()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"{out} already exists and is not an empty folder; export into a new folder")
     max_shard_bytes = max_shard_bytes or parse_size(DEFAULT_MAX_SHARD_SIZE)
-    args = ModelArgs(**info["model_args"])
     dtype = dtype or trained_dtype(run_dir)
     checkpoint = pick_checkpoint(run_dir, step, report)
     step = dcp.read_trainer_state(checkpoint.path)["step"]

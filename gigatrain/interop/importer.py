@@ -41,7 +41,6 @@ from gigatrain.models.transformer import ModelArgs, Transformer
 from gigatrain.rundir import RunDir
 from gigatrain.train.checkpointing import TrainState, model_identity, tokenizer_identity
 from gigatrain.train.optim import build_optimizer
-from gigatrain.train.trainer import git_sha, package_versions
 
 PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
@@ -189,7 +188,7 @@ def _write_run(run_dir: RunDir, cfg: Config, model: Transformer, args: ModelArgs
     # identity's sha256 matches the data prepared with it.
     tokenizer.save(run_dir.path)
     run_dir.write_config(to_dict(cfg), to_toml(cfg))
-    run_dir.write_run_info({"git_sha": git_sha(), "versions": package_versions(), "model_args": asdict(args),
+    run_dir.write_run_info({"model_args": asdict(args),
                             "n_params": param_counts(args).total, "imported_from": str(hf_dir.resolve())})
     # A fresh optimizer's state (zero moments, step 0), in the form training saves: the first
     # training run resumes it as it resumes any checkpoint, and its first update is a fresh

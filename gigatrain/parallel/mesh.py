@@ -113,8 +113,6 @@ class ParallelDims:
     stages_per_rank: int  # parallel.pp_stages_per_rank, resolved (1 without a multi-stage schedule)
     microbatches: int  # per data-parallel rank and step (pipeline) or gradient-accumulation steps
     global_batch: int  # sequences per optimizer step (train.batch_size, or batch_tokens / seq_len)
-    local_batch: int  # sequences per data-parallel rank and step
-    micro_batch_size: int  # sequences per forward/backward: local_batch / microbatches
     activation_checkpointing: str  # none | selective (op-level) | full
 
     @property
@@ -125,6 +123,16 @@ class ParallelDims:
     def dp(self) -> int:
         """Data-parallel degree: how many distinct slices each global batch is cut into."""
         return self.dp_replicate * self.dp_shard
+
+    @property
+    def local_batch(self) -> int:
+        """Sequences per data-parallel rank and step."""
+        return self.global_batch // self.dp
+
+    @property
+    def micro_batch_size(self) -> int:
+        """Sequences per forward/backward."""
+        return self.local_batch // self.microbatches
 
     @property
     def num_stages(self) -> int:
@@ -189,12 +197,9 @@ def parallel_dims(cfg: Config, model_args: ModelArgs, n_processes: int | None = 
         stages_per_rank, microbatches = _split_batch(request, model_args)
     except ConfigError as err:
         raise ConfigError(f"{err}{_fitting_batch_hint(cfg, request, model_args, n_processes)}") from None
-    local_batch = request.global_batch // (d["dp_replicate"] * d["dp_shard"])
     return ParallelDims(pp=d["pp"], dp_replicate=d["dp_replicate"], dp_shard=d["dp_shard"], cp=d["cp"], tp=d["tp"],
                         pp_schedule=request.pp_schedule, stages_per_rank=stages_per_rank, microbatches=microbatches,
-                        global_batch=request.global_batch, local_batch=local_batch,
-                        micro_batch_size=local_batch // microbatches,
-                        activation_checkpointing=request.activation_checkpointing)
+                        global_batch=request.global_batch, activation_checkpointing=request.activation_checkpointing)
 
 
 def _split_batch(request: LayoutRequest, model_args: ModelArgs) -> tuple[int, int]:

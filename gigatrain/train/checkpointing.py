@@ -243,12 +243,8 @@ def load_run(path: Path, device: torch.device) -> LoadedRun:
     """The latest checkpoint of a run, ready for evaluation or sampling (one process). It
     changes nothing in the run directory: a training run may be writing beside it."""
     run_dir = RunDir(path)
-    run_dir.require_run()
-    cfg, info = from_dict(run_dir.read_config()), run_dir.read_run_info()
-    if info is None or not isinstance(info.get("model_args"), dict):
-        raise ConfigError(f"{run_dir.run_info} is missing or names no model_args; it is written when training "
-                          f"starts: train the run (gigatrain train --run.dir={path})")
-    args = ModelArgs(**info["model_args"])
+    args = run_dir.model_args()
+    cfg = from_dict(run_dir.read_config())
     with torch.device(device):
         model = Transformer(args)
     restored = checkpoint.restore(run_dir.checkpoints, [model], report=_warn, repair=False)

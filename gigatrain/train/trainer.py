@@ -20,11 +20,8 @@ updates, signals that checkpoint and stop, background checkpoints, and the event
 
 from __future__ import annotations
 
-import platform
-import subprocess
 import time
 from dataclasses import asdict, dataclass
-from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -78,31 +75,6 @@ def lock_run_dir_once(run_dir: RunDir) -> RunDirLock | None:
     if refusal[0] is not None:
         raise ConfigError(refusal[0])
     return lock
-
-
-def git_sha() -> str:
-    """The commit of the gigatrain source tree, or 'unknown' outside a git checkout."""
-    source = Path(__file__).resolve().parent
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True, timeout=5)
-        sha = out.stdout.strip()
-        if out.returncode != 0 or not sha:
-            return "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=source,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def package_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version(), "torch": torch.__version__}
-    for name in ("gigatrain", "numpy", "tokenizers", "safetensors", "rich", "matplotlib", "pyarrow"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
 
 
 class Trainer:
@@ -274,7 +246,7 @@ class Trainer:
         if self.is_main:
             self.data.tokenizer.save(self.run_dir.path)
             self.run_dir.write_config(to_dict(cfg), to_toml(cfg))
-            self.run_dir.write_run_info({"git_sha": git_sha(), "versions": package_versions(), **self.run_info()})
+            self.run_dir.write_run_info(self.run_info())
         self.metrics.start(step, t.progress, t.max_steps)
         self.metrics.event({"event": "start", "step": step, "resumed": resumed, "world_size": self.dims.world_size,
                             "process_start": self.clock.started_at, "schedule_steps": self.state.schedule_steps})
