@@ -48,6 +48,19 @@ class ModelConfig:
     rope_low_freq_factor: float | None = None
     rope_high_freq_factor: float | None = None
     rope_original_max_seq_len: int | None = None
+    mlp_activation: str | None = None  # silu | gelu
+    attn_softcap: float | None = None
+    # Mixture of experts (models/moe.py); n_experts 0 or 1: dense
+    n_experts: int | None = None
+    top_k: int | None = None
+    expert_hidden: int | None = None
+    n_shared_experts: int | None = None
+    n_dense_layers: int | None = None
+    moe_every: int | None = None
+    router_score: str | None = None  # softmax | sigmoid
+    route_norm: bool | None = None
+    aux_loss_coef: float | None = None
+    bias_update_rate: float | None = None
 
 
 # The ModelArgs fields a config may override (every one: an imported model's shape is a preset plus these).

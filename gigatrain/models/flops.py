@@ -20,14 +20,24 @@ from gigatrain.models.transformer import ModelArgs
 class ParamCounts:
     embedding: int  # token embedding table
     attention: int  # per layer: wq, wk, wv, wo
-    mlp: int  # per layer: w1, w2, w3
+    mlp: int  # per dense layer: w1, w2, w3
     norms: int  # per layer (2) plus the final norm, all layers together
     output: int  # the LM head; 0 when tied to the embedding
     total: int
+    n_layers: int = 0
+    moe: int = 0  # per MoE layer: the router, every routed expert and the shared experts
+    moe_active: int = 0  # per MoE layer, what one token goes through: the router, its top_k experts, the shared ones
+    n_moe_layers: int = 0
+    active: int = 0  # what one token goes through: total less the routed experts it skips
 
     @property
     def per_layer(self) -> int:
-        return self.attention + self.mlp
+        """A layer's attention and MLP (or experts), on average over the layers."""
+        return self.attention + (self.n_dense_layers * self.mlp + self.n_moe_layers * self.moe) // self.n_layers
+
+    @property
+    def n_dense_layers(self) -> int:
+        return self.n_layers - self.n_moe_layers
 
 
 def param_counts(args: ModelArgs) -> ParamCounts:
@@ -35,17 +45,26 @@ def param_counts(args: ModelArgs) -> ParamCounts:
     embedding = args.vocab_size * d
     attention = d * args.n_heads * hd + 2 * d * args.n_kv_heads * hd + args.n_heads * hd * d
     mlp = 3 * d * args.ffn_hidden
+    n_moe_layers = sum(args.is_moe_layer(layer) for layer in range(args.n_layers))
+    expert = 3 * d * args.moe_hidden
+    router_and_shared = d * args.n_experts + args.n_shared_experts * expert if n_moe_layers else 0
+    moe = router_and_shared + args.n_experts * expert if n_moe_layers else 0
+    moe_active = router_and_shared + args.top_k * expert if n_moe_layers else 0
     norms = (2 * args.n_layers + 1) * d
     output = 0 if args.tie_embeddings else args.vocab_size * d
-    total = embedding + args.n_layers * (attention + mlp) + norms + output
-    return ParamCounts(embedding, attention, mlp, norms, output, total)
+    dense_layers = args.n_layers - n_moe_layers
+    total = embedding + args.n_layers * attention + dense_layers * mlp + n_moe_layers * moe + norms + output
+    active = total - n_moe_layers * (moe - moe_active)
+    return ParamCounts(embedding, attention, mlp, norms, output, total, args.n_layers, moe, moe_active, n_moe_layers, active)
 
 
 def matmul_params(args: ModelArgs) -> int:
-    """Parameters that take part in a matmul per token: every linear layer and the LM head
-    (the tied head counts: its matmul runs whether or not its weight is shared)."""
+    """Parameters that take part in a matmul per token: every linear layer a token goes through
+    (for an MoE layer: the router, its top_k experts and the shared experts) and the LM head (the
+    tied head counts: its matmul runs whether or not its weight is shared)."""
     counts = param_counts(args)
-    return args.n_layers * counts.per_layer + args.vocab_size * args.d_model
+    return (args.n_layers * counts.attention + counts.n_dense_layers * counts.mlp + counts.n_moe_layers * counts.moe_active
+            + args.vocab_size * args.d_model)
 
 
 def forward_flops_per_token(args: ModelArgs, seq_len: int) -> int:

@@ -21,6 +21,9 @@ from gigatrain.models.transformer import ModelArgs
 PRESETS: dict[str, ModelArgs] = {
     # Tests: a few seconds per hundred steps on one CPU core.
     "tiny": ModelArgs(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, ffn_hidden=192, vocab_size=256, max_seq_len=256, tie_embeddings=True),
+    # Tests of the mixture of experts: tiny with 8 experts, 2 per token, an aux-loss-free bias.
+    "tiny-moe": ModelArgs(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, ffn_hidden=192, vocab_size=256, max_seq_len=256, tie_embeddings=True,
+                          n_experts=8, top_k=2, expert_hidden=96, bias_update_rate=1e-3),
     # The default CPU recipe, tuned for held-out bits per byte after 150 s of training on 2 cores
     # (docs/benchmarks.md): at that budget a narrow model that sees more tokens wins.
     "cpu-small": ModelArgs(n_layers=4, d_model=96, n_heads=4, n_kv_heads=2, ffn_hidden=288, vocab_size=4096, max_seq_len=512, tie_embeddings=True),

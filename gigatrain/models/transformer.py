@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gigatrain.models.moe import MoE, gate_activation
+
 
 @dataclass(frozen=True)
 class ModelArgs:
@@ -39,6 +41,34 @@ class ModelArgs:
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
     rope_original_max_seq_len: int = 8192
+    # The gated MLPs' activation: silu (SwiGLU, Llama) or gelu (GeGLU, tanh approximation: Grok-1).
+    mlp_activation: str = "silu"
+    # Attention logits capped at +-c by c * tanh(x / c) before the softmax (Grok-1: 30); 0: none.
+    attn_softcap: float = 0.0
+    # Mixture of experts (models/moe.py); n_experts 0 or 1 is a dense model.
+    n_experts: int = 0
+    top_k: int = 2  # experts each token is sent to
+    expert_hidden: int = 0  # each routed expert's hidden size; 0: ffn_hidden
+    n_shared_experts: int = 0  # always-on experts beside the routed ones, as one MLP of n * expert_hidden
+    n_dense_layers: int = 0  # the first layers keep a dense MLP (DeepSeek-V3: 3)
+    moe_every: int = 1  # after those, every k-th layer is MoE (1: every one)
+    router_score: str = "softmax"  # softmax | sigmoid: how a token scores the experts
+    route_norm: bool = True  # the k chosen scores renormalised to sum to 1 (Mixtral, Qwen3; not Grok-1)
+    aux_loss_coef: float = 0.0  # weight of the Switch/Mixtral load-balancing loss; 0: none
+    bias_update_rate: float = 0.0  # auxiliary-loss-free balancing (DeepSeek-V3: 0.001); 0: none
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_experts > 1
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether block `layer` has experts: past the dense first layers, every moe_every-th one."""
+        return self.is_moe and layer >= self.n_dense_layers and (layer - self.n_dense_layers) % self.moe_every == 0
+
+    @property
+    def moe_hidden(self) -> int:
+        """Each routed expert's hidden size."""
+        return self.expert_hidden or self.ffn_hidden
 
     @property
     def head_dim(self) -> int:
@@ -136,23 +166,29 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, hidden: int | None = None):
         super().__init__()
-        self.w1 = nn.Linear(args.d_model, args.ffn_hidden, bias=False)  # gate
-        self.w3 = nn.Linear(args.d_model, args.ffn_hidden, bias=False)  # up
-        self.w2 = nn.Linear(args.ffn_hidden, args.d_model, bias=False)  # down
+        hidden = hidden or args.ffn_hidden
+        self.w1 = nn.Linear(args.d_model, hidden, bias=False)  # gate
+        self.w3 = nn.Linear(args.d_model, hidden, bias=False)  # up
+        self.w2 = nn.Linear(hidden, args.d_model, bias=False)  # down
+        self.activation = gate_activation(args.mlp_activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(self.activation(self.w1(x)) * self.w3(x))
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
         self.attention_norm = RMSNorm(args.d_model, args.norm_eps)
         self.attention = Attention(args)
         self.ffn_norm = RMSNorm(args.d_model, args.norm_eps)
-        self.feed_forward = FeedForward(args)
+        if args.is_moe_layer(layer):
+            shared = FeedForward(args, args.moe_hidden * args.n_shared_experts) if args.n_shared_experts else None
+            self.feed_forward = MoE(args, shared)
+        else:
+            self.feed_forward = FeedForward(args)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + self.attention(self.attention_norm(x), cos, sin)
@@ -177,7 +213,10 @@ def init_parameter(name: str, tensor: torch.Tensor, args: ModelArgs, generator: 
         tensor.fill_(1.0)
         return
     std = 0.02
-    if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+    # A routed expert's down projection is one [experts, d_model, hidden] tensor: each expert's
+    # slice gets the same scale as a dense MLP's, since a token's output is a weighted mean of
+    # its k experts' outputs.
+    if name.endswith(("attention.wo.weight", "feed_forward.w2.weight", "experts.w2", "shared_experts.w2.weight")):
         std /= math.sqrt(2 * args.n_layers)
     tensor.normal_(0.0, std, generator=generator)
 
@@ -190,7 +229,7 @@ class Transformer(nn.Module):
         # A ModuleDict keyed by layer index keeps fully-qualified names stable when a
         # pipeline stage deletes the layers it does not own (and sets the embeddings or
         # the head to None when another stage owns them).
-        self.layers = nn.ModuleDict({str(i): TransformerBlock(args) for i in range(args.n_layers)})
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(args, i) for i in range(args.n_layers)})
         self.norm = RMSNorm(args.d_model, args.norm_eps)
         self.output = nn.Linear(args.d_model, args.vocab_size, bias=False)
         self.tie_weights()
@@ -220,6 +259,9 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(self.args)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
+        for module in self.modules():
+            if module is not self and hasattr(module, "init_buffers"):
+                module.init_buffers()
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [batch, seq] -> logits [batch, seq, vocab]. A pipeline stage that starts
