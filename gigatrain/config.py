@@ -50,6 +50,8 @@ class ModelConfig:
     rope_original_max_seq_len: int | None = None
     mlp_activation: str | None = None  # silu | gelu
     attn_softcap: float | None = None
+    qk_norm: bool | None = None
+    head_dim_override: int | None = None  # features per head; 0: d_model // n_heads
     # Mixture of experts (models/moe.py); n_experts 0 or 1: dense
     n_experts: int | None = None
     top_k: int | None = None
@@ -295,8 +297,9 @@ def validate(cfg: Config) -> None:
     _require(m.rope_scaling_factor is None or m.rope_scaling_factor >= 1,
              f"model.rope_scaling_factor={m.rope_scaling_factor} is not valid; use 1 (no scaling) or more")
     args = resolve_model_args(cfg)
-    _require(args.d_model % args.n_heads == 0, f"model.d_model={args.d_model} is not divisible by model.n_heads={args.n_heads}; pick sizes with d_model % n_heads == 0")
-    _require(args.head_dim % 2 == 0, f"head dimension d_model/n_heads={args.head_dim} must be even for rotary embeddings; change model.d_model or model.n_heads")
+    _require(args.head_dim_override >= 0, f"model.head_dim_override={args.head_dim_override} is not valid; use 0 (d_model / n_heads) or a positive size")
+    _require(args.head_dim_override or args.d_model % args.n_heads == 0, f"model.d_model={args.d_model} is not divisible by model.n_heads={args.n_heads}; pick sizes with d_model % n_heads == 0 or set model.head_dim_override")
+    _require(args.head_dim % 2 == 0, f"head dimension {args.head_dim} must be even for rotary embeddings; change model.d_model, model.n_heads or model.head_dim_override")
     _require(args.rope_high_freq_factor > args.rope_low_freq_factor,
              f"model.rope_high_freq_factor={args.rope_high_freq_factor} is not valid; it must be above "
              f"model.rope_low_freq_factor={args.rope_low_freq_factor}")
