@@ -304,6 +304,18 @@ def validate(cfg: Config) -> None:
              f"model.rope_high_freq_factor={args.rope_high_freq_factor} is not valid; it must be above "
              f"model.rope_low_freq_factor={args.rope_low_freq_factor}")
     _require(args.n_heads % args.n_kv_heads == 0, f"model.n_heads={args.n_heads} is not divisible by model.n_kv_heads={args.n_kv_heads}; grouped-query attention needs n_heads % n_kv_heads == 0")
+    _require(args.mlp_activation in ("silu", "gelu"), f"model.mlp_activation={args.mlp_activation!r} is not valid; use silu or gelu")
+    _require(args.router_score in ("softmax", "sigmoid"), f"model.router_score={args.router_score!r} is not valid; use softmax or sigmoid")
+    for name in ("attn_softcap", "n_experts", "expert_hidden", "n_shared_experts", "n_dense_layers", "aux_loss_coef", "bias_update_rate"):
+        value = getattr(args, name)
+        _require(value >= 0, f"model.{name}={value} is not valid; it must be 0 or more")
+    _require(args.moe_every >= 1, f"model.moe_every={args.moe_every} is not valid; it must be at least 1 (1: every layer past the dense ones)")
+    if args.is_moe:
+        _require(1 <= args.top_k <= args.n_experts, f"model.top_k={args.top_k} is not valid; it must be between 1 and model.n_experts={args.n_experts}")
+        _require(args.n_dense_layers < args.n_layers, f"model.n_dense_layers={args.n_dense_layers} leaves no MoE layer of model.n_layers={args.n_layers}; "
+                 "use fewer dense layers or model.n_experts=0 for a dense model")
+    _require(not (args.attn_softcap and p.cp > 1), f"model.attn_softcap={args.attn_softcap} is not supported with parallel.cp={p.cp}; "
+             "context parallelism attends with SDPA, which cannot cap logits: use parallel.cp=1")
     _require(d.seq_len >= 2, f"data.seq_len={d.seq_len} is not valid; it must be at least 2")
     _require(d.vocab_size >= 257, f"data.vocab_size={d.vocab_size} is not valid; a BPE vocabulary needs more than the 256 bytes (e.g. 4096)")
     _require(t.batch_tokens >= 0, f"train.batch_tokens={t.batch_tokens} is not valid; use 0 or a positive number of tokens")

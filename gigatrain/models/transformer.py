@@ -138,13 +138,32 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return rotated.flatten(-2).type_as(x)
 
 
+def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap: float) -> torch.Tensor:
+    """Causal attention with the logits capped at +-softcap by softcap * tanh(x / softcap)
+    (Grok-1, Gemma 2), written out: SDPA's kernels take no cap. The logits and the softmax
+    in fp32, as the fused kernels accumulate."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    logits = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    logits = softcap * torch.tanh(logits / softcap)
+    causal = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+    probs = logits.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+    return (probs @ v.float()).type_as(q)
+
+
 class CoreAttention(nn.Module):
     """Causal softmax attention over q [batch, heads, seq, head_dim] and k, v [batch, kv_heads, ...].
 
     A module of its own, with no parameters, so that context parallelism can swap in a
     version that attends over the whole sequence without the model knowing."""
 
+    def __init__(self, softcap: float = 0.0):
+        super().__init__()
+        self.softcap = softcap
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.softcap:
+            return softcapped_attention(q, k, v, self.softcap)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
 
 
@@ -160,7 +179,7 @@ class Attention(nn.Module):
         # tensor parallelism, which splits the heads, keeps a whole copy on each rank.
         self.q_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else None
         self.k_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else None
-        self.core = CoreAttention()
+        self.core = CoreAttention(args.attn_softcap)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         batch, seq, _ = x.shape

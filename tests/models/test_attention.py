@@ -65,3 +65,31 @@ def test_head_dim_override_widens_the_heads():
     x = torch.randn(2, 9, args.d_model)
     expected = reference_attention(attn, x, model.rope_cos, model.rope_sin, 4, 2, 32, args.norm_eps)
     torch.testing.assert_close(attn(x, model.rope_cos, model.rope_sin), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_softcap_caps_the_logits_before_the_causal_softmax():
+    args = with_overrides(get_preset("tiny"), attn_softcap=0.5)
+    torch.manual_seed(0)
+    model = Transformer(args)
+    attn = model.layers["0"].attention
+    with torch.no_grad():  # logits far beyond the cap, so that capping changes the result
+        attn.wq.weight.mul_(40)
+    x = torch.randn(2, 10, args.d_model)
+    cos, sin = rope_tables(args)
+    capped = reference_attention(attn, x, cos, sin, 4, 2, 16, args.norm_eps, softcap=0.5)
+    uncapped = reference_attention(attn, x, cos, sin, 4, 2, 16, args.norm_eps)
+    assert (capped - uncapped).abs().max() > 1e-2
+    torch.testing.assert_close(attn(x, cos, sin), capped, rtol=1e-5, atol=1e-6)
+    # Still causal: a later token does not change an earlier output.
+    changed = x.clone()
+    changed[:, 7] += 1
+    torch.testing.assert_close(attn(changed, cos, sin)[:, :7], attn(x, cos, sin)[:, :7])
+
+
+def test_no_softcap_keeps_the_fused_attention():
+    """Without a cap, attention is SDPA's, bit for bit (the dense runs' golden losses rest on it)."""
+    args = get_preset("tiny")
+    torch.manual_seed(0)
+    attn = Transformer(args).layers["0"].attention
+    q, k, v = torch.randn(2, 4, 10, 16), torch.randn(2, 2, 10, 16), torch.randn(2, 2, 10, 16)
+    assert torch.equal(attn.core(q, k, v), F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
