@@ -48,3 +48,12 @@ def test_command_line_exits_2_with_one_line(overrides, words, tmp_path):
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     for word in words:
         assert word in lines[0]
+
+
+def test_dry_run_prints_total_and_active_parameters(capsys):
+    from gigatrain.cli import run as cli_run
+
+    assert cli_run(["train", "--model.preset=mixtral-8x7b", "--data.tokenizer=byte", "--dry-run", "--world-size", "8"]) == 0
+    out = capsys.readouterr().out
+    # param_counts of the published shape: 46.70B in all, 12.88B through which one token goes.
+    assert "8 experts, 2 per token: 46,702.8M in all, 12,879.9M active" in out, out
