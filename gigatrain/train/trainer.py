@@ -38,6 +38,7 @@ from gigatrain.models.flops import param_counts, training_flops_per_token
 from gigatrain.models.transformer import Transformer
 from gigatrain.parallel import parallelize
 from gigatrain.parallel.device import pick_device, pick_dtype
+from gigatrain.parallel.float8 import check_float8
 from gigatrain.parallel.mesh import init_distributed, parallel_dims
 from gigatrain.ranks import global_rank, is_main_process
 from gigatrain.rundir import RunDir, RunDirLock
@@ -88,6 +89,7 @@ class Trainer:
         self.dims = parallel_dims(cfg, resolve_model_args(cfg))
         self.device = pick_device(t.device)
         self.dtype = pick_dtype(t.dtype, self.device)
+        check_float8(t, self.device, self.dims.tp)
         self.owns_process_group = init_distributed(self.device, cfg.fault.startup_timeout_s, cfg.run_dir)
         self.is_main = is_main_process()
         # One trainer per run directory, settled before anything in it is read or written.
