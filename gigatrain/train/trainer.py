@@ -151,8 +151,12 @@ class Trainer:
         local_loss = self.parallel.forward_backward(inputs, targets)
         if self.faults and self.faults.after_backward(self.state.step + 1, self._local_gradients()):
             local_loss = local_loss * float("nan")
-        grad_norm = self.parallel.clip_grad_norm(self.cfg.train.grad_clip or float("inf")).item()
-        loss = self.parallel.reduce_sum(local_loss / (self.dims.dp * self.dims.cp)).item()
+        grad_norm = self.parallel.clip_grad_norm(self.cfg.train.grad_clip or float("inf"))
+        loss = self.parallel.reduce_sum(local_loss / (self.dims.dp * self.dims.cp))
+        # The step's one wait for the GPU: the guard must see the loss and gradient norm before
+        # the optimizer applies the update (a NaN applied poisons the weights and AdamW's
+        # moments for good), so both are read here, in one transfer rather than one each.
+        loss, grad_norm = torch.stack([loss.float(), grad_norm.float()]).tolist()
         # Both values are global, so every rank takes the same decision.
         skipped = self.recovery.guard.check(loss, grad_norm)
         for optimizer in self.optimizers:
