@@ -79,7 +79,8 @@ def overrides_for(args, data: Path, run_dir: Path, variant: str, steps: int, mic
               f"--train.float8={'true' if recipe else 'false'}", f"--train.float8_recipe={recipe or 'tensorwise'}"]
     if args.smoke:
         return [*common, "--model.preset=tiny", "--model.vocab_size=4096", "--data.seq_len=64",
-                f"--train.batch_size={args.batch_size}", "--train.compile=false", "--train.device=cpu"]
+                f"--train.batch_size={args.batch_size}", f"--train.compile={str(args.compile).lower()}",
+                "--train.device=cpu"]
     return [*common, f"--model.preset={args.preset}", f"--model.vocab_size={args.vocab_size}",
             f"--data.seq_len={args.seq_len}", f"--train.batch_size={args.batch_size}", "--train.compile=true",
             "--train.dtype=bfloat16", "--train.device=cuda", "--train.lr=3e-4"]
@@ -185,6 +186,7 @@ def main() -> int:
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU: every code path, no figures")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from: {', '.join(VARIANTS)}")
+    parser.add_argument("--compile", action="store_true", help="with --smoke: compile too (always on a GPU)")
     parser.add_argument("--preset", default="llama3-1b")
     parser.add_argument("--vocab-size", type=int, default=128256, help="the model's vocabulary (llama3's real one)")
     parser.add_argument("--seq-len", type=int, default=2048)
