@@ -11,12 +11,13 @@ torch.profiler (excluded from the timing).
     python bench/gpu.py --out DIR                 # on a CUDA GPU: llama3-1b, vocabulary 128,256
     python bench/gpu.py --out DIR --smoke         # every code path on a CPU, tiny sizes, ~1 min
 
-Variants (in this order; one that would start past --budget-s is skipped and recorded so):
+Variants (in this order, the most wanted first; one that would start past --budget-s is
+skipped and recorded so):
   before      plain loss (fp32 logits of the whole micro-batch), selective AC
   after       chunked loss, selective AC (also the bf16 reference for float8's losses)
   fp8-tensor  after + train.float8, tensorwise
+  after-noac  chunked loss, no activation checkpointing (the memory the chunks free)
   fp8-row     after + train.float8, rowwise
-  after-noac  chunked loss, no activation checkpointing
 Writes DIR/results.json (every step's record of every variant, profiles, config) and
 DIR/summary.md (the table and each profile's top kernels); prints the table last.
 """
@@ -47,8 +48,8 @@ VARIANTS = {  # name: (chunked loss, activation checkpointing, float8 recipe or 
     "before": (False, "selective", None),
     "after": (True, "selective", None),
     "fp8-tensor": (True, "selective", "tensorwise"),
-    "fp8-row": (True, "selective", "rowwise"),
     "after-noac": (True, "none", None),
+    "fp8-row": (True, "selective", "rowwise"),
 }
 PROFILED_STEPS = 3  # the last steps of each run, after one profiler warm-up step; not timed
 # float8's losses against bf16's over the same steps: stated before the run, judged after.
@@ -88,7 +89,7 @@ def overrides_for(args, data: Path, run_dir: Path, variant: str, steps: int, mic
 
 def top_kernels(prof, device: torch.device, rows: int = 15) -> str:
     """The profile's top items by self time on the device (CUDA kernels), or on the CPU."""
-    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=70)
 
 
@@ -193,7 +194,7 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=None, help="sequences per step (default 16; smoke 4)")
     parser.add_argument("--micro-batch", type=int, default=None, help="sequences per forward (default 4; smoke 2); "
                         "halved once on out-of-memory")
-    parser.add_argument("--steps", type=int, default=30, help="steps of a timing-only run")
+    parser.add_argument("--steps", type=int, default=25, help="steps of a timing-only run")
     parser.add_argument("--loss-steps", type=int, default=50, help="steps of the runs whose losses are compared "
                         "(after, fp8-*)")
     parser.add_argument("--warmup-steps", type=int, default=10, help="first steps left out of the timing")

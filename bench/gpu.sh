@@ -45,7 +45,7 @@ export PYTHONPATH=/tmp/site:$PWD
     python3 -c "import sys, torch, torchao; print(sys.version.split()[0], 'torch', torch.__version__, 'torchao', torchao.__version__, torch.cuda.get_device_name())"
 } >> "$OUT/env.log" 2>&1
 
-part "bench/gpu.py" 330 gpu.log python3 bench/gpu.py --out "$OUT" --budget-s 240
+part "bench/gpu.py" 330 gpu.log python3 bench/gpu.py --out "$OUT" --budget-s 250
 part "tests/test_gpu.py" 150 test_gpu.log python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py
 
 DATA=/tmp/gt-data
