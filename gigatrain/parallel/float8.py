@@ -27,14 +27,18 @@ FLOAT8_MULTIPLE = 16
 # costs accuracy (torchtitan and torchao's recipes leave it out too), and a tied head shares
 # its weight with the embeddings, which are no linear layer.
 HEAD_NAME = "output"
+# A mixture-of-experts router stays in bf16 too: its scores pick each token's experts, and
+# float8's rounding would flip close choices (torchtitan leaves it out as well).
+ROUTER_NAME = "router"
 # Compute capability of the first GPUs with float8 tensor cores (Ada; Hopper is 9.0).
 FLOAT8_CAPABILITY = (8, 9)
 
 
 def converts_to_float8(module: nn.Module, name: str) -> bool:
     """Whether the linear layer `module`, at `name` in the model, trains in float8: not the
-    output head, and both its dimensions multiples of 16."""
-    if not isinstance(module, nn.Linear) or name.split(".")[-1] == HEAD_NAME:
+    output head, not a router's, and both its dimensions multiples of 16."""
+    parts = name.split(".")
+    if not isinstance(module, nn.Linear) or parts[-1] == HEAD_NAME or ROUTER_NAME in parts:
         return False
     return module.in_features % FLOAT8_MULTIPLE == 0 and module.out_features % FLOAT8_MULTIPLE == 0
 

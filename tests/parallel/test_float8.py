@@ -9,7 +9,7 @@ import torch
 from helpers import TINY, run_cli
 from gigatrain.models.presets import get_preset
 from gigatrain.models.transformer import Transformer
-from gigatrain.parallel.float8 import float8_linear_names
+from gigatrain.parallel.float8 import converts_to_float8, float8_linear_names
 
 
 def _model(**overrides) -> Transformer:
@@ -29,6 +29,13 @@ def test_linears_with_a_dimension_not_divisible_by_16_stay_in_bf16():
     # dimension of 8 (32 / 4 heads) with 1 kv head makes wk and wv 32 x 8: out_features 8.
     names = float8_linear_names(_model(ffn_hidden=200, d_model=32, n_heads=4, n_kv_heads=1))
     assert names == [f"layers.{i}.attention.{name}" for i in range(2) for name in ("wq", "wo")]
+
+
+def test_a_router_stays_in_bf16_whatever_its_size():
+    gate = torch.nn.Linear(64, 64, bias=False)
+    assert not converts_to_float8(gate, "layers.0.feed_forward.router.gate")
+    assert converts_to_float8(gate, "layers.0.feed_forward.shared_experts.w1")
+    assert not converts_to_float8(torch.nn.Embedding(64, 64), "tok_embeddings")
 
 
 def test_float8_without_a_gpu_is_one_config_error(byte_data, tmp_path):
