@@ -104,6 +104,9 @@ class TrainConfig:
     time_limit_s: float = 0.0  # 0: no wall-clock budget
     stop_at_step: int = 0  # 0: run to max_steps
     compile: bool = False
+    # float8 matmuls for the linear layers (torchao, the `gpu` extra; a GPU of compute capability 8.9+)
+    float8: bool = False
+    float8_recipe: Literal["tensorwise", "rowwise"] = "tensorwise"  # scales per tensor (faster) or per row (more accurate)
     # selective: op-level (save matmul and attention outputs, recompute the cheap ops), as the planner models it
     activation_checkpointing: Literal["none", "selective", "full"] = "none"
     device: Literal["auto", "cpu", "cuda"] = "auto"

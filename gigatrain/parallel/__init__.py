@@ -2,7 +2,7 @@
 
 `parallelize` follows the order that composes with PyTorch's distributed stack:
 
-    pipeline split -> tensor/sequence parallel -> context parallel
+    pipeline split -> tensor/sequence parallel -> context parallel -> float8 linears
         -> activation checkpointing -> compile -> FSDP2 -> initialise this rank's shards
 
 A model built on the meta device (every multi-process run) allocates nothing until its
@@ -31,6 +31,7 @@ from gigatrain.models.loss import loss_fn
 from gigatrain.models.transformer import init_parameter, parameter_generator
 from gigatrain.parallel.context import apply_cp, shard_rope, shard_sequence
 from gigatrain.parallel.device import autocast
+from gigatrain.parallel.float8 import apply_float8
 from gigatrain.parallel.fsdp import apply_fsdp
 from gigatrain.parallel.mesh import ParallelDims
 from gigatrain.parallel.pipeline import build_schedule, split_model, tied_weight_group
@@ -44,6 +45,7 @@ from gigatrain.parallel.tensor import apply_tp, loss_context
 # planner's "selective" assumes (plan.costs.activation_elements).
 _SELECTIVE_SAVED_OPS = {
     torch.ops.aten.mm.default,
+    torch.ops.aten._scaled_mm.default,  # float8's matmuls (train.float8)
     torch.ops.aten._scaled_dot_product_flash_attention.default,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
     torch.ops.aten._scaled_dot_product_efficient_attention.default,
@@ -270,6 +272,7 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh: dict[str, DeviceMesh
             part.tie_weights()  # the embeddings and the head are sharded alike: Shard(0) of [vocab, d_model]
         if dims.cp > 1:
             apply_cp(part, mesh["cp"], cfg.data.seq_len, device)
+        apply_float8(part, cfg.train, fsdp_shards=mesh["fsdp"].size() if dims.fsdp else 1)
         apply_activation_checkpointing(part, dims.activation_checkpointing)
         if cfg.train.compile:
             apply_compile(part)

@@ -38,6 +38,7 @@ from gigatrain.models.flops import param_counts, training_flops_per_token
 from gigatrain.models.transformer import Transformer
 from gigatrain.parallel import parallelize
 from gigatrain.parallel.device import pick_device, pick_dtype
+from gigatrain.parallel.float8 import check_float8
 from gigatrain.parallel.mesh import init_distributed, parallel_dims
 from gigatrain.ranks import global_rank, is_main_process
 from gigatrain.rundir import RunDir, RunDirLock
@@ -88,6 +89,7 @@ class Trainer:
         self.dims = parallel_dims(cfg, resolve_model_args(cfg))
         self.device = pick_device(t.device)
         self.dtype = pick_dtype(t.dtype, self.device)
+        check_float8(t, self.device, self.dims.tp)
         self.owns_process_group = init_distributed(self.device, cfg.fault.startup_timeout_s, cfg.run_dir)
         self.is_main = is_main_process()
         # One trainer per run directory, settled before anything in it is read or written.
@@ -149,8 +151,12 @@ class Trainer:
         local_loss = self.parallel.forward_backward(inputs, targets)
         if self.faults and self.faults.after_backward(self.state.step + 1, self._local_gradients()):
             local_loss = local_loss * float("nan")
-        grad_norm = self.parallel.clip_grad_norm(self.cfg.train.grad_clip or float("inf")).item()
-        loss = self.parallel.reduce_sum(local_loss / (self.dims.dp * self.dims.cp)).item()
+        grad_norm = self.parallel.clip_grad_norm(self.cfg.train.grad_clip or float("inf"))
+        loss = self.parallel.reduce_sum(local_loss / (self.dims.dp * self.dims.cp))
+        # The step's one wait for the GPU: the guard must see the loss and gradient norm before
+        # the optimizer applies the update (a NaN applied poisons the weights and AdamW's
+        # moments for good), so both are read here, in one transfer rather than one each.
+        loss, grad_norm = torch.stack([loss.float(), grad_norm.float()]).tolist()
         # Both values are global, so every rank takes the same decision.
         skipped = self.recovery.guard.check(loss, grad_norm)
         for optimizer in self.optimizers:
