@@ -34,7 +34,15 @@ LAYOUTS = {
     "TP + sequence parallel": [*SOLO, "--parallel.tp=4"],
     "FSDP x TP": ["--parallel.tp=2"],
     "PP 1F1B": [*SOLO, "--parallel.pp=4", "--parallel.pp_schedule=1F1B"],
+    # FSDP splits the [experts, out, in] stacks along the experts: each rank orthogonalises
+    # its own whole experts' matrices, with no gather.
+    "FSDP, tiny-moe": ["--model.preset=tiny-moe"],
 }
+MOE = "--model.preset=tiny-moe"
+
+
+def reference_name(label: str) -> str:
+    return "one_process_moe" if MOE in LAYOUTS[label] else "one_process"
 
 
 def run_name(label: str) -> str:
@@ -44,7 +52,8 @@ def run_name(label: str) -> str:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, byte_data):
     out = tmp_path_factory.mktemp("muon")
-    train(load_config(None, [f"--data.path={byte_data}", f"--run.dir={out / 'one_process'}", *BASE]))
+    for name, overrides in (("one_process", []), ("one_process_moe", [MOE])):
+        train(load_config(None, [f"--data.path={byte_data}", f"--run.dir={out / name}", *BASE, *overrides]))
     plan = [{"name": "fsdp_at_2", "overrides": ["--train.stop_at_step=2"]}]
     plan += [{"name": run_name(label), "overrides": overrides} for label, overrides in LAYOUTS.items()]
     plan.append({"name": "fsdp_resumed", "overrides": [], "resume_from": "fsdp_at_2"})
@@ -58,7 +67,7 @@ def runs(tmp_path_factory, byte_data):
 
 @pytest.mark.parametrize("label", list(LAYOUTS))
 def test_muon_layout_matches_one_process(runs, label):
-    reference, parallel = runs / "one_process", runs / run_name(label)
+    reference, parallel = runs / reference_name(label), runs / run_name(label)
     for key in ("loss", "grad_norm"):
         expected, got = step_values(reference, key), step_values(parallel, key)
         assert sorted(got) == [1, 2, 3]
