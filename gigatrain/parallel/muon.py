@@ -54,8 +54,11 @@ def orthogonalize(update: torch.Tensor, dtype: torch.dtype, steps: int = DEFAULT
 
 
 def _holds_whole_matrices(tensor: DTensor) -> bool:
-    """Whether every shard is made of whole [m, n] matrices: sharded only along leading dims."""
-    return all(not p.is_shard() or p.dim < tensor.dim() - 2 for p in tensor.placements)
+    """Whether every shard is made of whole [m, n] matrices: sharded only along leading dims
+    (or over mesh dimensions of one rank, which split nothing)."""
+    mesh = tensor.device_mesh
+    return all(not p.is_shard() or p.dim < tensor.dim() - 2 or mesh.size(i) == 1
+               for i, p in enumerate(tensor.placements))
 
 
 def orthogonalized_shard(update: torch.Tensor, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

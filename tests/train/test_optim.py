@@ -84,9 +84,9 @@ def run_config(run_dir, data, *extra):
     return resolve_run_config(None, [*TINY, f"--run.dir={run_dir}", f"--data.path={data}", *MUON, *extra])
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
-def test_muon_trains_and_resumes_bit_exactly(tmp_path, byte_data, preset):
-    common = [f"--model.preset={preset}", "--train.max_steps=8", "--train.checkpoint_every=4", "--train.eval_every=100"]
+def test_muon_trains_and_resumes_bit_exactly_with_expert_stacks(tmp_path, byte_data):
+    """tiny-moe: 3-D [experts, out, in] stacks, each expert's slice orthogonalised as its own matrix."""
+    common = ["--model.preset=tiny-moe", "--train.max_steps=8", "--train.checkpoint_every=4", "--train.eval_every=100"]
     straight = train(run_config(tmp_path / "straight", byte_data, *common))
     assert straight.step == 8
     first = train(run_config(tmp_path / "split", byte_data, *common, "--train.stop_at_step=4"))
@@ -99,3 +99,15 @@ def test_muon_trains_and_resumes_bit_exactly(tmp_path, byte_data, preset):
     a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "split")
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_optimizer_overhead_bench_smoke():
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    result = subprocess.run([sys.executable, str(REPO / "bench/optimizer_overhead.py"), "--smoke"],
+                            capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "muon step-time overhead over adamw:" in result.stdout.splitlines()[-1]
