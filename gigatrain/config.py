@@ -87,6 +87,15 @@ class TrainConfig:
     batch_tokens: int = 0  # global batch in tokens instead (batch_tokens / seq_len sequences, see global_batch_size); 0: unused
     micro_batch_size: int = 0  # sequences per forward/backward; 0: the whole batch at once (the planner's under parallel.auto)
     lr: float = 3e-3
+    # adamw: AdamW for every parameter at train.lr. muon: Muon for the blocks' matrices at
+    # muon_lr, AdamW for embeddings (embed_lr), an untied head (head_lr), norms, scalars and
+    # MoE router gates (train.lr); every group follows train.schedule. docs/training.md.
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    muon_lr: float = 0.02  # Muon's rate, per matrix times train.muon_scale's factor
+    muon_momentum: float = 0.95  # Nesterov momentum of Muon's gradient average
+    muon_scale: Literal["original", "match_rms_adamw"] = "original"  # original: sqrt(max(1, out/in)); match_rms_adamw: 0.2*sqrt(max(out, in))
+    embed_lr: float = 0.0  # muon: AdamW rate of the token embeddings (and of a tied head); 0: train.lr
+    head_lr: float = 0.0  # muon: AdamW rate of an untied output head; 0: train.lr
     min_lr_ratio: float = 0.1
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
     warmup_steps: int = 20
@@ -332,6 +341,13 @@ def validate(cfg: Config) -> None:
         value = getattr(t, name)
         _require(value >= 0, f"train.{name}={value} is not valid; it must be 0 or more")
     _require(t.lr > 0, f"train.lr={t.lr} is not valid; the learning rate must be positive")
+    # An orthogonalised update has spectral norm ~1, so a Muon rate of 1 or more replaces the
+    # weights at every step instead of nudging them.
+    _require(0 < t.muon_lr < 1, f"train.muon_lr={t.muon_lr} is not valid; Muon's rate must be in (0, 1), e.g. 0.02")
+    _require(0 <= t.muon_momentum < 1, f"train.muon_momentum={t.muon_momentum} is not valid; it must be in [0, 1), e.g. 0.95")
+    for name in ("embed_lr", "head_lr"):
+        value = getattr(t, name)
+        _require(value >= 0, f"train.{name}={value} is not valid; use 0 for train.lr or a positive learning rate")
     _require(0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio={t.min_lr_ratio} is not valid; it must be between 0 and 1")
     _require(0 < t.decay_fraction <= 1, f"train.decay_fraction={t.decay_fraction} is not valid; it must be in (0, 1]")
     _require(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, f"train.beta1={t.beta1}, train.beta2={t.beta2} are not valid; each must be in [0, 1)")

@@ -43,7 +43,7 @@ from gigatrain.parallel.mesh import init_distributed, parallel_dims
 from gigatrain.ranks import global_rank, is_main_process
 from gigatrain.rundir import RunDir, RunDirLock
 from gigatrain.train.checkpointing import CheckpointManager, TrainState
-from gigatrain.train.optim import build_optimizer
+from gigatrain.train.optim import build_optimizer, set_learning_rate
 from gigatrain.train.recovery import Recovery
 from gigatrain.train.schedule import lr_at, schedule_horizon
 from gigatrain.train.stopping import PREEMPTION_SIGNALS, RunClock, Stopping, StopSignal
@@ -146,8 +146,7 @@ class Trainer:
         """One step on this rank's share of the global batch; returns the global mean loss, the
         gradient norm (the same on every rank) and why the update was skipped (None: applied)."""
         for optimizer in self.optimizers:
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            set_learning_rate(optimizer, lr)
         local_loss = self.parallel.forward_backward(inputs, targets)
         if self.faults and self.faults.after_backward(self.state.step + 1, self._local_gradients()):
             local_loss = local_loss * float("nan")
