@@ -80,6 +80,29 @@ class GroupedExperts(nn.Module):
         return torch.cat(outputs)
 
 
+class _GatherRows(torch.autograd.Function):
+    """rows[index] whose backward is a gather too: index maps each output row to its source
+    row, and each source row is read by `fan_out` output rows, whose positions in the output
+    `inverse` lists ([source rows, fan_out] flattened). Autograd's own backward of an
+    indexing zero-fills the source's shape and scatter-adds into it, which is slower and on
+    a GPU not deterministic; a permutation's inverse makes the backward a plain read and,
+    with fan_out > 1, a sum in a fixed order."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor, fan_out: int) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        ctx.fan_out = fan_out
+        return rows.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        grad_rows = grad.index_select(0, inverse)
+        if ctx.fan_out > 1:
+            grad_rows = grad_rows.view(-1, ctx.fan_out, grad.shape[-1]).sum(dim=1)
+        return grad_rows, None, None, None
+
+
 class AddAuxiliaryLoss(torch.autograd.Function):
     """The identity on a layer's output whose backward also feeds `weight` as the gradient of
     `aux` (DeepSeek's AddAuxiliaryLoss): the balancing loss reaches the router's gradients
@@ -124,10 +147,12 @@ class MoE(nn.Module):
         weights, chosen, scores = self.router(x)
         counts = torch.bincount(chosen.flatten(), minlength=self.n_experts)
         # Sort the (token, choice) pairs by expert; a stable sort keeps each expert's tokens in
-        # token order, so every layout sees the same order.
+        # token order, so every layout sees the same order. `position` is its inverse: where
+        # each pair sits in the sorted order.
         order = chosen.flatten().argsort(stable=True)
-        routed = self.experts(x[order // self.top_k], counts)
-        routed = routed[order.argsort()].view(-1, self.top_k, shape[-1])
+        position = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        routed = self.experts(_GatherRows.apply(x, order // self.top_k, position, self.top_k), counts)
+        routed = _GatherRows.apply(routed, position, order, 1).view(-1, self.top_k, shape[-1])
         # Combined by a sum over each token's k outputs (not an index_add: the same on every device).
         out = (routed * weights.unsqueeze(-1)).sum(dim=1).type_as(x)
         if self.shared_experts is not None:
