@@ -136,6 +136,9 @@ class MoE(nn.Module):
         # that hold other tokens of the same sequences (context parallelism); None: none do.
         self.aux_grad_scale = 1.0
         self.sequence_reduce = None
+        # Training forwards to leave out of the statistics: parallel/ sets it where a pipeline
+        # stage runs a forward of its own, on probe inputs, before the first step's micro-batches.
+        self.uncounted_forwards = 0
         # Since the last optimizer step (balancing, statistics): the (token, choice) pairs routed
         # to each expert, and the sum of the per-sequence balance losses with their sequences.
         self.register_buffer("tokens_per_expert", torch.zeros(args.n_experts), persistent=False)
@@ -191,11 +194,15 @@ class MoE(nn.Module):
     @torch.no_grad()
     def _record(self, counts: torch.Tensor, aux: torch.Tensor | None) -> None:
         # Activation checkpointing runs this forward again inside the backward: count once.
-        if torch._C._current_graph_task_id() == -1:
-            self.tokens_per_expert += counts
-            if aux is not None:
-                self.aux_loss_sum[0] += aux.sum()
-                self.aux_loss_sum[1] += aux.numel()
+        if torch._C._current_graph_task_id() != -1:
+            return
+        if self.uncounted_forwards:
+            self.uncounted_forwards -= 1
+            return
+        self.tokens_per_expert += counts
+        if aux is not None:
+            self.aux_loss_sum[0] += aux.sum()
+            self.aux_loss_sum[1] += aux.numel()
 
     @torch.no_grad()
     def reset_statistics(self) -> None:

@@ -23,6 +23,7 @@ import torch.distributed._functional_collectives as funcol
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.pipelining import PipelineStage
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
@@ -109,6 +110,12 @@ class ParallelModel:
             moe.aux_grad_scale = 1.0 if self.schedule is not None else 1.0 / dims.microbatches
             if dims.cp > 1:
                 moe.sequence_reduce = partial(funcol.all_reduce, reduceOp="sum", group=mesh["cp"])
+            if self.schedule is not None and hasattr(PipelineStage, "_forward_metadata_inference"):
+                # torch >= 2.12's stages infer their shapes at the first step by running their
+                # forward once, with gradients, on the first micro-batch (first stage) or on empty
+                # tensors (the others): routing that is not the batch's. (Earlier versions infer
+                # on meta tensors without gradients, which the layer does not count.)
+                moe.uncounted_forwards = 1
 
     # -- coordinates -----------------------------------------------------------------------
     def rank_in(self, axis: str) -> int:
