@@ -78,13 +78,16 @@ def overrides_for(args, data: Path, run_dir: Path, variant: str, steps: int, mic
               "--train.eval_batches=1", "--train.progress=off", f"--train.warmup_steps={args.warmup_lr_steps}",
               f"--train.activation_checkpointing={checkpointing}", f"--train.micro_batch_size={micro_batch}",
               f"--train.float8={'true' if recipe else 'false'}", f"--train.float8_recipe={recipe or 'tensorwise'}"]
+    if variant == "after" and args.checkpoint_step:
+        # The async checkpoint of the whole training state, late enough to leave the timed steps alone.
+        common.append(f"--train.checkpoint_every={args.checkpoint_step}")
     if args.smoke:
         return [*common, "--model.preset=tiny", "--model.vocab_size=4096", "--data.seq_len=64",
                 f"--train.batch_size={args.batch_size}", f"--train.compile={str(args.compile).lower()}",
                 "--train.device=cpu"]
     return [*common, f"--model.preset={args.preset}", f"--model.vocab_size={args.vocab_size}",
             f"--data.seq_len={args.seq_len}", f"--train.batch_size={args.batch_size}", "--train.compile=true",
-            "--train.dtype=bfloat16", "--train.device=cuda", "--train.lr=3e-4"]
+            "--train.dtype=bfloat16", "--train.device=cuda", "--train.lr=3e-4", *args.override]
 
 
 def top_kernels(prof, device: torch.device, rows: int = 15) -> str:
@@ -133,9 +136,12 @@ def run_variant(args, data: Path, workdir: Path, variant: str, steps: int, micro
     try:
         with prof:
             trainer.run()
+        trainer.checkpoints.checkpointer.wait()  # the background write of a checkpoint, if one started
     finally:
         trainer.close(clean=False)
     records = [r for r in RunDir(run_dir).metrics_records() if "loss" in r]
+    checkpoints = [{k: e.get(k) for k in ("step", "stall_s", "write_s")}
+                   for e in RunDir(run_dir).event_records() if e.get("event") == "checkpoint"]
     timed = records[args.warmup_steps : max(args.warmup_steps + 1, len(records) - PROFILED_STEPS - 1)]
     result = {
         "variant": variant, "status": "ok", "micro_batch": micro_batch, "steps": len(records),
@@ -150,6 +156,7 @@ def run_variant(args, data: Path, workdir: Path, variant: str, steps: int, micro
         "float8_linears": sum(type(m).__name__ == "Float8Linear" for part in trainer.parallel.parts for m in part.modules()),
         "profile": top_kernels(prof, device),
         "device_busy": device_busy(prof, device),
+        "checkpoints": checkpoints,
     }
     return result
 
@@ -211,6 +218,11 @@ def main() -> int:
                         "(after, fp8-*)")
     parser.add_argument("--warmup-steps", type=int, default=10, help="first steps left out of the timing")
     parser.add_argument("--warmup-lr-steps", type=int, default=10, help="train.warmup_steps of every run")
+    parser.add_argument("--override", action="append", default=[], help="a --section.key=value for every GPU run "
+                        "(repeatable), e.g. --override=--model.n_layers=2")
+    parser.add_argument("--checkpoint-step", type=int, default=0, help="the 'after' run saves an async checkpoint "
+                        "every this many steps (0: none); its stall and write time go into the results")
+    parser.add_argument("--tag", default="", help="names the output files results-TAG.json and summary-TAG.md")
     parser.add_argument("--budget-s", type=float, default=400, help="no variant starts after this many seconds")
     parser.add_argument("--data-mb", type=float, default=None, help="prepared training text (default 4; smoke 0.2)")
     args = parser.parse_args()
@@ -265,7 +277,8 @@ def main() -> int:
             results.append(result)
             if result["status"] == "ok":
                 print(f"    {result['tokens_per_s']:,.0f} tokens/s, MFU {100 * result['mfu']:.1f}%, "
-                      f"peak {result['peak_memory_gb']:.1f} GB, first step {result['first_step_s']:.1f} s", flush=True)
+                      f"peak {result['peak_memory_gb']:.1f} GB, first step {result['first_step_s']:.1f} s; "
+                      f"checkpoints {result['checkpoints']}", flush=True)
             else:
                 print(f"    {result['status']}", flush=True)
     reference = next((r for r in results if r["variant"] == "after" and r["status"] == "ok"), None)
@@ -275,10 +288,11 @@ def main() -> int:
     table = summary_table(results, device_name)
     report = {"device": device_name, "torch": torch.__version__, "args": {k: str(v) for k, v in vars(args).items()},
               "loss_tolerance": LOSS_TOLERANCE, "seconds": time.perf_counter() - started, "results": results}
-    (args.out / "results.json").write_text(json.dumps(report, indent=1))
+    suffix = f"-{args.tag}" if args.tag else ""
+    (args.out / f"results{suffix}.json").write_text(json.dumps(report, indent=1))
     profiles = "\n\n".join(f"### {r['variant']} (top 15 by device self time, {PROFILED_STEPS} steps)\n\n```\n{r['profile']}\n```"
                            for r in results if r["status"] == "ok")
-    (args.out / "summary.md").write_text(f"# bench/gpu.py\n\n{table}\n\n{profiles}\n")
+    (args.out / f"summary{suffix}.md").write_text(f"# bench/gpu.py\n\n{table}\n\n{profiles}\n")
     print(table)
     print(f"total {time.perf_counter() - started:.0f} s")
     return 0 if any(r["status"] == "ok" for r in results) else 1
