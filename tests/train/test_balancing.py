@@ -142,3 +142,15 @@ def test_compile_counts_once_and_keeps_the_aux_gradient(tmp_path, byte_data):
     assert loss_compiled == pytest.approx(loss, rel=1e-5) and norm_compiled == pytest.approx(norm, rel=1e-5)
     assert compiled.moe_record["expert_load"] == eager.moe_record["expert_load"]
     assert compiled.moe_record["aux_loss"] == pytest.approx(eager.moe_record["aux_loss"], rel=1e-5)
+
+
+def test_a_forward_left_uncounted_is_not_in_the_statistics(tmp_path, byte_data):
+    # What parallel/ sets for the probe forward of a pipeline stage's shape inference (torch >= 2.12).
+    trainer = moe_trainer(tmp_path / "run", byte_data, "--model.aux_loss_coef=0.1")
+    inputs, _ = trainer.loader.next_batch()
+    moe = trainer.parallel.moe_layers[0][1]
+    moe.uncounted_forwards = 1
+    trainer.model(inputs)
+    assert moe.tokens_per_expert.sum() == 0 and moe.aux_loss_sum.sum() == 0
+    trainer.model(inputs)
+    assert moe.tokens_per_expert.sum() == inputs.numel() * moe.top_k and moe.aux_loss_sum[1] == len(inputs)
