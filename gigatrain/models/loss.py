@@ -11,12 +11,15 @@ IGNORE_INDEX = -100  # F.cross_entropy's default: evaluation pads its batches wi
 
 # Above this many logits (batch x seq x vocab), the loss goes through chunks of tokens: the
 # plain path holds an fp32 copy of every logit, its fp32 log-softmax for the backward and an fp32
-# gradient (llama3-1b's 128,256-word vocabulary over 4 x 2048 tokens: 4.2 GB each), while the
-# chunks hold only one chunk's fp32 values at a time. 2**26 fp32 values are 256 MiB. Below it
-# the plain path stays: the two agree to rounding, not bit for bit (a log-sum-exp against
-# log_softmax, another order of summation), and the small models' per-step losses that
-# tests/golden_losses.json fixes must not move.
-CHUNKED_MIN_LOGITS = 2**26
+# gradient, while the chunks hold only one chunk's fp32 values at a time. It is a trade of speed
+# for memory: on an H100 (torch 2.11, llama3-1b with its 128,256-word vocabulary, micro-batch
+# 4 x 2048 = 2**30 logits, bench/gpu.py, docs/benchmarks.md) the chunks cut peak memory from 40.4
+# to 32.6 GB but cost 6% of the throughput (MFU 42.0% against 44.8%). So they start where the
+# plain path's fp32 copies (4 bytes each, three of them) pass 24 GB, a third of an H100: a
+# micro-batch that size needs the memory more than the 6%. Below it the plain path stays; the
+# two agree to rounding, not bit for bit (a log-sum-exp against log_softmax, another order of
+# summation), so the small models' per-step losses that tests/golden_losses.json fixes never move.
+CHUNKED_MIN_LOGITS = 2**31
 # fp32 values per chunk: bounds the temporaries (each about this many floats, a few at a time).
 CHUNK_LOGITS = 2**26
 
