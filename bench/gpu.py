@@ -96,17 +96,6 @@ def top_kernels(prof, device: torch.device, rows: int = 15) -> str:
     return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=70)
 
 
-def device_busy(prof, device: torch.device) -> float | None:
-    """The share of the profiled steps' wall time that the GPU spent in kernels: what host
-    synchronisation, launch gaps and the data loader leave idle is the rest."""
-    if device.type != "cuda":
-        return None
-    averages = prof.key_averages()
-    kernels_us = sum(getattr(e, "self_device_time_total", 0) for e in averages)
-    steps_us = sum(e.cpu_time_total for e in averages if e.key.startswith("ProfilerStep"))
-    return kernels_us / steps_us if steps_us else None
-
-
 def run_variant(args, data: Path, workdir: Path, variant: str, steps: int, micro_batch: int) -> dict:
     """One trainer run of `steps` steps; its records, timing, memory and profile."""
     chunked = VARIANTS[variant][0]
@@ -155,7 +144,6 @@ def run_variant(args, data: Path, workdir: Path, variant: str, steps: int, micro
         "losses": [r["loss"] for r in records],
         "float8_linears": sum(type(m).__name__ == "Float8Linear" for part in trainer.parallel.parts for m in part.modules()),
         "profile": top_kernels(prof, device),
-        "device_busy": device_busy(prof, device),
         "checkpoints": checkpoints,
     }
     return result
@@ -182,17 +170,16 @@ def compare_losses(reference: list[float], other: list[float]) -> dict:
 def summary_table(results: list[dict], device_name: str) -> str:
     reference = next((r for r in results if r["variant"] == "after" and r["status"] == "ok"), None)
     lines = [f"device: {device_name}; torch {torch.__version__}",
-             "| variant | status | micro-batch | timed steps | tokens/s | MFU | step s | peak GB | 1st step s | GPU busy | vs after |",
-             "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| variant | status | micro-batch | timed steps | tokens/s | MFU | step s | peak GB | 1st step s | vs after |",
+             "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in results:
         if r["status"] != "ok":
-            lines.append(f"| {r['variant']} | {r['status']} | {r.get('micro_batch', '')} | | | | | | | | |")
+            lines.append(f"| {r['variant']} | {r['status']} | {r.get('micro_batch', '')} | | | | | | | |")
             continue
         ratio = f"{r['tokens_per_s'] / reference['tokens_per_s']:.3f}" if reference else ""
-        busy = f"{100 * r['device_busy']:.1f}%" if r.get("device_busy") is not None else ""
         lines.append(f"| {r['variant']} | ok | {r['micro_batch']} | {r['timed_steps'][0]}-{r['timed_steps'][1]} | "
                      f"{r['tokens_per_s']:,.0f} | {100 * r['mfu']:.1f}% | {r['step_time_s']:.3f} | "
-                     f"{r['peak_memory_gb']:.1f} | {r['first_step_s']:.1f} | {busy} | {ratio} |")
+                     f"{r['peak_memory_gb']:.1f} | {r['first_step_s']:.1f} | {ratio} |")
     for r in results:
         if "loss_vs_after" in r:
             c = r["loss_vs_after"]
