@@ -79,7 +79,7 @@ class Workload:
 
     @property
     def flops_per_token(self) -> int:
-        return training_flops_per_token(self.model, self.seq_len)
+        return _training_flops_per_token(self.model, self.seq_len)
 
 
 @dataclass(frozen=True)
@@ -199,6 +199,11 @@ class ModelCosts:
     largest_layer_expert_params: int = 0  # its routed expert weights
 
 
+# The search costs tens of thousands of layouts of one model: count its parameters once.
+_training_flops_per_token = lru_cache(maxsize=256)(training_flops_per_token)
+_param_counts = lru_cache(maxsize=256)(param_counts)
+
+
 @lru_cache(maxsize=256)
 def model_costs(args: ModelArgs, seq_len: int) -> ModelCosts:
     counts = param_counts(args)
@@ -285,9 +290,9 @@ def layer_activation_elements(args: ModelArgs, kv_dim_per_rank: float, tp: int, 
     elements of 2 bytes per expert). Full recompute keeps the layer input only, as for dense.
     """
     dense = activation_elements(args, kv_dim_per_rank, tp, recompute, score_len, sequence_parallel, op_level_selective)
-    moe_share = sum(args.is_moe_layer(layer) for layer in range(args.n_layers)) / args.n_layers
-    if not moe_share:
+    if not args.is_moe:
         return dense
+    moe_share = _param_counts(args).n_moe_layers / args.n_layers
     width = (args.top_k + args.n_shared_experts) * args.moe_hidden
     moe = activation_elements(args, kv_dim_per_rank, tp, recompute, score_len, sequence_parallel, op_level_selective, ffn=width)
     if recompute != "full":
