@@ -126,7 +126,10 @@ def dry_run(cfg: Config, n_processes: int) -> int:
         f"run        {cfg.run_dir} ({resumed})",
         f"model      {cfg.model.preset}: {model.n_layers} layers, d_model {model.d_model}, {model.n_heads} heads "
         f"({model.n_kv_heads} kv), {(counts.total - counts.embedding - counts.output) / 1e6:,.1f}M parameters "
-        f"besides the embeddings",
+        f"besides the embeddings"
+        # A mixture of experts: what one token goes through too (the router, its top_k experts).
+        + (f"; {model.n_experts} experts, {model.top_k} per token: {counts.total / 1e6:,.1f}M in all, "
+           f"{counts.active / 1e6:,.1f}M active" if model.is_moe else ""),
         f"layout     {n_processes} process(es): " + " ".join(f"{axis}={value}" for axis, value in dims.degrees().items())
         + (f" {dims.pp_schedule}" if dims.pp > 1 else "")
         + (f", activation checkpointing {dims.activation_checkpointing}" if dims.activation_checkpointing != "none" else "")

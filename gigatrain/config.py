@@ -50,6 +50,8 @@ class ModelConfig:
     rope_original_max_seq_len: int | None = None
     mlp_activation: str | None = None  # silu | gelu
     attn_softcap: float | None = None
+    qk_norm: bool | None = None
+    head_dim_override: int | None = None  # features per head; 0: d_model // n_heads
     # Mixture of experts (models/moe.py); n_experts 0 or 1: dense
     n_experts: int | None = None
     top_k: int | None = None
@@ -295,12 +297,25 @@ def validate(cfg: Config) -> None:
     _require(m.rope_scaling_factor is None or m.rope_scaling_factor >= 1,
              f"model.rope_scaling_factor={m.rope_scaling_factor} is not valid; use 1 (no scaling) or more")
     args = resolve_model_args(cfg)
-    _require(args.d_model % args.n_heads == 0, f"model.d_model={args.d_model} is not divisible by model.n_heads={args.n_heads}; pick sizes with d_model % n_heads == 0")
-    _require(args.head_dim % 2 == 0, f"head dimension d_model/n_heads={args.head_dim} must be even for rotary embeddings; change model.d_model or model.n_heads")
+    _require(args.head_dim_override >= 0, f"model.head_dim_override={args.head_dim_override} is not valid; use 0 (d_model / n_heads) or a positive size")
+    _require(args.head_dim_override or args.d_model % args.n_heads == 0, f"model.d_model={args.d_model} is not divisible by model.n_heads={args.n_heads}; pick sizes with d_model % n_heads == 0 or set model.head_dim_override")
+    _require(args.head_dim % 2 == 0, f"head dimension {args.head_dim} must be even for rotary embeddings; change model.d_model, model.n_heads or model.head_dim_override")
     _require(args.rope_high_freq_factor > args.rope_low_freq_factor,
              f"model.rope_high_freq_factor={args.rope_high_freq_factor} is not valid; it must be above "
              f"model.rope_low_freq_factor={args.rope_low_freq_factor}")
     _require(args.n_heads % args.n_kv_heads == 0, f"model.n_heads={args.n_heads} is not divisible by model.n_kv_heads={args.n_kv_heads}; grouped-query attention needs n_heads % n_kv_heads == 0")
+    _require(args.mlp_activation in ("silu", "gelu"), f"model.mlp_activation={args.mlp_activation!r} is not valid; use silu or gelu")
+    _require(args.router_score in ("softmax", "sigmoid"), f"model.router_score={args.router_score!r} is not valid; use softmax or sigmoid")
+    for name in ("attn_softcap", "n_experts", "expert_hidden", "n_shared_experts", "n_dense_layers", "aux_loss_coef", "bias_update_rate"):
+        value = getattr(args, name)
+        _require(value >= 0, f"model.{name}={value} is not valid; it must be 0 or more")
+    _require(args.moe_every >= 1, f"model.moe_every={args.moe_every} is not valid; it must be at least 1 (1: every layer past the dense ones)")
+    if args.is_moe:
+        _require(1 <= args.top_k <= args.n_experts, f"model.top_k={args.top_k} is not valid; it must be between 1 and model.n_experts={args.n_experts}")
+        _require(args.n_dense_layers < args.n_layers, f"model.n_dense_layers={args.n_dense_layers} leaves no MoE layer of model.n_layers={args.n_layers}; "
+                 "use fewer dense layers or model.n_experts=0 for a dense model")
+    _require(not (args.attn_softcap and p.cp > 1), f"model.attn_softcap={args.attn_softcap} is not supported with parallel.cp={p.cp}; "
+             "context parallelism attends with SDPA, which cannot cap logits: use parallel.cp=1")
     _require(d.seq_len >= 2, f"data.seq_len={d.seq_len} is not valid; it must be at least 2")
     _require(d.vocab_size >= 257, f"data.vocab_size={d.vocab_size} is not valid; a BPE vocabulary needs more than the 256 bytes (e.g. 4096)")
     _require(t.batch_tokens >= 0, f"train.batch_tokens={t.batch_tokens} is not valid; use 0 or a positive number of tokens")

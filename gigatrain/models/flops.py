@@ -21,7 +21,7 @@ class ParamCounts:
     embedding: int  # token embedding table
     attention: int  # per layer: wq, wk, wv, wo
     mlp: int  # per dense layer: w1, w2, w3
-    norms: int  # per layer (2) plus the final norm, all layers together
+    norms: int  # per layer (2, and QK-norm's 2) plus the final norm, all layers together
     output: int  # the LM head; 0 when tied to the embedding
     total: int
     n_layers: int = 0
@@ -50,7 +50,8 @@ def param_counts(args: ModelArgs) -> ParamCounts:
     router_and_shared = d * args.n_experts + args.n_shared_experts * expert if n_moe_layers else 0
     moe = router_and_shared + args.n_experts * expert if n_moe_layers else 0
     moe_active = router_and_shared + args.top_k * expert if n_moe_layers else 0
-    norms = (2 * args.n_layers + 1) * d
+    # Two per layer and the final one over d_model; QK-norm's two over head_dim per layer.
+    norms = (2 * args.n_layers + 1) * d + (2 * args.n_layers * hd if args.qk_norm else 0)
     output = 0 if args.tie_embeddings else args.vocab_size * d
     dense_layers = args.n_layers - n_moe_layers
     total = embedding + args.n_layers * attention + dense_layers * mlp + n_moe_layers * moe + norms + output

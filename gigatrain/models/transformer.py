@@ -45,6 +45,12 @@ class ModelArgs:
     mlp_activation: str = "silu"
     # Attention logits capped at +-c by c * tanh(x / c) before the softmax (Grok-1: 30); 0: none.
     attn_softcap: float = 0.0
+    # RMSNorm over each head's query and key features before rotary (Qwen3, OLMo 2): keeps the
+    # attention logits bounded without a soft cap.
+    qk_norm: bool = False
+    # Features per attention head; 0: d_model // n_heads. Qwen3-30B-A3B: 32 heads of 128 on a
+    # d_model of 2048, so its projections into heads are wider than d_model.
+    head_dim_override: int = 0
     # Mixture of experts (models/moe.py); n_experts 0 or 1 is a dense model.
     n_experts: int = 0
     top_k: int = 2  # experts each token is sent to
@@ -72,7 +78,7 @@ class ModelArgs:
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        return self.head_dim_override or self.d_model // self.n_heads
 
     @property
     def rope_scaled(self) -> bool:
@@ -132,13 +138,32 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return rotated.flatten(-2).type_as(x)
 
 
+def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap: float) -> torch.Tensor:
+    """Causal attention with the logits capped at +-softcap by softcap * tanh(x / softcap)
+    (Grok-1, Gemma 2), written out: SDPA's kernels take no cap. The logits and the softmax
+    in fp32, as the fused kernels accumulate."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    logits = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    logits = softcap * torch.tanh(logits / softcap)
+    causal = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+    probs = logits.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+    return (probs @ v.float()).type_as(q)
+
+
 class CoreAttention(nn.Module):
     """Causal softmax attention over q [batch, heads, seq, head_dim] and k, v [batch, kv_heads, ...].
 
     A module of its own, with no parameters, so that context parallelism can swap in a
     version that attends over the whole sequence without the model knowing."""
 
+    def __init__(self, softcap: float = 0.0):
+        super().__init__()
+        self.softcap = softcap
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.softcap:
+            return softcapped_attention(q, k, v, self.softcap)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
 
 
@@ -150,7 +175,11 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.d_model, args.n_kv_heads * args.head_dim, bias=False)
         self.wv = nn.Linear(args.d_model, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.d_model, bias=False)
-        self.core = CoreAttention()
+        # Per head, over its head_dim features: one [head_dim] gain shared by every head, so
+        # tensor parallelism, which splits the heads, keeps a whole copy on each rank.
+        self.q_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else None
+        self.k_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else None
+        self.core = CoreAttention(args.attn_softcap)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         batch, seq, _ = x.shape
@@ -158,6 +187,8 @@ class Attention(nn.Module):
         q = self.wq(x).view(batch, seq, -1, self.head_dim)
         k = self.wk(x).view(batch, seq, -1, self.head_dim)
         v = self.wv(x).view(batch, seq, -1, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = cos[:seq], sin[:seq]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))

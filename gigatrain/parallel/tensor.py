@@ -40,6 +40,14 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> None:
         outer["output"] = ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False)
     parallelize_module(model, tp_mesh, outer)
     for block in model.layers.values():
+        if block.attention.q_norm is not None:
+            # QK-norm works on each head's features, and each rank holds whole heads (dim 2 of
+            # [batch, seq, heads, head_dim]): its [head_dim] gains are replicated, and their
+            # gradients summed over the ranks' heads.
+            parallelize_module(block, tp_mesh, {
+                "attention.q_norm": SequenceParallel(sequence_dim=2, use_local_output=True),
+                "attention.k_norm": SequenceParallel(sequence_dim=2, use_local_output=True),
+            })
         parallelize_module(block, tp_mesh, {
             "attention_norm": SequenceParallel(),
             # cos and sin are plain tensors, the same on every rank.
