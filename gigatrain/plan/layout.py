@@ -71,6 +71,8 @@ def violations(workload: Workload, layout: Layout, gpu: Accelerator, gpus: int, 
     if chunks > args.n_layers or (c.even_stages and args.n_layers % chunks):
         problems.append(f"pp x stages per rank = {chunks} must {'divide' if c.even_stages else 'not exceed'} "
                         f"n_layers={args.n_layers}")
+    if layout.cp > 1 and args.attn_softcap:
+        problems.append(f"cp={layout.cp}: context parallelism cannot apply attn_softcap={args.attn_softcap} (use cp=1)")
     if layout.cp > 1 and workload.seq_len % (2 * layout.cp):
         problems.append(f"seq_len={workload.seq_len} must be divisible by 2 x cp = {2 * layout.cp}")
     if workload.global_batch % (layout.dp * layout.micro_batch_size):
@@ -109,7 +111,9 @@ def _pp_choices(args: ModelArgs, c: Constraints) -> list[int]:
     return sorted(set(divisors(args.n_layers) + powers + list(range(1, min(args.n_layers, 16) + 1))))
 
 
-def _cp_choices(seq_len: int, c: Constraints) -> list[int]:
+def _cp_choices(args: ModelArgs, seq_len: int, c: Constraints) -> list[int]:
+    if args.attn_softcap:  # gigatrain's context-parallel attention cannot soft-cap its logits (config.py refuses it)
+        return [1]
     return [1] + [cp for cp in divisors(seq_len // 2) if 1 < cp <= c.max_cp] if seq_len >= 2 else [1]
 
 
@@ -126,7 +130,7 @@ def degree_candidates(workload: Workload, gpus: int, gpu: Accelerator, c: Constr
     args = workload.model
     for tp in _tp_choices(args, gpu, c):
         for pp in _pp_choices(args, c):
-            for cp in _cp_choices(workload.seq_len, c):
+            for cp in _cp_choices(args, workload.seq_len, c):
                 model_parallel = tp * pp * cp
                 if model_parallel > gpus or (c.exact_gpus and gpus % model_parallel):
                     continue

@@ -13,9 +13,7 @@ from gigatrain.plan.layout import Constraints, auto_layout, search, violations
 # 2 MoE layers of 4 experts (hidden 16), 2 per token; d_model 8.
 SMALL_MOE = ModelArgs(n_layers=2, d_model=8, n_heads=2, n_kv_heads=1, ffn_hidden=16, vocab_size=10, max_seq_len=4,
                       n_experts=4, top_k=2)
-# Mixtral 8x7B (arXiv:2401.04088): 46.7B total, 12.9B active.
-MIXTRAL = ModelArgs(n_layers=32, d_model=4096, n_heads=32, n_kv_heads=8, ffn_hidden=14336, vocab_size=32000,
-                    max_seq_len=32768, n_experts=8, top_k=2)
+MIXTRAL = get_preset("mixtral-8x7b")  # 46.7B total, 12.9B active
 H100 = get_accelerator("h100")
 
 
@@ -139,3 +137,24 @@ def test_auto_layout_gives_tiny_moe_a_valid_ep(world):
     assert args.n_experts % chosen.ep == 0 and (chosen.dp_shard * chosen.cp) % chosen.ep == 0
     if world == 4:  # 4 CPU processes, 8 experts: EP 4 is valid and the planner's choice must be one of 1, 2, 4
         assert chosen.ep in (1, 2, 4)
+
+
+def test_soft_capped_attention_is_planned_without_context_parallelism():
+    """Grok-1 soft-caps its attention logits, which context-parallel attention cannot (config.py refuses it)."""
+    grok = get_preset("grok-1-314b")
+    workload = Workload(grok, 8192, 2048)
+    found = search(workload, 8192, H100, top=5)
+    assert found and {e.layout.cp for e in found} == {1}
+    assert violations(workload, Layout(dp_shard=128, tp=8, pp=4, cp=2, ep=8), H100, 8192, Constraints())
+
+
+@pytest.mark.parametrize("name", ["mixtral-8x7b", "grok-1-314b", "qwen3-30b-a3b"])
+def test_published_presets_cost_active_flops(name):
+    args = get_preset(name)
+    counts = param_counts(args)
+    workload = Workload(args, 4096, 512)
+    result = estimate(workload, Layout(dp_shard=512, tp=1, ep=8, activation_checkpointing="full"), H100)
+    # MFU counts the active parameters: 6 x active matmul weights per token plus attention.
+    assert result.mfu == pytest.approx(result.tokens_per_s * training_flops_per_token(args, 4096) / (512 * H100.peak_flops()))
+    assert 0 < result.mfu < 1 and counts.active < counts.total / 3
+    assert result.time_s["ep_comm"] > 0

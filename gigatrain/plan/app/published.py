@@ -45,9 +45,6 @@ def gpt(layers: int, hidden: int, heads: int) -> ModelArgs:
 
 LLAMA2_13B = ModelArgs(n_layers=40, d_model=5120, n_heads=40, n_kv_heads=40, ffn_hidden=13824, vocab_size=32000,
                        max_seq_len=4096)
-# Mixtral 8x7B (Jiang et al. 2024, arXiv:2401.04088, table 1): 46.7B total, 12.9B active.
-MIXTRAL_8X7B = ModelArgs(n_layers=32, d_model=4096, n_heads=32, n_kv_heads=8, ffn_hidden=14336, vocab_size=32000,
-                         max_seq_len=32768, rope_theta=1e6, n_experts=8, top_k=2)
 # DeepSeek-V3 (arXiv:2412.19437, sec. 4.2): 61 layers, the first 3 dense (hidden 18,432), then 256
 # routed experts of hidden 2,048, 8 per token, and 1 shared; 671B total, 37B active. Multi-head
 # latent attention is not modeled: it is written as plain multi-head attention of 128 heads over
@@ -143,10 +140,10 @@ PUBLISHED_RUNS: list[PublishedRun] = [
                  catalog_overrides=TORCHTITAN_FABRIC),
     # Mixture of experts. NeMo runs Megatron's DDP with the distributed optimizer (ZeRO-1), planned
     # here as FSDP over the 64 ranks with the experts split 8 ways (the source's EP 8).
-    PublishedRun(name="Mixtral 8x7B, EP8 on 64 B200 (FP8)", source=NEMO_B200, model=MIXTRAL_8X7B, gpu="b200",
+    PublishedRun(name="Mixtral 8x7B, EP8 on 64 B200 (FP8)", source=NEMO_B200, model=get_preset("mixtral-8x7b"), gpu="b200",
                  gpus=64, seq_len=4096, global_batch=256, metric="tokens_per_gpu_s", published=15457,
                  degrees={"tp": 1, "pp": 1, "cp": 1, "dp_shard": 64, "dp_replicate": 1, "ep": 8}, precision="fp8"),
-    PublishedRun(name="Mixtral 8x7B, EP8 on 64 GB200 (FP8)", source=NEMO_GB200, model=MIXTRAL_8X7B, gpu="gb200",
+    PublishedRun(name="Mixtral 8x7B, EP8 on 64 GB200 (FP8)", source=NEMO_GB200, model=get_preset("mixtral-8x7b"), gpu="gb200",
                  gpus=64, seq_len=4096, global_batch=256, metric="tokens_per_gpu_s", published=19275,
                  degrees={"tp": 1, "pp": 1, "cp": 1, "dp_shard": 64, "dp_replicate": 1, "ep": 8}, precision="fp8"),
     # 180K H800 GPU-hours per trillion tokens (table 1): 1e12 / (180e3 x 3600 s) tokens/s per GPU.
