@@ -20,9 +20,22 @@ Layouts use the config's names (parallel.*, train.micro_batch_size,
 train.activation_checkpointing, PyTorch's pipeline schedule names), so a layout the planner
 picks is a layout the trainer runs, and "selective" means the same op-level recompute in both.
 
-FLOP counts come from gigatrain.models.flops (the PaLM convention the trainer's MFU uses).
-Expert parallelism is the seam left for MoE: a layer's cost is per_layer_* below, and an MoE
-layer would add its all-to-all and expert GEMMs there.
+FLOP counts come from gigatrain.models.flops (the PaLM convention the trainer's MFU uses): for
+a mixture of experts they count the ACTIVE parameters (attention, router, a token's top_k experts,
+shared experts), so MFU is on active FLOPs as published MoE figures report it.
+
+Mixture of experts. `ep` (expert parallel) does not multiply the GPU count: as in torchtitan, the
+EP group is carved from the dp_shard x cp ranks, next to tp in the mesh (pp, dp_replicate,
+dp_shard, cp, tp), so an EP group spans ep x tp consecutive ranks. Each EP rank holds
+n_experts/ep experts (split over tp like a dense MLP); FSDP shards them over the
+efsdp = dp_shard x cp / ep ranks outside the EP group. An MoE layer adds:
+  all-to-all  dispatch and combine, forward and backward: 4 x tokens x top_k x d_model x bytes
+             per TP rank (sequence parallel: each TP rank routes its 1/tp of the tokens), of which
+             (ep-1)/ep leaves the rank; NVLink for the peers in the rank's NVLink domain, the
+             scale-out NIC for the rest; not overlapped (Efficiency.ep_overlap, default 0);
+  imbalance  the slowest EP rank's routed-expert GEMMs take expert_imbalance x the mean;
+  memory     top_k copies of each token's hidden in the experts, and the experts' weights,
+             gradients and optimizer state divided by ep x efsdp (see expert_state below).
 """
 
 from __future__ import annotations
@@ -66,7 +79,7 @@ class Workload:
 
     @property
     def flops_per_token(self) -> int:
-        return training_flops_per_token(self.model, self.seq_len)
+        return _training_flops_per_token(self.model, self.seq_len)
 
 
 @dataclass(frozen=True)
@@ -80,6 +93,7 @@ class Layout:
     pp_schedule: str = "1F1B"  # one of config.PP_SCHEDULES (PyTorch's names); ignored when pp == 1
     pp_stages_per_rank: int = 1  # model chunks per pipeline rank (the multi-stage schedules)
     activation_checkpointing: str = "none"  # none | selective (op-level) | full
+    ep: int = 1  # expert parallel, carved from dp_shard x cp (does not multiply the GPU count); 1 for dense
 
     @property
     def dp(self) -> int:
@@ -93,9 +107,11 @@ class Layout:
         return {name: getattr(self, name) for name in DEGREES}
 
     def describe(self) -> str:
-        """Compact: 'dp2x64 tp8 pp7:int9 cp2 mbs1 rc=selective' (dp replicate x shard)."""
+        """Compact: 'dp2x64 ep8 tp8 pp7:int9 cp2 mbs1 rc=selective' (dp replicate x shard; ep within dp_shard x cp)."""
         dp = f"dp{self.dp_replicate}x{self.dp_shard}" if self.dp_replicate > 1 else f"dp{self.dp_shard}"
         parts = [dp]
+        if self.ep > 1:
+            parts.append(f"ep{self.ep}")
         if self.tp > 1:
             parts.append(f"tp{self.tp}")
         if self.pp > 1:
@@ -132,6 +148,9 @@ class Efficiency:
     tp_overlap: float = 0.0  # share of TP traffic hidden (async TP would raise it)
     layer_overhead_s: float = 0.0  # launch/dispatch time per layer per micro-batch (matters on CPU)
     step_overhead_s: float = 0.0  # fixed time per optimizer step (data, logging, syncs)
+    # Slowest EP rank's routed-expert work over the mean (docs/planner.md, "Mixture of experts").
+    expert_imbalance: float = 1.1
+    ep_overlap: float = 0.0  # share of the MoE all-to-all hidden behind compute (DualPipe-style schedules)
 
     def resolve(self, gpu: Accelerator) -> "Efficiency":
         return replace(self, matmul=self.matmul if self.matmul is not None else gpu.matmul_efficiency * self.matmul_derate,
@@ -172,6 +191,17 @@ class ModelCosts:
     embedding_params: int
     head_params: int  # LM head weights a last pipeline stage holds (a copy when tied)
     kv_dim: int
+    # Mixture of experts, averaged over the layers like the fields above (0 for a dense model):
+    layer_expert_flops: float = 0.0  # the routed experts' share of layer_dense_flops (what imbalance slows)
+    layer_expert_params: float = 0.0  # routed expert weights, which EP divides
+    moe_layer_share: float = 0.0  # MoE layers / all layers
+    largest_layer_state_params: int = 0  # the biggest layer, which FSDP gathers whole (an MoE layer if any)
+    largest_layer_expert_params: int = 0  # its routed expert weights
+
+
+# The search costs tens of thousands of layouts of one model: count its parameters once.
+_training_flops_per_token = lru_cache(maxsize=256)(training_flops_per_token)
+_param_counts = lru_cache(maxsize=256)(param_counts)
 
 
 @lru_cache(maxsize=256)
@@ -179,7 +209,14 @@ def model_costs(args: ModelArgs, seq_len: int) -> ModelCosts:
     counts = param_counts(args)
     dense = training_flops_per_token(args, 0)  # seq_len 0: the matmul-only part, 6 x matmul params
     attention = training_flops_per_token(args, seq_len) - dense
-    layers_share = args.n_layers * counts.per_layer / matmul_params(args)
+    # What one token goes through in a layer, on average: MoE layers count the router, top_k
+    # routed experts and the shared ones (as flops.matmul_params does), not every expert.
+    moe_share = counts.n_moe_layers / args.n_layers
+    active_per_layer = counts.attention + (counts.n_dense_layers * counts.mlp + counts.n_moe_layers * counts.moe_active) / args.n_layers
+    layers_share = args.n_layers * active_per_layer / matmul_params(args)
+    expert = 3 * args.d_model * args.moe_hidden  # one routed expert's w1, w2, w3
+    moe_layer_experts = args.n_experts * expert if counts.n_moe_layers else 0
+    largest = counts.attention + max(counts.mlp if counts.n_dense_layers else 0, counts.moe if counts.n_moe_layers else 0)
     return ModelCosts(
         layer_dense_flops=dense * layers_share / args.n_layers,
         layer_attention_flops=attention / args.n_layers,
@@ -189,11 +226,23 @@ def model_costs(args: ModelArgs, seq_len: int) -> ModelCosts:
         embedding_params=counts.embedding,
         head_params=args.vocab_size * args.d_model + args.d_model,  # with the final norm
         kv_dim=args.n_kv_heads * args.head_dim,
+        layer_expert_flops=6 * moe_share * args.top_k * expert if counts.n_moe_layers else 0.0,
+        layer_expert_params=moe_share * moe_layer_experts,
+        moe_layer_share=moe_share,
+        largest_layer_state_params=largest + 2 * args.d_model,
+        largest_layer_expert_params=moe_layer_experts,
     )
 
 
+def expert_state(costs: ModelCosts, layers: int, ep: int) -> tuple[float, float]:
+    """(routed expert weights of `layers` layers, the part one EP rank holds): EP splits the
+    experts, so a rank's share is 1/ep; FSDP then shards that share over dp_shard x cp / ep."""
+    experts = layers * costs.layer_expert_params
+    return experts, experts / ep
+
+
 def activation_elements(args: ModelArgs, kv_dim_per_rank: float, tp: int, recompute: str, score_len: int = 0,
-                        sequence_parallel: bool = True, op_level_selective: bool = True) -> float:
+                        sequence_parallel: bool = True, op_level_selective: bool = True, ffn: float | None = None) -> float:
     """Activation elements one layer keeps per token for its backward, per TP rank.
 
     With sequence parallelism every stored tensor is split over tp (Korthikanti et al. 2022,
@@ -214,8 +263,10 @@ def activation_elements(args: ModelArgs, kv_dim_per_rank: float, tp: int, recomp
     dropout output add Korthikanti's 5as bytes per token, which selective recompute drops
     (the attention kernel's output is kept, not its internals).
     Without sequence parallelism the norm inputs and outputs (4h) are whole on every TP rank.
+    `ffn` replaces the MLP's hidden width (an MoE layer's top_k + shared experts, see
+    layer_activation_elements).
     """
-    h, f = args.d_model, args.ffn_hidden
+    h, f = args.d_model, args.ffn_hidden if ffn is None else ffn
     per_rank_h, per_rank_f = h / tp, f / tp
     norm_h = per_rank_h if sequence_parallel else h  # residual-stream tensors around the norms
     if recompute == "full":
@@ -226,6 +277,28 @@ def activation_elements(args: ModelArgs, kv_dim_per_rank: float, tp: int, recomp
         projection_outputs = 2 * (h + (per_rank_h if tp > 1 and sequence_parallel else 0))
         return norm_h + 2 * per_rank_h + 2 * kv_dim_per_rank + 2 * per_rank_f + projection_outputs
     return 4 * norm_h + 2 * per_rank_h + 2 * kv_dim_per_rank + 4 * per_rank_f + 2.5 * args.n_heads / tp * score_len
+
+
+def layer_activation_elements(args: ModelArgs, kv_dim_per_rank: float, tp: int, recompute: str, score_len: int = 0,
+                              sequence_parallel: bool = True, op_level_selective: bool = True) -> float:
+    """activation_elements averaged over a model's dense and MoE layers (the dense count for a dense model).
+
+    An MoE layer's MLP part holds, per token, top_k copies of the expert MLP's tensors and the
+    shared experts' (an MLP of hidden top_k x expert_hidden + shared width), plus the routed
+    copies themselves: the dispatched input and the expert output of each of the top_k choices
+    (2 x top_k x h per TP rank under sequence parallelism) and the router's fp32 scores (two
+    elements of 2 bytes per expert). Full recompute keeps the layer input only, as for dense.
+    """
+    dense = activation_elements(args, kv_dim_per_rank, tp, recompute, score_len, sequence_parallel, op_level_selective)
+    if not args.is_moe:
+        return dense
+    moe_share = _param_counts(args).n_moe_layers / args.n_layers
+    width = (args.top_k + args.n_shared_experts) * args.moe_hidden
+    moe = activation_elements(args, kv_dim_per_rank, tp, recompute, score_len, sequence_parallel, op_level_selective, ffn=width)
+    if recompute != "full":
+        per_rank_h = args.d_model / tp if sequence_parallel else args.d_model
+        moe += 2 * args.top_k * per_rank_h + 2 * args.n_experts
+    return dense + moe_share * (moe - dense)
 
 
 # -- links --------------------------------------------------------------------------------
@@ -243,6 +316,21 @@ def ring_time(bytes_per_rank: float, ranks: int, bandwidth: float, latency: floa
     if ranks <= 1:
         return 0.0
     return (ranks - 1) * bytes_per_rank / bandwidth + (ranks - 1) * latency
+
+
+def all_to_all_time(bytes_per_rank: float, ranks: int, tp: int, gpu: Accelerator, eff: Efficiency) -> float:
+    """One all-to-all over an EP group of `ranks` ranks, tp apart (the group spans ranks x tp
+    consecutive GPUs): each rank keeps 1/ranks of its bytes and sends the rest, split evenly over
+    its peers. Peers in its NVLink domain are reached over NVLink, the others over the scale-out
+    NIC, concurrently: the slower share sets the time, plus one latency."""
+    if ranks <= 1:
+        return 0.0
+    local = min(ranks, max(1, gpu.scaleup_domain // tp))  # EP ranks in one NVLink domain, itself included
+    nvlink_bw, nvlink_lat = link(gpu, 1, eff)
+    fabric_bw, fabric_lat = link(gpu, gpu.scaleup_domain + 1, eff)
+    over_nvlink = bytes_per_rank * (local - 1) / ranks / nvlink_bw
+    over_fabric = bytes_per_rank * (ranks - local) / ranks / fabric_bw
+    return max(over_nvlink, over_fabric) + (fabric_lat if ranks > local else nvlink_lat)
 
 
 # -- pipeline -----------------------------------------------------------------------------
@@ -296,10 +384,11 @@ class PieceTime:
     compute: float  # matmuls, attention, memory traffic, launch overhead
     tp: float  # exposed tensor-parallel communication
     cp: float  # exposed context-parallel communication
+    ep: float = 0.0  # exposed expert-parallel all-to-all (MoE layers, averaged over the layers)
 
     @property
     def total(self) -> float:
-        return self.compute + self.tp + self.cp
+        return self.compute + self.tp + self.cp + self.ep
 
 
 @dataclass(frozen=True)
@@ -326,11 +415,15 @@ def layer_time(c: Context) -> PieceTime:
     causal = 0.5 if c.workload.flash_attention else 1.0
     score_len = 0 if c.workload.flash_attention else c.workload.seq_len
     attention = c.tokens * c.costs.layer_attention_flops / tp * causal * replay / (c.peak * eff.attention)
-    matmuls = c.tokens * c.costs.layer_dense_flops / tp * replay / (c.peak * eff.matmul)
-    stored = activation_elements(args, c.kv_per_rank, tp, "none", 0, c.workload.sequence_parallel)
+    # The slowest EP rank sets the pace of the routed experts (one rank holding every expert has no imbalance).
+    imbalance = eff.expert_imbalance - 1 if layout.ep > 1 else 0.0
+    matmul_flops = c.costs.layer_dense_flops + imbalance * c.costs.layer_expert_flops
+    matmuls = c.tokens * matmul_flops / tp * replay / (c.peak * eff.matmul)
+    stored = layer_activation_elements(args, c.kv_per_rank, tp, "none", 0, c.workload.sequence_parallel)
     elementwise = (eff.elementwise_passes * stored + SCORE_PASSES * args.n_heads / tp * score_len) * ab * c.tokens
     elementwise *= 1 + (1 / 3 if layout.activation_checkpointing != "none" else 0)  # recompute replays the element-wise ops
-    weights = c.costs.layer_params / tp * (3 * ab + 8 + (ab if full else 0))  # W read fwd+bwd, dW written, fp32 accumulate
+    local_params = c.costs.layer_params - c.costs.layer_expert_params * (1 - 1 / layout.ep)  # an EP rank's experts only
+    weights = local_params / tp * (3 * ab + 8 + (ab if full else 0))  # W read fwd+bwd, dW written, fp32 accumulate
     compute = matmuls + attention + (elementwise + weights) / c.hbm + eff.layer_overhead_s
 
     tp_bw, tp_lat = link(c.gpu, tp, eff)
@@ -339,7 +432,13 @@ def layer_time(c: Context) -> PieceTime:
     cp_bw, cp_lat = link(c.gpu, tp * layout.cp, eff)
     cp_ops = 3 + (1 if full else 0)  # gather K,V fwd; gather again and reduce-scatter dK,dV bwd
     cp_time = cp_ops * ring_time(c.tokens * 2 * c.kv_per_rank * ab, layout.cp, cp_bw, cp_lat)
-    return PieceTime(compute, tp_time, max(0.0, cp_time - eff.overlap * attention))
+    # Dispatch and combine, forward and backward (and again in full recompute's replayed forward);
+    # nothing to overlap with in the layer's own data flow (router -> dispatch -> experts -> combine).
+    ep_ops = 4 + (2 if full else 0)
+    routed_tokens = c.tokens * args.top_k / (tp if c.workload.sequence_parallel else 1)
+    ep_time = (c.costs.moe_layer_share * ep_ops * (1 - eff.ep_overlap)
+               * all_to_all_time(routed_tokens * args.d_model * ab, layout.ep, tp, c.gpu, eff))
+    return PieceTime(compute, tp_time, max(0.0, cp_time - eff.overlap * attention), ep_time)
 
 
 def head_time(c: Context) -> PieceTime:
@@ -361,22 +460,29 @@ def stage_params(costs: ModelCosts, args: ModelArgs, pp: int, per_stage: int, la
             last_layers * costs.layer_state_params + costs.head_params)
 
 
-def data_parallel_time(c: Context, params_per_rank: float, collectives: int, microbatches: int) -> float:
+def data_parallel_time(c: Context, params_per_rank: float, collectives: int, microbatches: int,
+                       experts_per_rank: float = 0.0) -> float:
     """FSDP over dp_shard x cp (torchtitan's dp_shard_cp mesh) and HSDP's all-reduce over dp_replicate.
 
     FSDP all-gathers bf16 weights for the forward and again for the backward and reduce-scatters
     fp32 gradients: per micro-batch without pipeline parallelism, once per step with it (the
     stage keeps its weights gathered and its gradients unsharded between micro-batches).
+    Routed experts (experts_per_rank of params_per_rank) are split over ep first: a rank gathers
+    only its EP rank's 1/ep of them, over the efsdp = dp_shard x cp / ep ranks outside the EP group.
     """
     layout, ab = c.layout, c.workload.act_bytes
     shard = layout.dp_shard * layout.cp
     gathers, scatters = (2 * microbatches, microbatches) if layout.pp == 1 else (1, 1)
     seconds = 0.0
-    if shard > 1:
-        bw, lat = link(c.gpu, layout.tp * shard, c.eff)
-        seconds += (gathers * ring_time(params_per_rank * ab / shard, shard, bw, 0.0)
-                    + scatters * ring_time(params_per_rank * 4 / shard, shard, bw, 0.0)
-                    + (gathers + scatters) * collectives * (shard - 1) * lat)
+    groups = [(params_per_rank - experts_per_rank, shard, collectives)]
+    if experts_per_rank:
+        groups.append((experts_per_rank / layout.ep, shard // layout.ep, collectives * c.costs.moe_layer_share))
+    for params, ranks, count in groups:
+        if ranks > 1:
+            bw, lat = link(c.gpu, layout.tp * shard, c.eff)
+            seconds += (gathers * ring_time(params * ab / ranks, ranks, bw, 0.0)
+                        + scatters * ring_time(params * 4 / ranks, ranks, bw, 0.0)
+                        + (gathers + scatters) * count * (ranks - 1) * lat)
     r = layout.dp_replicate
     if r > 1:
         bw, lat = link(c.gpu, layout.tp * shard * r, c.eff)
@@ -413,7 +519,8 @@ def estimate(workload: Workload, layout: Layout, gpu: Accelerator, efficiency: E
     pp_exposed = 2 * (pp * layout.pp_stages_per_rank - 1) * p2p if pp > 1 else 0.0
 
     params_per_rank = max(stage_params(c.costs, args, pp, per_stage, last_layers)) / tp
-    dp_time = data_parallel_time(c, params_per_rank, max(per_stage, 1), microbatches)
+    experts_per_rank = expert_state(c.costs, args.n_layers if pp == 1 else max(per_stage, last_layers), 1)[0] / tp
+    dp_time = data_parallel_time(c, params_per_rank, max(per_stage, 1), microbatches, experts_per_rank)
     dp_exposed = max(dp_time - eff.overlap * compute_time, (1 - eff.overlap) * dp_time)
     shard = layout.dp_shard * layout.cp
     optimizer_time = params_per_rank / shard * OPTIMIZER_BYTES_PER_PARAM / c.hbm
@@ -421,8 +528,9 @@ def estimate(workload: Workload, layout: Layout, gpu: Accelerator, efficiency: E
 
     tp_part = microbatches * (stage_layers * layer.tp + (head.tp if with_head else 0.0))
     cp_part = microbatches * stage_layers * layer.cp
-    time_s = {"compute": compute_time - tp_part - cp_part, "tp_comm": tp_part, "cp_comm": cp_part,
-              "dp_comm": dp_exposed, "pp_comm": pp_exposed, "bubble": bubble,
+    ep_part = microbatches * stage_layers * layer.ep
+    time_s = {"compute": compute_time - tp_part - cp_part - ep_part, "tp_comm": tp_part, "cp_comm": cp_part,
+              "ep_comm": ep_part, "dp_comm": dp_exposed, "pp_comm": pp_exposed, "bubble": bubble,
               "optimizer": optimizer_time + eff.step_overhead_s}
 
     memory_gb = memory_breakdown(workload, layout, c.costs, per_stage, last_layers, microbatches, c.kv_per_rank)
@@ -443,7 +551,10 @@ def memory_breakdown(workload: Workload, layout: Layout, costs: ModelCosts, per_
     FSDP2 mixed precision: fp32 master weights, fp32 gradients and AdamW's two fp32 states,
     all sharded over dp_shard x cp; bf16 copies of the layers being computed. Under pipeline
     parallelism gradients accumulate unsharded across micro-batches and the stage's bf16
-    weights stay gathered (no resharding between micro-batches).
+    weights stay gathered (no resharding between micro-batches). Routed experts: a rank holds
+    its EP rank's 1/ep of them, sharded over dp_shard x cp / ep, so sharded state per rank is
+    the same 1/(dp_shard x cp) as for dense weights, while whatever is held unsharded (gathered
+    weights, pipeline gradients, the gathered layer) holds 1/ep of the experts.
     """
     args, ab = workload.model, workload.act_bytes
     tp, pp, cp = layout.tp, layout.pp, layout.cp
@@ -451,20 +562,23 @@ def memory_breakdown(workload: Workload, layout: Layout, costs: ModelCosts, per_
     tokens = layout.micro_batch_size * workload.seq_len / cp
     score_len = 0 if workload.flash_attention else workload.seq_len
     sp = workload.sequence_parallel
-    per_layer_act = tokens * activation_elements(args, kv_per_rank, tp, layout.activation_checkpointing, score_len, sp,
-                                                 workload.op_level_selective) * ab
-    replay_buffer = (tokens * activation_elements(args, kv_per_rank, tp, "none", score_len, sp) * ab
+    per_layer_act = tokens * layer_activation_elements(args, kv_per_rank, tp, layout.activation_checkpointing, score_len,
+                                                       sp, workload.op_level_selective) * ab
+    replay_buffer = (tokens * layer_activation_elements(args, kv_per_rank, tp, "none", score_len, sp) * ab
                      if layout.activation_checkpointing != "none" else 0.0)
     logits = tokens * args.vocab_size / tp * (ab + 8)  # bf16 logits, fp32 copy and its gradient
 
     def stage(layers: int, params: float, in_flight: float, has_head: bool) -> dict[str, float]:
         params /= tp
-        weights = 4 * params / shard + (ab * params if pp > 1 and shard > 1 else 0.0)
-        gradients = 4 * params / (shard if pp == 1 else 1)
+        experts, local_experts = expert_state(costs, layers, layout.ep)
+        held = params - (experts - local_experts) / tp  # what one rank holds unsharded: its EP rank's experts only
+        weights = 4 * params / shard + (ab * held if pp > 1 and shard > 1 else 0.0)
+        gradients = 4 * params / shard if pp == 1 else 4 * held
         optimizer = 8 * params / shard
         buffers = MEMORY_RESERVE_GB * GB
         if shard > 1 and pp == 1:  # two gathered layers (compute + prefetch) and one unsharded gradient
-            buffers += costs.layer_state_params / tp * (2 * ab + 4)
+            largest = costs.largest_layer_state_params - costs.largest_layer_expert_params * (1 - 1 / layout.ep)
+            buffers += largest / tp * (2 * ab + 4)
         activations = in_flight * layers * per_layer_act + replay_buffer + (logits if has_head else 0.0)
         return {"weights": weights / GB, "gradients": gradients / GB, "optimizer": optimizer / GB,
                 "activations": activations / GB, "buffers": buffers / GB}

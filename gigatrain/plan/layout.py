@@ -34,6 +34,7 @@ class Constraints:
     pp_schedule: str | None = None
     pp_stages_per_rank: int | None = None
     activation_checkpointing: str | None = None
+    ep: int | None = None
 
     def fixed(self) -> dict:
         names = [f.name for f in fields(Layout)]
@@ -51,9 +52,15 @@ def violations(workload: Workload, layout: Layout, gpu: Accelerator, gpus: int, 
     args, c = workload.model, constraints
     problems = []
     world = layout.world_size
-    if min(layout.degrees().values()) < 1 or layout.micro_batch_size < 1 or layout.pp_stages_per_rank < 1:
-        problems.append("degrees, micro-batch size and pipeline stages per rank must be at least 1")
+    if min(layout.degrees().values()) < 1 or min(layout.micro_batch_size, layout.pp_stages_per_rank, layout.ep) < 1:
+        problems.append("degrees, micro-batch size, pipeline stages per rank and ep must be at least 1")
         return problems
+    if layout.ep > 1 and not args.is_moe:
+        problems.append(f"ep={layout.ep} needs a mixture-of-experts model; a dense model takes ep=1")
+    if args.is_moe and args.n_experts % layout.ep:
+        problems.append(f"ep={layout.ep} must divide n_experts={args.n_experts}")
+    if (layout.dp_shard * layout.cp) % layout.ep:
+        problems.append(f"ep={layout.ep} must divide dp_shard x cp = {layout.dp_shard * layout.cp} (the ranks it is carved from)")
     if world > gpus or (c.exact_gpus and world != gpus):
         problems.append(f"layout needs {world} GPUs, the fleet has {gpus}")
     if args.n_heads % layout.tp or args.n_kv_heads % layout.tp:
@@ -64,6 +71,8 @@ def violations(workload: Workload, layout: Layout, gpu: Accelerator, gpus: int, 
     if chunks > args.n_layers or (c.even_stages and args.n_layers % chunks):
         problems.append(f"pp x stages per rank = {chunks} must {'divide' if c.even_stages else 'not exceed'} "
                         f"n_layers={args.n_layers}")
+    if layout.cp > 1 and args.attn_softcap:
+        problems.append(f"cp={layout.cp}: context parallelism cannot apply attn_softcap={args.attn_softcap} (use cp=1)")
     if layout.cp > 1 and workload.seq_len % (2 * layout.cp):
         problems.append(f"seq_len={workload.seq_len} must be divisible by 2 x cp = {2 * layout.cp}")
     if workload.global_batch % (layout.dp * layout.micro_batch_size):
@@ -102,7 +111,9 @@ def _pp_choices(args: ModelArgs, c: Constraints) -> list[int]:
     return sorted(set(divisors(args.n_layers) + powers + list(range(1, min(args.n_layers, 16) + 1))))
 
 
-def _cp_choices(seq_len: int, c: Constraints) -> list[int]:
+def _cp_choices(args: ModelArgs, seq_len: int, c: Constraints) -> list[int]:
+    if args.attn_softcap:  # gigatrain's context-parallel attention cannot soft-cap its logits (config.py refuses it)
+        return [1]
     return [1] + [cp for cp in divisors(seq_len // 2) if 1 < cp <= c.max_cp] if seq_len >= 2 else [1]
 
 
@@ -119,7 +130,7 @@ def degree_candidates(workload: Workload, gpus: int, gpu: Accelerator, c: Constr
     args = workload.model
     for tp in _tp_choices(args, gpu, c):
         for pp in _pp_choices(args, c):
-            for cp in _cp_choices(workload.seq_len, c):
+            for cp in _cp_choices(args, workload.seq_len, c):
                 model_parallel = tp * pp * cp
                 if model_parallel > gpus or (c.exact_gpus and gpus % model_parallel):
                     continue
@@ -134,6 +145,12 @@ def _shard_choices(dp: int, c: Constraints) -> list[int]:
     """dp_shard values; dp_replicate is dp // dp_shard (HSDP when both exceed 1)."""
     return [shard for shard in divisors(dp)
             if (c.dp_shard is None or shard == c.dp_shard) and (c.dp_replicate is None or dp // shard == c.dp_replicate)]
+
+
+def _ep_choices(args: ModelArgs, shard: int, cp: int, c: Constraints) -> list[int]:
+    """EP degrees: divisors of both the expert count and the dp_shard x cp ranks EP is carved from."""
+    choices = divisors(math.gcd(args.n_experts, shard * cp)) if args.is_moe else [1]
+    return [ep for ep in choices if c.ep is None or ep == c.ep]
 
 
 def _schedule_choices(args: ModelArgs, pp: int, c: Constraints) -> list[tuple[str, int]]:
@@ -157,7 +174,7 @@ def _schedule_choices(args: ModelArgs, pp: int, c: Constraints) -> list[tuple[st
 def search(workload: Workload, gpus: int, gpu: Accelerator, efficiency: Efficiency = Efficiency(),
            constraints: Constraints = Constraints(), top: int = 5, distinct: bool = True) -> list[Estimate]:
     """The `top` fastest layouts that fit, best first (ties: fewer GPUs, then fewer model-parallel
-    ranks). With `distinct`, only the best of each (tp, pp) is kept, so the list shows
+    ranks). With `distinct`, only the best of each (tp, pp, ep) is kept, so the list shows
     different shapes rather than one shape's near-identical variants."""
     c = constraints
     args = workload.model
@@ -170,18 +187,19 @@ def search(workload: Workload, gpus: int, gpu: Accelerator, efficiency: Efficien
         recomputes = ([c.activation_checkpointing] if c.activation_checkpointing is not None
                       else list(ACTIVATION_CHECKPOINTING))
         for shard in _shard_choices(dp, c):
-            for mbs in micro_batches:
-                for schedule, virtual in _schedule_choices(args, pp, c):
-                    if schedule in MULTI_STAGE_SCHEDULES and (per_rank // mbs) % pp:
-                        continue  # PyTorch's looped schedules take a multiple of pp micro-batches
-                    for recompute in recomputes:  # fastest first: stop at the first that fits
-                        layout = Layout(dp_replicate=dp // shard, dp_shard=shard, tp=tp, pp=pp, cp=cp,
-                                        micro_batch_size=mbs, pp_schedule=schedule, pp_stages_per_rank=virtual,
-                                        activation_checkpointing=recompute)
-                        costed = estimate(workload, layout, gpu, efficiency, even_stages=c.even_stages)
-                        if costed.fits:
-                            best.append(costed)
-                            break
+            for ep in _ep_choices(args, shard, cp, c):
+                for mbs in micro_batches:
+                    for schedule, virtual in _schedule_choices(args, pp, c):
+                        if schedule in MULTI_STAGE_SCHEDULES and (per_rank // mbs) % pp:
+                            continue  # PyTorch's looped schedules take a multiple of pp micro-batches
+                        for recompute in recomputes:  # fastest first: stop at the first that fits
+                            layout = Layout(dp_replicate=dp // shard, dp_shard=shard, tp=tp, pp=pp, cp=cp,
+                                            micro_batch_size=mbs, pp_schedule=schedule, pp_stages_per_rank=virtual,
+                                            activation_checkpointing=recompute, ep=ep)
+                            costed = estimate(workload, layout, gpu, efficiency, even_stages=c.even_stages)
+                            if costed.fits:
+                                best.append(costed)
+                                break
         best = _rank(best, distinct)[: max(top, 1) * 4]  # keep the list short while searching
     return _rank(best, distinct)[:top]
 
@@ -191,13 +209,13 @@ def _rank(estimates: list[Estimate], distinct: bool) -> list[Estimate]:
         layout = e.layout
         # Step times within 0.1% are a tie (the model is not that precise): prefer the simpler layout.
         return (float(f"{e.step_time_s:.3g}"), e.gpus, layout.tp * layout.pp * layout.cp, layout.dp_replicate,
-                -layout.micro_batch_size, layout.pp_stages_per_rank, e.step_time_s)
+                -layout.micro_batch_size, layout.pp_stages_per_rank, layout.ep, e.step_time_s)
     ranked = sorted(estimates, key=key)
     if not distinct:
         return ranked
     seen, kept = set(), []
     for e in ranked:
-        shape = (e.layout.tp, e.layout.pp)
+        shape = (e.layout.tp, e.layout.pp, e.layout.ep)
         if shape not in seen:
             seen.add(shape)
             kept.append(e)
@@ -207,14 +225,15 @@ def _rank(estimates: list[Estimate], distinct: bool) -> list[Estimate]:
 def explain_no_layout(workload: Workload, gpus: int, gpu: Accelerator, constraints: Constraints,
                       fix: str = "change --gpus or --batch") -> str:
     """Why nothing fit, in one line: the smallest memory any valid layout needed, or the divisibility."""
-    c = constraints
+    c, args = constraints, workload.model
     candidates = list(degree_candidates(workload, gpus, gpu, c))
     if not candidates:
         return (f"no layout of {gpus} devices divides the global batch of {workload.global_batch} sequences "
                 f"and the model's heads (tp), layers (pp) and sequence (cp) within the constraints; {fix}")
     smallest = math.inf
     for tp, pp, cp, dp in candidates:
-        layout = Layout(dp_shard=dp, tp=tp, pp=pp, cp=cp, micro_batch_size=1, activation_checkpointing="full")
+        ep = max(_ep_choices(args, dp, cp, Constraints()))  # the most experts split: the leanest
+        layout = Layout(dp_shard=dp, tp=tp, pp=pp, cp=cp, micro_batch_size=1, activation_checkpointing="full", ep=ep)
         smallest = min(smallest, estimate(workload, layout, gpu, even_stages=c.even_stages).memory_total_gb)
     return (f"no layout fits in {gpu.memory_gb:g} GB per GPU: the leanest needs {smallest:.1f} GB; "
             f"use more GPUs, a GPU with more memory, or a shorter sequence")
@@ -232,7 +251,8 @@ def auto_layout(model_args: ModelArgs, world_size: int, seq_len: int, global_bat
                 micro_batch_size: int | None = None, activation_checkpointing: str | None = None) -> Layout:
     """The planner's best layout for `gigatrain train --parallel.auto=true`, in the config's names:
     the five degrees (their product is world_size), the micro-batch size, the pipeline schedule
-    and its stages per rank, and the activation checkpointing the step time was estimated with.
+    and its stages per rank, the activation checkpointing the step time was estimated with, and
+    `ep` (1 for dense; for MoE a divisor of n_experts and of dp_shard x cp).
     A micro-batch size or checkpointing mode given here is fixed rather than chosen. Raises
     ConfigError (one line) when no layout of world_size processes can train this model and batch.
     """

@@ -53,6 +53,7 @@ def layout_record(spec: PlanSpec, estimate: Estimate) -> dict:
     money = power_and_cost(spec.gpu, spec.gpus, rel.expected_hours, spec.cost)
     return {
         **layout.degrees(),
+        "ep": layout.ep,
         "micro_batch_size": layout.micro_batch_size,
         "microbatches": estimate.microbatches,
         "pp_schedule": layout.pp_schedule if layout.pp > 1 else None,
@@ -87,13 +88,16 @@ def make_plan(spec: PlanSpec) -> dict:
                                               + (" (or drop --exact)" if spec.constraints.exact_gpus else "")))
     layouts = [layout_record(spec, e) for e in estimates]
     best = estimates[0]
-    params = param_counts(spec.model).total
+    counts = param_counts(spec.model)
+    params = counts.total
     ideal_hours = spec.tokens / best.tokens_per_s / 3600
     rel = reliability(params, best.gpus, spec.gpu.gpus_per_node, ideal_hours, spec.reliability)
     money = power_and_cost(spec.gpu, spec.gpus, rel.expected_hours, spec.cost)
     result = {
         "model": spec.model_name,
         "params": params,
+        "params_total": params,
+        "params_active": counts.active,  # what one token goes through (MFU counts these); = total for dense
         "gpu": spec.gpu.name,
         "gpu_description": spec.gpu.description,
         "gpus": spec.gpus,

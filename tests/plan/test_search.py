@@ -20,7 +20,7 @@ def problems(draw):
     head_dim = draw(st.sampled_from([16, 32, 64]))
     args = ModelArgs(n_layers=draw(st.integers(1, 48)), d_model=heads * head_dim, n_heads=heads, n_kv_heads=kv_heads,
                      ffn_hidden=draw(st.sampled_from([64, 256, 1024])), vocab_size=draw(st.sampled_from([256, 32000])),
-                     max_seq_len=4096)
+                     max_seq_len=4096, n_experts=draw(st.sampled_from([0, 0, 0, 4, 6, 8])), top_k=draw(st.sampled_from([1, 2])))
     seq = draw(st.sampled_from([64, 256, 1000, 2048, 4096]))
     batch = draw(st.sampled_from([1, 6, 16, 64, 96, 512]))
     gpus = draw(st.sampled_from([1, 2, 3, 6, 8, 12, 16, 24, 64, 100, 128, 1000]))
@@ -69,6 +69,9 @@ def test_auto_layout_multiplies_to_the_world_size(problem):
     assert args.n_layers % degrees["pp"] == 0
     assert degrees["cp"] == 1 or seq % (2 * degrees["cp"]) == 0
     assert batch % (degrees["dp_replicate"] * degrees["dp_shard"] * chosen.micro_batch_size) == 0
+    # Expert parallelism is carved from dp_shard x cp and splits the experts evenly (1 for dense).
+    assert (degrees["dp_shard"] * degrees["cp"]) % chosen.ep == 0
+    assert chosen.ep == 1 if not args.is_moe else args.n_experts % chosen.ep == 0
     if gpus == 1:
         assert set(degrees.values()) == {1}
 

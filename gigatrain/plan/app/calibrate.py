@@ -74,12 +74,13 @@ def read_run(run_dir: str | Path) -> MeasuredRun:
     if info is None:
         raise CalibrationError(f"{run.run_info} does not exist; pass run directories written by `gigatrain train`")
     resolved = info.get("layout", {})
-    layout_names = [f.name for f in fields(Layout)]
+    # ep is recorded by MoE runs only: a dense run's layout has no expert-parallel degree (1).
+    layout_names = [f.name for f in fields(Layout) if f.name != "ep"]
     missing = [name for name in layout_names + ["global_batch"] if name not in resolved]
     if missing:
         raise CalibrationError(f"{run.run_info} does not record the resolved layout ({', '.join(missing)} missing); "
                                f"pass runs trained by this version of gigatrain")
-    layout = Layout(**{name: resolved[name] for name in layout_names})
+    layout = Layout(**{name: resolved[name] for name in layout_names}, ep=int(resolved.get("ep", 1)))
     args_fields = {f for f in ModelArgs.__dataclass_fields__}
     model = ModelArgs(**{k: v for k, v in info["model_args"].items() if k in args_fields})
     dtype = config.get("train", {}).get("dtype", "auto")

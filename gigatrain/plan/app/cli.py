@@ -42,6 +42,8 @@ def build_parser() -> Parser:
     search = p.add_argument_group("layout search (fix any choice; the rest is searched)")
     for name in ("tp", "pp", "cp", "dp-shard", "dp-replicate"):
         search.add_argument(f"--{name}", type=count(name, whole=True))
+    search.add_argument("--ep", type=count("ep", whole=True),
+                        help="expert parallel degree (MoE; carved from dp-shard x cp, divides the experts)")
     search.add_argument("--mbs", type=count("mbs", whole=True), help="micro-batch size (sequences)")
     search.add_argument("--schedule", choices=PP_SCHEDULES, help="pipeline schedule (parallel.pp_schedule)")
     search.add_argument("--virtual-stages", type=count("virtual-stages", whole=True),
@@ -51,6 +53,8 @@ def build_parser() -> Parser:
     search.add_argument("--exact", action="store_true", help="use exactly --gpus GPUs (default: leave some idle if the batch forces it)")
     search.add_argument("--top", type=count("top", whole=True), default=5, help="layouts to show")
     search.add_argument("--efficiency", metavar="FILE", help="efficiency factors from --calibrate --save-efficiency")
+    search.add_argument("--expert-imbalance", type=number("use a number of at least 1", minimum=1.0),
+                        help="MoE: slowest EP rank's expert work over the mean (default 1.1, docs/planner.md)")
     cost = p.add_argument_group("power and cost (defaults: --sources)")
     cost.add_argument("--lease-price", type=_positive, help="USD per GPU-hour")
     cost.add_argument("--capex-per-gpu", type=_positive, help="USD per GPU, server share")
@@ -126,7 +130,11 @@ def build_spec(args: argparse.Namespace, catalog: dict):
     constraints = Constraints(
         exact_gpus=args.exact, even_stages=not args.uneven_stages, tp=args.tp, pp=args.pp, cp=args.cp,
         dp_shard=args.dp_shard, dp_replicate=args.dp_replicate, micro_batch_size=args.mbs, pp_schedule=args.schedule,
-        pp_stages_per_rank=args.virtual_stages, activation_checkpointing=args.recompute)
+        pp_stages_per_rank=args.virtual_stages, activation_checkpointing=args.recompute, ep=args.ep)
+    if args.ep and args.ep > 1 and not model.is_moe:
+        raise UsageError(f"--ep {args.ep} needs a mixture-of-experts model; {name} is dense (drop --ep)")
+    if args.ep and model.is_moe and model.n_experts % args.ep:
+        raise UsageError(f"--ep {args.ep} must divide the {model.n_experts} experts of {name}")
     efficiency = Efficiency()
     if args.efficiency:
         from dataclasses import replace
@@ -139,6 +147,10 @@ def build_spec(args: argparse.Namespace, catalog: dict):
                              f"or calibrate on {gpu.name} runs")
         if meta.get("peak_tflops"):  # the factors are fractions of the calibrated machine's own peak
             gpu = replace(gpu, peak_bf16_tflops=float(meta["peak_tflops"]))
+    if args.expert_imbalance is not None:
+        from dataclasses import replace
+
+        efficiency = replace(efficiency, expert_imbalance=args.expert_imbalance)
     cost = _override(CostInputs(), lease_usd_per_gpu_hour=args.lease_price, capex_usd_per_gpu=args.capex_per_gpu,
                      network_capex_fraction=args.network_capex, facility_usd_per_mw=args.facility_per_mw,
                      server_life_years=args.server_life, facility_life_years=args.facility_life,

@@ -26,6 +26,14 @@ TORCHTITAN = "torchtitan docs/performance.md (FSDP2 on 64 A100 80GB, 2024)"
 # Llama 2 13B, which 200 Gb/s HDR cannot carry in the measured 3.8 s, so the fabric was faster:
 # we assume 400 Gb/s per GPU, the fabric Meta describes for its H100 clusters (an assumption).
 TORCHTITAN_FABRIC = {"scaleout_bw_gbs": 50.0}
+NEMO_B200 = ("NVIDIA NeMo Framework performance summary, NeMo 25.02, DGX-B200, FP8 per-tensor current scaling "
+             "(docs.nvidia.com/nemo-framework/user-guide/latest/performance/performance_summary.html)")
+NEMO_GB200 = ("NVIDIA NeMo Framework performance summary, NeMo 25.04, DGX-GB200, FP8 per-tensor current scaling "
+              "(docs.nvidia.com/nemo-framework/user-guide/latest/performance/performance_summary.html)")
+DEEPSEEK_V3 = "DeepSeek-V3 technical report, arXiv:2412.19437: table 1 and sec. 3.1-3.2, 4.2"
+# H800: an H100 whose NVLink is cut to 400 GB/s bidirectional (DeepSeek-V3 report, sec. 3.2.2:
+# "NVLink offers a bandwidth of 160 GB/s" achieved, IB 50 GB/s per GPU), same tensor cores.
+H800 = {"scaleup_bw_gbs": 200.0}
 
 
 def gpt(layers: int, hidden: int, heads: int) -> ModelArgs:
@@ -37,6 +45,14 @@ def gpt(layers: int, hidden: int, heads: int) -> ModelArgs:
 
 LLAMA2_13B = ModelArgs(n_layers=40, d_model=5120, n_heads=40, n_kv_heads=40, ffn_hidden=13824, vocab_size=32000,
                        max_seq_len=4096)
+# DeepSeek-V3 (arXiv:2412.19437, sec. 4.2): 61 layers, the first 3 dense (hidden 18,432), then 256
+# routed experts of hidden 2,048, 8 per token, and 1 shared; 671B total, 37B active. Multi-head
+# latent attention is not modeled: it is written as plain multi-head attention of 128 heads over
+# d_model 7,168 (205M weights per layer against MLA's 187M, and about a third of MLA's attention
+# FLOPs, whose heads are 192 wide for QK^T and 128 for AV); the multi-token-prediction module is left out.
+DEEPSEEK_V3_ARGS = ModelArgs(n_layers=61, d_model=7168, n_heads=128, n_kv_heads=128, ffn_hidden=18432,
+                             vocab_size=129280, max_seq_len=4096, n_experts=256, top_k=8, expert_hidden=2048,
+                             n_shared_experts=1, n_dense_layers=3, router_score="sigmoid")
 
 
 @dataclass(frozen=True)
@@ -48,7 +64,9 @@ class PublishedRun:
     gpus: int
     seq_len: int
     global_batch: int  # sequences
-    metric: str  # "mfu" (PaLM-convention MFU) or "megatron_tflops" (Megatron's eq. 3 TFLOP/s per GPU)
+    # "mfu" (PaLM-convention MFU), "megatron_tflops" (Megatron's eq. 3 TFLOP/s per GPU) or
+    # "tokens_per_gpu_s" (training tokens per second per GPU)
+    metric: str
     published: float
     degrees: dict = field(default_factory=dict)  # the paper's parallel degrees (config names)
     activation_checkpointing: str | None = None  # as stated by the paper; None: the planner picks
@@ -58,6 +76,8 @@ class PublishedRun:
     sequence_parallel: bool = True
     op_level_selective: bool = True  # False: the run's stack recomputes as Megatron does (plan.costs.Workload)
     catalog_overrides: dict = field(default_factory=dict)  # hardware figures the source states differently
+    precision: str = "bf16"  # which peak the matmuls run at (plan.costs.Workload)
+    efficiency_overrides: dict = field(default_factory=dict)  # what the run's software does that the defaults do not
     known_miss: str = ""  # why the planner misses this run by more than TOLERANCE (docs/planner.md)
     note: str = ""
 
@@ -118,6 +138,24 @@ PUBLISHED_RUNS: list[PublishedRun] = [
                  gpus=64, seq_len=4096, global_batch=128, metric="mfu", published=0.611,
                  degrees={"tp": 1, "pp": 1, "cp": 1, "dp_shard": 64, "dp_replicate": 1}, activation_checkpointing="none",
                  catalog_overrides=TORCHTITAN_FABRIC),
+    # Mixture of experts. NeMo runs Megatron's DDP with the distributed optimizer (ZeRO-1), planned
+    # here as FSDP over the 64 ranks with the experts split 8 ways (the source's EP 8).
+    PublishedRun(name="Mixtral 8x7B, EP8 on 64 B200 (FP8)", source=NEMO_B200, model=get_preset("mixtral-8x7b"), gpu="b200",
+                 gpus=64, seq_len=4096, global_batch=256, metric="tokens_per_gpu_s", published=15457,
+                 degrees={"tp": 1, "pp": 1, "cp": 1, "dp_shard": 64, "dp_replicate": 1, "ep": 8}, precision="fp8"),
+    PublishedRun(name="Mixtral 8x7B, EP8 on 64 GB200 (FP8)", source=NEMO_GB200, model=get_preset("mixtral-8x7b"), gpu="gb200",
+                 gpus=64, seq_len=4096, global_batch=256, metric="tokens_per_gpu_s", published=19275,
+                 degrees={"tp": 1, "pp": 1, "cp": 1, "dp_shard": 64, "dp_replicate": 1, "ep": 8}, precision="fp8"),
+    # 180K H800 GPU-hours per trillion tokens (table 1): 1e12 / (180e3 x 3600 s) tokens/s per GPU.
+    # 2,048 H800, PP 16, EP 64, ZeRO-1 DP, no TP; DualPipe hides the all-to-all (sec. 3.2.1);
+    # batch ramped to 15,360 sequences of 4,096 (sec. 4.2), planned at its final size.
+    PublishedRun(name="DeepSeek-V3 on 2,048 H800 (FP8)", source=DEEPSEEK_V3, model=DEEPSEEK_V3_ARGS, gpu="h100",
+                 gpus=2048, seq_len=4096, global_batch=15360, metric="tokens_per_gpu_s", published=1e12 / (180e3 * 3600),
+                 degrees={"tp": 1, "pp": 16, "cp": 1, "dp_shard": 128, "dp_replicate": 1, "ep": 64}, even_stages=False,
+                 precision="fp8", catalog_overrides=H800, efficiency_overrides={"ep_overlap": 1.0},
+                 known_miss="the GPU-hours are the whole pretraining (batch ramp-up, failures and restarts "
+                            "included) and the planner's stand-in for multi-head latent attention has a third of "
+                            "MLA's attention FLOPs, which it also runs at the FP8 peak where DeepSeek kept BF16"),
 ]
 
 
@@ -133,8 +171,9 @@ class Prediction:
 
 
 def predict(run: PublishedRun, efficiency: Efficiency = Efficiency()) -> Prediction:
-    workload = Workload(run.model, run.seq_len, run.global_batch, flash_attention=run.flash_attention,
+    workload = Workload(run.model, run.seq_len, run.global_batch, precision=run.precision, flash_attention=run.flash_attention,
                         sequence_parallel=run.sequence_parallel, op_level_selective=run.op_level_selective)
+    efficiency = replace(efficiency, **run.efficiency_overrides)
     gpu = replace(get_accelerator(run.gpu), **run.catalog_overrides)
     constraints = Constraints(exact_gpus=True, even_stages=run.even_stages,
                               activation_checkpointing=run.activation_checkpointing, pp_schedule=run.pp_schedule,
@@ -142,6 +181,8 @@ def predict(run: PublishedRun, efficiency: Efficiency = Efficiency()) -> Predict
     estimate = best_layout(workload, run.gpus, gpu, efficiency, constraints)
     if run.metric == "megatron_tflops":
         predicted = megatron_flops_per_step(run) / estimate.step_time_s / run.gpus / 1e12
+    elif run.metric == "tokens_per_gpu_s":
+        predicted = estimate.tokens_per_s / run.gpus
     else:
         predicted = estimate.mfu
     return Prediction(run, predicted, estimate)

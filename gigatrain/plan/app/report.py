@@ -11,7 +11,7 @@ from rich.table import Table
 from gigatrain.plan.units import human
 
 MEMORY_PARTS = ("weights", "gradients", "optimizer", "activations", "buffers")
-TIME_PARTS = ("compute", "tp_comm", "cp_comm", "dp_comm", "pp_comm", "bubble", "optimizer")
+TIME_PARTS = ("compute", "tp_comm", "cp_comm", "ep_comm", "dp_comm", "pp_comm", "bubble", "optimizer")
 
 
 def make_console() -> Console:
@@ -36,7 +36,10 @@ def duration(days: float) -> str:
 def print_plan(plan: dict, console: Console | None = None) -> None:
     console = console or make_console()
     best = plan["best"]
-    console.print(f"[bold]gigatrain plan[/]: {plan['model']} ({human(plan['params'])} parameters), "
+    params = human(plan["params_total"])
+    if plan["params_active"] != plan["params_total"]:  # mixture of experts: MFU and FLOPs count the active ones
+        params += f" total, {human(plan['params_active'])} active"
+    console.print(f"[bold]gigatrain plan[/]: {plan['model']} ({params} parameters), "
                   f"{human(plan['tokens'])} tokens, {plan['gpus']:,} x {plan['gpu']} ({plan['gpu_description']}), "
                   f"sequence {plan['seq_len']:,}, batch {plan['global_batch']:,} sequences "
                   f"({human(plan['tokens_per_step'])} tokens), {plan['precision']}")
@@ -51,16 +54,19 @@ def print_plan(plan: dict, console: Console | None = None) -> None:
     console.print(ranked)
 
     memory = Table(title=f"Memory per GPU, GB (of {plan['gpu_memory_gb']:g})", title_justify="left")
-    time = Table(title="Time per step, s (tp, cp, dp, pp: exposed communication by axis)", title_justify="left")
+    # The ep column (MoE all-to-all) only where some layout has expert parallelism.
+    time_parts = [k for k in TIME_PARTS if k != "ep_comm" or any(row["ep"] > 1 for row in plan["layouts"])]
+    axes = ", ".join(k.replace("_comm", "") for k in time_parts if k.endswith("_comm"))
+    time = Table(title=f"Time per step, s ({axes}: exposed communication by axis)", title_justify="left")
     memory.add_column("#")
     time.add_column("#")
     for name in MEMORY_PARTS + ("total",):
         memory.add_column(name, justify="right")
-    for name in TIME_PARTS + ("total",):
+    for name in time_parts + ["total"]:
         time.add_column(name.replace("_comm", "").replace("optimizer", "optim"), justify="right")
     for i, row in enumerate(plan["layouts"], 1):
         memory.add_row(str(i), *[f"{row['memory_gb'][k]:.1f}" for k in MEMORY_PARTS], f"{row['memory_total_gb']:.1f}")
-        time.add_row(str(i), *[f"{row['time_s'][k]:.3f}" for k in TIME_PARTS], f"{row['step_time_s']:.3f}")
+        time.add_row(str(i), *[f"{row['time_s'][k]:.3f}" for k in time_parts], f"{row['step_time_s']:.3f}")
     console.print(memory)
     console.print(time)
 

@@ -33,6 +33,26 @@ def test_json_interface(capsys):
     assert steps == sorted(steps) or steps[0] <= min(steps) * 1.002
 
 
+def test_json_parameter_counts_and_ep(capsys):
+    """Every layout carries ep beside the degrees; the plan carries total and active parameters."""
+    from gigatrain.models.flops import param_counts
+    from gigatrain.models.presets import get_preset
+
+    dense = run_json(capsys, "--model", "llama3-8b", "--gpus", "64")
+    assert dense["params_total"] == dense["params_active"] == dense["params"] == param_counts(get_preset("llama3-8b")).total
+    assert all(row["ep"] == 1 for row in dense["layouts"])
+    moe = run_json(capsys, "--model", "tiny-moe", "--gpus", "8", "--tokens", "1B", "--top", "8")
+    counts = param_counts(get_preset("tiny-moe"))
+    assert (moe["params_total"], moe["params_active"]) == (counts.total, counts.active)
+    assert moe["params_active"] < moe["params_total"]
+    for row in moe["layouts"]:
+        assert 8 % row["ep"] == 0 and (row["dp_shard"] * row["cp"]) % row["ep"] == 0
+        assert (f"ep{row['ep']}" in row["layout"]) == (row["ep"] > 1) and "ep_comm" in row["time_s"]
+    assert any(row["ep"] > 1 for row in moe["layouts"])
+    fixed = run_json(capsys, "--model", "tiny-moe", "--gpus", "8", "--ep", "4")
+    assert {row["ep"] for row in fixed["layouts"]} == {4}
+
+
 def test_tokens_and_gpus_take_suffixes(capsys):
     plan = run_json(capsys, "--model", "llama3-8b", "--tokens", "300B", "--gpus", "1Ki", "--batch", "4M")
     assert plan["tokens"] == 300e9 and plan["gpus"] == 1024 and plan["global_batch"] == round(4e6 / 8192)
@@ -46,6 +66,8 @@ def test_tokens_and_gpus_take_suffixes(capsys):
     (["--model", "llama3-8b", "--sweep", "gpus=8,lots"], "cannot read gpus"),
     (["--model", "llama3-405b", "--gpus", "8"], "no layout fits"),
     (["--model", "llama3-8b", "--pue", "-1"], "positive"),
+    (["--model", "llama3-8b", "--ep", "2"], "needs a mixture-of-experts model"),
+    (["--model", "tiny-moe", "--ep", "3"], "must divide the 8 experts"),
     (["--calibrate", "/nonexistent-run"], "does not exist"),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, words):
