@@ -4,6 +4,7 @@ run's sharded checkpoint; sharded files, --step, bf16, refusals; and host memory
 one tensor, never the model."""
 
 import contextlib
+import dataclasses
 import io
 import json
 import shutil
@@ -20,6 +21,7 @@ from gigatrain.checkpoint.dcp import Checkpointer
 from gigatrain.cli import run
 from gigatrain.config import load_config, to_dict
 from gigatrain.data.tokenizers import make_tokenizer
+from gigatrain.models.presets import PRESETS
 from gigatrain.models.transformer import ModelArgs, Transformer
 from gigatrain.rundir import RunDir
 from gigatrain.train.checkpointing import load_run
@@ -256,3 +258,70 @@ def test_export_of_an_fsdp_by_tp_checkpoint_matches_the_one_process_model(byte_d
     code, _, err = export(str(run_dir), "--out", str(tmp_path / "hf"))
     assert code == 0, err
     assert_same_model(run_dir, tmp_path / "hf", generation=False)
+
+
+# -- Qwen3, and the mixtures of experts: Mixtral and Qwen3-MoE ----------------------------
+ARCH_RUNS = {  # tiny(-moe) with the options each architecture computes (no aux-loss-free bias)
+    "qwen3": ["--model.qk_norm=true", "--model.tie_embeddings=false"],
+    "mixtral": ["--model.preset=tiny-moe", "--model.bias_update_rate=0", "--model.aux_loss_coef=0.01"],
+    "qwen3-moe": ["--model.preset=tiny-moe", "--model.bias_update_rate=0", "--model.qk_norm=true",
+                  "--model.n_dense_layers=1", "--model.route_norm=false", "--model.head_dim_override=32"],
+}
+
+
+@pytest.fixture(scope="module")
+def arch_runs(tmp_path_factory, byte_data) -> dict[str, Path]:
+    runs = tmp_path_factory.mktemp("arch-runs")
+    return {name: train(runs / name, byte_data, *options) for name, options in ARCH_RUNS.items()}
+
+
+@pytest.mark.parametrize("which, architecture", [("qwen3", "Qwen3ForCausalLM"), ("mixtral", "MixtralForCausalLM"),
+                                                  ("qwen3-moe", "Qwen3MoeForCausalLM")])
+def test_a_run_exports_as_its_architecture_and_round_trips_bit_for_bit(which, architecture, arch_runs, tmp_path):
+    run_dir = arch_runs[which]
+    code, _, err = export(str(run_dir), "--out", str(tmp_path / "hf"))
+    assert code == 0, err
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["architectures"] == [architecture]
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "hf" / "model.safetensors", "pt") as weights:
+        names = set(weights.keys())
+    # the hub's layout, one tensor per expert, which from_pretrained converts as it loads
+    block, down = ("block_sparse_moe", "w2") if which == "mixtral" else ("mlp", "down_proj")
+    assert (f"model.layers.1.{block}.experts.7.{down}.weight" in names) == (which != "qwen3")
+    assert not any("expert_bias" in n for n in names)
+    assert ("model.layers.1.self_attn.q_norm.weight" in names) == which.startswith("qwen3")
+    assert_same_model(run_dir, tmp_path / "hf")
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert run(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "back")]) == 0
+    original, back = load_run(run_dir, torch.device("cpu")), load_run(tmp_path / "back", torch.device("cpu"))
+    # An all-MoE Mixtral has no dense MLP: its ffn_hidden comes back as the experts' hidden size.
+    assert back.model.args == dataclasses.replace(original.model.args, ffn_hidden=back.model.args.ffn_hidden)
+    expected, got = original.model.state_dict(), back.model.state_dict()
+    assert got.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(got[name], tensor), name
+
+
+def test_moe_options_no_architecture_computes_are_refused_in_one_line(tmp_path):
+    args = dataclasses.replace(PRESETS["tiny-moe"], bias_update_rate=0.0)
+    cases = [(dataclasses.replace(args, n_shared_experts=1), "MixtralForCausalLM has no shared experts"),
+             (dataclasses.replace(args, router_score="sigmoid"), "model.router_score=sigmoid"),
+             (dataclasses.replace(args, attn_softcap=30.0), "model.attn_softcap=30.0")]
+    for i, (moe_args, words) in enumerate(cases):
+        code, _, err = export(str(random_run(tmp_path / f"run{i}", moe_args)), "--out", str(tmp_path / f"hf{i}"))
+        assert code == 2 and err.count("\n") == 1 and err.startswith("gigatrain: error: ") and words in err, err
+    # a balancing bias the run learned: refused before anything is written
+    run_dir = random_run(tmp_path / "biased", args)
+    model = Transformer(args, seed=0)
+    model.layers["1"].feed_forward.router.expert_bias[3] = 0.25
+    checkpointer = Checkpointer(RunDir(run_dir).checkpoints, keep=2, async_save=False)
+    assert checkpointer.save(2, [model], None, {"step": 2}) >= 0 and checkpointer.wait()
+    checkpointer.close()
+    code, _, err = export(str(run_dir), "--out", str(tmp_path / "biased-hf"))
+    assert code == 2 and err.count("\n") == 1, err
+    assert "layers.1.feed_forward.router.expert_bias is non-zero" in err and "--model.bias_update_rate=0" in err
+    assert not (tmp_path / "biased-hf").exists()
+    assert export(str(run_dir), "--out", str(tmp_path / "step1"), "--step", "1")[0] == 0  # its zero-bias step
