@@ -406,7 +406,7 @@ def build_parser() -> Parser:
     p = sub.add_parser("export", help="write a run's checkpoint as a Hugging Face folder (Llama, Qwen3, Mixtral, Qwen3-MoE)",
                        description="Write a run's checkpoint as a folder that transformers loads with "
                                    "AutoModelForCausalLM.from_pretrained(DIR): config.json, generation_config.json, "
-                                   "safetensors weights and the tokenizer. Checkpoints of any layout (FSDP, TP, PP, EP) "
+                                   "safetensors weights and the tokenizer. Checkpoints of any layout (FSDP, TP, PP) "
                                    "are read one tensor at a time, so the model need not fit in memory.")
     p.add_argument("run_dir", help=run_dir_help)
     p.add_argument("--out", required=True, metavar="DIR", help="the folder to create (new, or empty)")
