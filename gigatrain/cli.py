@@ -406,7 +406,7 @@ def build_parser() -> Parser:
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
     p.add_argument("--device", default="auto", choices=devices, help="auto: cuda where available, else cpu")
 
-    p = sub.add_parser("export", help="write a run's checkpoint as a Hugging Face Llama folder",
+    p = sub.add_parser("export", help="write a run's checkpoint as a Hugging Face folder (Llama, Qwen3, Mixtral, Qwen3-MoE)",
                        description="Write a run's checkpoint as a folder that transformers loads with "
                                    "AutoModelForCausalLM.from_pretrained(DIR): config.json, generation_config.json, "
                                    "safetensors weights and the tokenizer. Checkpoints of any layout (FSDP, TP, PP) "
@@ -421,8 +421,8 @@ def build_parser() -> Parser:
                    help="the largest safetensors file, e.g. 5GB, 500MB (default: 5GB); a larger model is split "
                         "into model-0000i-of-0000N.safetensors plus model.safetensors.index.json")
 
-    p = sub.add_parser("import", help="a local Hugging Face Llama folder as a run directory at step 0",
-                       description="Turn a local Hugging Face Llama folder (config.json, model.safetensors or its "
+    p = sub.add_parser("import", help="a local Hugging Face folder (Llama, Qwen3, Mixtral, Qwen3-MoE) as a run directory at step 0",
+                       description="Turn a local Hugging Face Llama, Qwen3, Mixtral or Qwen3-MoE folder (config.json, model.safetensors or its "
                                    "sharded index, tokenizer.json) into a gigatrain run directory at step 0, which "
                                    "`gigatrain train --run.dir=RUN_DIR --data.path=DATA` continues. Nothing is "
                                    "downloaded, and nothing in the folder is executed: safetensors only.")

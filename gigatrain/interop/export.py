@@ -1,4 +1,5 @@
-"""`gigatrain export`: a run's checkpoint as a Hugging Face Llama folder, which
+"""`gigatrain export`: a run's checkpoint as a Hugging Face folder (Llama, Qwen3, Mixtral or
+Qwen3-MoE: interop/mapping.py picks the architecture from the model's options), which
 `transformers.AutoModelForCausalLM.from_pretrained(DIR)` loads with no code of ours.
 
     DIR/
@@ -7,11 +8,12 @@
       tokenizer.json, tokenizer_config.json   (Tokenizer.save_pretrained: AutoTokenizer gives the training ids)
 
 Streaming: each weight is read from the DCP checkpoint on its own (whatever layout saved it),
-converted (interop.llama.to_hf) and appended to its safetensors file, whose header is written
-first from the shapes DCP's metadata records. Host memory holds one tensor at a time, never
-the whole model, so a model larger than the machine's memory exports too: the peak is about
-two copies of the largest tensor (the one DCP loads from the file and the one it copies that
-into), which for a Llama is the embedding matrix.
+converted (interop.mapping.to_hf; a layer's stacked experts become one tensor per expert, views
+of the stacked one) and appended to its safetensors file, whose header is written first from
+the shapes DCP's metadata records. Host memory holds one tensor at a time, never the whole
+model, so a model larger than the machine's memory exports too: the peak is about two copies
+of the largest tensor (the one DCP loads from the file and the one it copies that into),
+which for a Llama is the embedding matrix and for a MoE model often one layer's stacked experts.
 
 Nothing is half written: the folder is built in a temporary sibling and renamed into place
 at the end; an existing non-empty --out is refused, never overwritten.
@@ -20,6 +22,7 @@ at the end; an existing non-empty --out is refused, never overwritten.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -33,7 +36,7 @@ from gigatrain.checkpoint import dcp
 from gigatrain.config import ConfigError, from_dict
 from gigatrain.data.tokenizers import load_tokenizer
 from gigatrain.interop import CONFIG_FILE, GENERATION_CONFIG_FILE, INDEX_FILE, WEIGHTS_FILE
-from gigatrain.interop.llama import hf_config, hf_name, to_hf
+from gigatrain.interop.mapping import check_expert_bias, family_for, hf_config, hf_shapes, to_hf
 from gigatrain.models.transformer import ModelArgs, Transformer
 from gigatrain.parallel.device import pick_dtype
 from gigatrain.rundir import RunDir
@@ -132,6 +135,7 @@ def export(run_path: Path, out: Path, *, step: int | None = None, dtype: torch.d
     """Write `out` from the run's checkpoint (see the module's docstring)."""
     run_dir = RunDir(run_path)
     args = run_dir.model_args()
+    family = family_for(args)  # what no transformers architecture computes is refused first
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"{out} already exists and is not an empty folder; export into a new folder")
     max_shard_bytes = max_shard_bytes or parse_size(DEFAULT_MAX_SHARD_SIZE)
@@ -143,10 +147,14 @@ def export(run_path: Path, out: Path, *, step: int | None = None, dtype: torch.d
     # Tied embeddings: transformers stores the shared matrix once, as the embeddings.
     names = sorted((n for n in checkpoint.shapes if not (args.tie_embeddings and n == "output.weight")), key=_layer_order)
     element = torch.empty((), dtype=dtype).element_size()
-    sizes = [(name, checkpoint.shapes[name][0].numel() * element) for name in names]
-    expected = {hf_name(n) for n in _model_names(args)}
-    if {hf_name(n) for n in names} != expected:
+    entries = {name: hf_shapes(name, checkpoint.shapes[name][0], args, family) for name in names}
+    expected = {hf for name, shape in _model_shapes(args).items() for hf, _ in hf_shapes(name, shape, args, family)}
+    if {hf for parts in entries.values() for hf, _ in parts} != expected:
         raise ExportError(f"checkpoint {checkpoint.path} does not hold the weights of the model in {run_dir.run_info}")
+    for name in names:  # before anything is written: a bias only refuses (small: one number per expert)
+        if name.endswith(".router.expert_bias"):
+            check_expert_bias(name, checkpoint.read(name))
+    sizes = [(name, sum(math.prod(shape) for _, shape in entries[name]) * element) for name in names]
     shards = plan_shards(sizes, max_shard_bytes)
     files = [WEIGHTS_FILE] if len(shards) == 1 else \
         [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
@@ -161,21 +169,20 @@ def export(run_path: Path, out: Path, *, step: int | None = None, dtype: torch.d
         size_of = dict(sizes)
         weight_map = {}
         for file, shard in zip(files, shards):
-            entries = [(hf_name(n), list(checkpoint.shapes[n][0]), _SAFETENSORS_DTYPES[dtype], size_of[n]) for n in shard]
+            header = [(hf, shape, _SAFETENSORS_DTYPES[dtype], math.prod(shape) * element)
+                      for name in shard for hf, shape in entries[name]]
             with open(tmp / file, "wb") as handle:
-                handle.write(_header(entries))
-                for name in shard:  # one tensor in memory at a time
-                    hf, tensor = to_hf(name, checkpoint.read(name), args)
-                    handle.write(tensor.to(dtype).contiguous().view(torch.uint8).numpy().data)
-                    weight_map[hf] = file
-                    del tensor
+                handle.write(_header(header))
+                for name in shard:  # one checkpoint tensor in memory at a time (a stacked one: all its experts)
+                    if entries[name]:
+                        _append(handle, to_hf(name, checkpoint.read(name), args, family), dtype, file, weight_map)
                 handle.flush()
                 os.fsync(handle.fileno())
         total = sum(size_of.values())
         if len(files) > 1:
             _write_json(tmp / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
         eot = tokenizer.eot_id  # documents are [eot] + text: eot begins and ends each one
-        _write_json(tmp / CONFIG_FILE, hf_config(args, bos_token_id=eot, eos_token_id=eot, dtype=dtype))
+        _write_json(tmp / CONFIG_FILE, hf_config(args, family, bos_token_id=eot, eos_token_id=eot, dtype=dtype))
         _write_json(tmp / GENERATION_CONFIG_FILE, {"bos_token_id": eot, "eos_token_id": eot, "do_sample": False})
         tokenizer.save_pretrained(tmp, model_max_length=args.max_seq_len)  # tokenizer.json + tokenizer_config.json
         try:
@@ -188,11 +195,18 @@ def export(run_path: Path, out: Path, *, step: int | None = None, dtype: torch.d
     return ExportResult(out=out, step=step, dtype=dtype, files=files, total_bytes=total)
 
 
-def _model_names(args: ModelArgs) -> list[str]:
-    """The weights a one-process Transformer of `args` holds, as transformers stores them (tied: no head)."""
+def _append(handle, parts: list[tuple[str, torch.Tensor]], dtype: torch.dtype, file: str, weight_map: dict) -> None:
+    """Write the parts of one checkpoint tensor (views of it) in the header's order."""
+    for hf, tensor in parts:
+        handle.write(tensor.to(dtype).contiguous().view(torch.uint8).numpy().data)
+        weight_map[hf] = file
+
+
+def _model_shapes(args: ModelArgs) -> dict[str, torch.Size]:
+    """The tensors a one-process Transformer of `args` checkpoints, with their shapes (tied: no head)."""
     with torch.device("meta"):  # names and shapes only: no memory
         model = Transformer(args)
-    return [n for n in model.state_dict() if not (args.tie_embeddings and n == "output.weight")]
+    return {n: t.shape for n, t in model.state_dict().items() if not (args.tie_embeddings and n == "output.weight")}
 
 
 def _write_json(path: Path, value: dict) -> None:

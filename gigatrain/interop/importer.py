@@ -1,7 +1,8 @@
-"""`gigatrain import HF_DIR --out RUN_DIR`: a local Hugging Face Llama folder as a gigatrain run
-directory at step 0, which `gigatrain train --run.dir=RUN_DIR --data.path=DATA` continues.
+"""`gigatrain import HF_DIR --out RUN_DIR`: a local Hugging Face folder (Llama, Qwen3, Mixtral,
+Qwen3-MoE) as a gigatrain run directory at step 0, which `gigatrain train --run.dir=RUN_DIR
+--data.path=DATA` continues.
 
-    HF_DIR/config.json                       LlamaForCausalLM (interop/llama.py reads it)
+    HF_DIR/config.json                       interop/mapping.py reads it
     HF_DIR/model.safetensors                 or model.safetensors.index.json + its shards
     HF_DIR/tokenizer.json
  -> RUN_DIR/config.json, config.toml         the model as a preset plus overrides
@@ -34,7 +35,7 @@ from gigatrain.checkpoint.dcp import Checkpointer
 from gigatrain.config import MODEL_OVERRIDES, Config, ConfigError, to_dict, to_toml, validate
 from gigatrain.data.tokenizers import TOKENIZER_FILE, Tokenizer, load_tokenizer
 from gigatrain.interop import CONFIG_FILE, INDEX_FILE, WEIGHTS_FILE
-from gigatrain.interop.llama import from_hf, model_args_from_hf
+from gigatrain.interop.mapping import Family, from_hf, model_args_from_hf
 from gigatrain.models.flops import param_counts
 from gigatrain.models.presets import PRESETS
 from gigatrain.models.transformer import ModelArgs, Transformer
@@ -69,7 +70,7 @@ def import_hf(hf_dir: Path, out: Path) -> Imported:
         raise ConfigError(f"{config_path} is not valid JSON ({err})") from None
     if not isinstance(config, dict):
         raise ConfigError(f"{config_path} is not a model config (a JSON object)")
-    args = model_args_from_hf(config, str(config_path))
+    args, family = model_args_from_hf(config, str(config_path))
     tokenizer = load_tokenizer(_inside(hf_dir, TOKENIZER_FILE))
     if tokenizer.vocab_size > args.vocab_size:
         raise ConfigError(f"{hf_dir / TOKENIZER_FILE} has ids up to {tokenizer.vocab_size - 1}, beyond the model's "
@@ -87,7 +88,7 @@ def import_hf(hf_dir: Path, out: Path) -> Imported:
     model.to_empty(device="cpu")
     model.tie_weights()
     model.init_buffers()
-    tensors = _load_weights(hf_dir, model, args)
+    tensors = _load_weights(hf_dir, model, args, family)  # the experts' balancing bias stays zero
 
     created = not out.exists()
     try:
@@ -116,7 +117,7 @@ def _inside(hf_dir: Path, name: str) -> Path:
         raise ConfigError(f"{hf_dir}: {name!r} is not a plain file name inside the folder; refusing to read it")
     path = hf_dir / name
     if not path.is_file():
-        raise ConfigError(f"{path} is missing; a Hugging Face Llama folder has {CONFIG_FILE}, {WEIGHTS_FILE} "
+        raise ConfigError(f"{path} is missing; a Hugging Face model folder has {CONFIG_FILE}, {WEIGHTS_FILE} "
                           f"(or {INDEX_FILE} and its shards) and {TOKENIZER_FILE}")
     if not path.resolve().is_relative_to(hf_dir.resolve()):
         raise ConfigError(f"{path} leads outside {hf_dir}; refusing to read it")
@@ -139,15 +140,24 @@ def _weight_files(hf_dir: Path) -> list[Path]:
     if pickled:
         raise ConfigError(f"{hf_dir} holds {pickled[0]}, pickled weights that loading could execute code from; "
                           f"gigatrain imports safetensors only: convert the folder to {WEIGHTS_FILE} first")
-    raise ConfigError(f"{hf_dir / WEIGHTS_FILE} is missing (and there is no {INDEX_FILE}); a Hugging Face Llama "
+    raise ConfigError(f"{hf_dir / WEIGHTS_FILE} is missing (and there is no {INDEX_FILE}); a Hugging Face model "
                       f"folder has its weights in safetensors")
 
 
+def _slots(name: str, param: torch.Tensor) -> set[tuple[str, int | None]]:
+    """What filling `param` whole takes: each expert of a stacked expert tensor, else the tensor."""
+    if ".feed_forward.experts." in name:
+        return {(name, expert) for expert in range(param.shape[0])}
+    return {(name, None)}
+
+
 @torch.no_grad()
-def _load_weights(hf_dir: Path, model: Transformer, args: ModelArgs) -> int:
-    """Copy every tensor of the safetensors files into `model`, one at a time; returns how many."""
+def _load_weights(hf_dir: Path, model: Transformer, args: ModelArgs, family: Family) -> int:
+    """Copy every tensor of the safetensors files into `model`, one at a time (an expert's into
+    its slot of the stacked tensor); returns how many of the model's tensors were filled."""
     params = dict(model.named_parameters(remove_duplicate=False))
-    expected = set(params) - ({"output.weight"} if args.tie_embeddings else set())
+    expected = {key for name, param in params.items() if not (args.tie_embeddings and name == "output.weight")
+                for key in _slots(name, param)}
     loaded = set()
     for path in _weight_files(hf_dir):
         try:
@@ -156,29 +166,31 @@ def _load_weights(hf_dir: Path, model: Transformer, args: ModelArgs) -> int:
                     if args.tie_embeddings and hf_name == "lm_head.weight":
                         continue  # a tied head is the embeddings: one matrix, loaded as those
                     try:
-                        mapped = from_hf(hf_name, file.get_tensor(hf_name), args)
+                        parts = from_hf(hf_name, file.get_tensor(hf_name), args, family)
                     except KeyError:
-                        raise ConfigError(f"{path}: tensor {hf_name} is not part of a Llama model gigatrain "
+                        raise ConfigError(f"{path}: tensor {hf_name} is not part of a {family.architecture} gigatrain "
                                           f"can represent") from None
-                    if mapped is None:
-                        continue
-                    name, tensor = mapped
-                    if name not in params:  # e.g. a layer beyond num_hidden_layers
-                        raise ConfigError(f"{path}: tensor {hf_name} has no place in the model config.json "
-                                          f"describes")
-                    if tuple(tensor.shape) != tuple(params[name].shape):
-                        raise ConfigError(f"{path}: {hf_name} is {list(tensor.shape)}, the config makes it "
-                                          f"{list(params[name].shape)}")
-                    params[name].copy_(tensor)
-                    loaded.add(name)
+                    for name, expert, tensor in parts:
+                        target = whole = params.get(name)
+                        if target is None or (expert is not None and not expert < target.shape[0]):
+                            # e.g. a layer beyond num_hidden_layers, an expert beyond num_experts
+                            raise ConfigError(f"{path}: tensor {hf_name} has no place in the model config.json "
+                                              f"describes")
+                        if expert is not None:
+                            target = target[expert]
+                        if tuple(tensor.shape) != tuple(target.shape):
+                            raise ConfigError(f"{path}: {hf_name} is {list(tensor.shape)}, the config makes it "
+                                              f"{list(target.shape)}")
+                        target.copy_(tensor)
+                        loaded |= _slots(name, whole) if expert is None else {(name, expert)}
         except SafetensorError as err:
             raise ConfigError(f"{path} is not a readable safetensors file ({err})") from None
-    missing = sorted(expected - loaded)
+    missing = sorted({name if expert is None else f"{name}[{expert}]" for name, expert in expected - loaded})
     if missing:
         more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
         raise ConfigError(f"{hf_dir}: the weights lack {', '.join(missing[:3])}{more} (gigatrain names); "
                           f"is the folder complete?")
-    return len(loaded)
+    return len({name for name, _ in loaded})
 
 
 def _write_run(run_dir: RunDir, cfg: Config, model: Transformer, args: ModelArgs, tokenizer: Tokenizer,

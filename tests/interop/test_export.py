@@ -4,6 +4,7 @@ run's sharded checkpoint; sharded files, --step, bf16, refusals; and host memory
 one tensor, never the model."""
 
 import contextlib
+import dataclasses
 import io
 import json
 import shutil
@@ -20,6 +21,7 @@ from gigatrain.checkpoint.dcp import Checkpointer
 from gigatrain.cli import run
 from gigatrain.config import load_config, to_dict
 from gigatrain.data.tokenizers import make_tokenizer
+from gigatrain.models.presets import PRESETS
 from gigatrain.models.transformer import ModelArgs, Transformer
 from gigatrain.rundir import RunDir
 from gigatrain.train.checkpointing import load_run
@@ -210,18 +212,9 @@ def test_a_run_trained_in_bf16_exports_bf16_by_default(tmp_path):
     assert "(float32," in export(str(run_dir), "--out", str(tmp_path / "fp32"), "--dtype", "float32")[1]
 
 
-def test_export_holds_about_one_tensor_in_memory_not_the_model(tmp_path):
-    """A 202 MB fp32 model whose largest tensor is 4.2 MB. Reading one (the tensor DCP loads
-    from the file, the one it copies that into) and converting it (the rotary permutation
-    copies) hold a few copies of one tensor, and the first export imports a few modules
-    (~7 MB): the peak grows by ~25 MB. Bound: 50 MB, a quarter of the model; holding the model
-    would grow it by 202 MB or more. (VmHWM, not ru_maxrss, which Linux carries over from the
-    parent across fork and exec.)"""
-    args = ModelArgs(n_layers=12, d_model=512, n_heads=8, n_kv_heads=8, ffn_hidden=2048, vocab_size=256,
-                     max_seq_len=128, tie_embeddings=False)
-    run_dir = random_run(tmp_path / "run", args)
-    model_bytes = sum(t.numel() * 4 for t in Transformer(args).state_dict().values())
-    assert 190e6 < model_bytes < 210e6
+def export_growth(run_dir: Path, out: Path) -> int:
+    """How far an export in a fresh process raises its peak RSS (VmHWM, not ru_maxrss, which
+    Linux carries over from the parent across fork and exec)."""
     script = textwrap.dedent(f"""
         import json, sys
         from pathlib import Path
@@ -232,14 +225,43 @@ def test_export_holds_about_one_tensor_in_memory_not_the_model(tmp_path):
             return int(line.split()[1]) * 1024
 
         before = status("VmRSS")
-        export(Path({str(run_dir)!r}), Path({str(tmp_path / "hf")!r}))
+        export(Path({str(run_dir)!r}), Path({str(out)!r}))
         print(json.dumps({{"growth": status("VmHWM") - before}}))
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert result.returncode == 0, result.stderr
-    growth = json.loads(result.stdout.splitlines()[-1])["growth"]
+    return json.loads(result.stdout.splitlines()[-1])["growth"]
+
+
+def test_export_holds_about_one_tensor_in_memory_not_the_model(tmp_path):
+    """A 202 MB fp32 model whose largest tensor is 4.2 MB. Reading one (the tensor DCP loads
+    from the file, the one it copies that into) and converting it (the rotary permutation
+    copies) hold a few copies of one tensor, and the first export imports a few modules
+    (~7 MB): the peak grows by ~25 MB. Bound: 50 MB, a quarter of the model; holding the model
+    would grow it by 202 MB or more."""
+    args = ModelArgs(n_layers=12, d_model=512, n_heads=8, n_kv_heads=8, ffn_hidden=2048, vocab_size=256,
+                     max_seq_len=128, tie_embeddings=False)
+    run_dir = random_run(tmp_path / "run", args)
+    model_bytes = sum(t.numel() * 4 for t in Transformer(args).state_dict().values())
+    assert 190e6 < model_bytes < 210e6
+    growth = export_growth(run_dir, tmp_path / "hf")
     assert growth < 50e6, f"peak RSS grew by {growth / 1e6:.0f} MB exporting a {model_bytes / 1e6:.0f} MB model"
     assert (tmp_path / "hf" / "model.safetensors").stat().st_size > model_bytes
+
+
+def test_a_moe_export_holds_one_stacked_expert_tensor_not_the_model(tmp_path):
+    """A 235 MB fp32 Mixtral-shaped model whose largest tensors are one layer's stacked experts
+    (8 x 512 x 512: 8.4 MB), written out expert by expert as views of it: measured growth
+    26-54 MB (the allocator's, not the model's: 4, 8 and 16 layers gave 44, 54, 26 MB). Bound:
+    90 MB; holding the model would grow it by 235 MB or more."""
+    args = ModelArgs(n_layers=8, d_model=512, n_heads=8, n_kv_heads=8, ffn_hidden=512, vocab_size=256,
+                     max_seq_len=128, tie_embeddings=False, n_experts=8, top_k=2)
+    run_dir = random_run(tmp_path / "run", args)
+    model_bytes = sum(t.numel() * 4 for t in Transformer(args).state_dict().values())
+    assert 220e6 < model_bytes < 250e6
+    growth = export_growth(run_dir, tmp_path / "hf")
+    assert growth < 90e6, f"peak RSS grew by {growth / 1e6:.0f} MB exporting a {model_bytes / 1e6:.0f} MB model"
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == ["MixtralForCausalLM"]
 
 
 def test_export_of_an_fsdp_by_tp_checkpoint_matches_the_one_process_model(byte_data, tmp_path):
@@ -256,3 +278,70 @@ def test_export_of_an_fsdp_by_tp_checkpoint_matches_the_one_process_model(byte_d
     code, _, err = export(str(run_dir), "--out", str(tmp_path / "hf"))
     assert code == 0, err
     assert_same_model(run_dir, tmp_path / "hf", generation=False)
+
+
+# -- Qwen3, and the mixtures of experts: Mixtral and Qwen3-MoE ----------------------------
+ARCH_RUNS = {  # tiny(-moe) with the options each architecture computes (no aux-loss-free bias)
+    "qwen3": ["--model.qk_norm=true", "--model.tie_embeddings=false"],
+    "mixtral": ["--model.preset=tiny-moe", "--model.bias_update_rate=0", "--model.aux_loss_coef=0.01"],
+    "qwen3-moe": ["--model.preset=tiny-moe", "--model.bias_update_rate=0", "--model.qk_norm=true",
+                  "--model.n_dense_layers=1", "--model.route_norm=false", "--model.head_dim_override=32"],
+}
+
+
+@pytest.fixture(scope="module")
+def arch_runs(tmp_path_factory, byte_data) -> dict[str, Path]:
+    runs = tmp_path_factory.mktemp("arch-runs")
+    return {name: train(runs / name, byte_data, *options) for name, options in ARCH_RUNS.items()}
+
+
+@pytest.mark.parametrize("which, architecture", [("qwen3", "Qwen3ForCausalLM"), ("mixtral", "MixtralForCausalLM"),
+                                                  ("qwen3-moe", "Qwen3MoeForCausalLM")])
+def test_a_run_exports_as_its_architecture_and_round_trips_bit_for_bit(which, architecture, arch_runs, tmp_path):
+    run_dir = arch_runs[which]
+    code, _, err = export(str(run_dir), "--out", str(tmp_path / "hf"))
+    assert code == 0, err
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["architectures"] == [architecture]
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "hf" / "model.safetensors", "pt") as weights:
+        names = set(weights.keys())
+    # the hub's layout, one tensor per expert, which from_pretrained converts as it loads
+    block, down = ("block_sparse_moe", "w2") if which == "mixtral" else ("mlp", "down_proj")
+    assert (f"model.layers.1.{block}.experts.7.{down}.weight" in names) == (which != "qwen3")
+    assert not any("expert_bias" in n for n in names)
+    assert ("model.layers.1.self_attn.q_norm.weight" in names) == which.startswith("qwen3")
+    assert_same_model(run_dir, tmp_path / "hf")
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert run(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "back")]) == 0
+    original, back = load_run(run_dir, torch.device("cpu")), load_run(tmp_path / "back", torch.device("cpu"))
+    # An all-MoE Mixtral has no dense MLP: its ffn_hidden comes back as the experts' hidden size.
+    assert back.model.args == dataclasses.replace(original.model.args, ffn_hidden=back.model.args.ffn_hidden)
+    expected, got = original.model.state_dict(), back.model.state_dict()
+    assert got.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(got[name], tensor), name
+
+
+def test_moe_options_no_architecture_computes_are_refused_in_one_line(tmp_path):
+    args = dataclasses.replace(PRESETS["tiny-moe"], bias_update_rate=0.0)
+    cases = [(dataclasses.replace(args, n_shared_experts=1), "MixtralForCausalLM has no shared experts"),
+             (dataclasses.replace(args, router_score="sigmoid"), "model.router_score=sigmoid"),
+             (dataclasses.replace(args, attn_softcap=30.0), "model.attn_softcap=30.0")]
+    for i, (moe_args, words) in enumerate(cases):
+        code, _, err = export(str(random_run(tmp_path / f"run{i}", moe_args)), "--out", str(tmp_path / f"hf{i}"))
+        assert code == 2 and err.count("\n") == 1 and err.startswith("gigatrain: error: ") and words in err, err
+    # a balancing bias the run learned: refused before anything is written
+    run_dir = random_run(tmp_path / "biased", args)
+    model = Transformer(args, seed=0)
+    model.layers["1"].feed_forward.router.expert_bias[3] = 0.25
+    checkpointer = Checkpointer(RunDir(run_dir).checkpoints, keep=2, async_save=False)
+    assert checkpointer.save(2, [model], None, {"step": 2}) >= 0 and checkpointer.wait()
+    checkpointer.close()
+    code, _, err = export(str(run_dir), "--out", str(tmp_path / "biased-hf"))
+    assert code == 2 and err.count("\n") == 1, err
+    assert "layers.1.feed_forward.router.expert_bias is non-zero" in err and "--model.bias_update_rate=0" in err
+    assert not (tmp_path / "biased-hf").exists()
+    assert export(str(run_dir), "--out", str(tmp_path / "step1"), "--step", "1")[0] == 0  # its zero-bias step

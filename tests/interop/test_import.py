@@ -129,3 +129,64 @@ def test_what_cannot_be_imported_is_one_line_exit_2(tmp_path, tokenizer_file, ca
     (hf / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"lm_head.weight": "../model.safetensors"}}))
     assert "not a plain file name" in one_error_line(capsys, ["import", str(hf), "--out", str(out)])
     assert not out.exists()
+
+
+def moe_folder(path, tokenizer_file, architecture: str):
+    """A random transformers Mixtral or Qwen3-MoE (GQA, 4 experts, 2 per token) saved with
+    save_pretrained (per-expert tensors, as on the hub); router weights wide enough that no two
+    experts tie within rounding."""
+    common = dict(vocab_size=320, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=512, num_experts_per_tok=2, tie_word_embeddings=False)
+    if architecture == "mixtral":
+        config = transformers.MixtralConfig(intermediate_size=48, num_hidden_layers=2, num_local_experts=4, **common)
+    else:
+        config = transformers.Qwen3MoeConfig(intermediate_size=96, moe_intermediate_size=48, num_hidden_layers=3,
+                                             num_experts=4, mlp_only_layers=[0], norm_topk_prob=True, head_dim=32,
+                                             **common)
+    torch.manual_seed(2)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".gate.weight"):
+                param.normal_(0, 0.5)
+    model.save_pretrained(path)
+    shutil.copy(tokenizer_file, path / "tokenizer.json")
+    return model
+
+
+@pytest.mark.parametrize("architecture", ["mixtral", "qwen3_moe"])
+def test_imported_moe_model_computes_transformers_logits(tmp_path, tokenizer_file, architecture):
+    theirs = moe_folder(tmp_path / "hf", tokenizer_file, architecture)
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "hf" / "model.safetensors", "pt") as file:
+        assert any(".experts.3." in name for name in file.keys())  # what save_pretrained writes: per expert
+    assert run(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "run")]) == 0
+    loaded = load_run(tmp_path / "run", torch.device("cpu"))
+    args = loaded.model.args
+    assert (args.n_experts, args.top_k, args.bias_update_rate, args.qk_norm) == (4, 2, 0.0, architecture == "qwen3_moe")
+    assert all(not buffer.any() for name, buffer in loaded.model.named_buffers() if name.endswith("expert_bias"))
+    tokens = torch.randint(0, 320, (2, 100), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(loaded.model.eval()(tokens), theirs(tokens).logits, atol=1e-4, rtol=0)
+
+    # transformers 5's in-memory layout (experts fused: gate_up_proj, down_proj), saved as it is
+    from safetensors.torch import save_file
+
+    fused = tmp_path / "fused"
+    shutil.copytree(tmp_path / "hf", fused)
+    save_file({name: tensor.contiguous() for name, tensor in theirs.state_dict().items()}, fused / "model.safetensors")
+    assert run(["import", str(fused), "--out", str(tmp_path / "fused-run")]) == 0
+    again = load_run(tmp_path / "fused-run", torch.device("cpu")).model.state_dict()
+    assert all(torch.equal(again[name], tensor) for name, tensor in loaded.model.state_dict().items())
+
+
+def test_a_moe_folder_missing_an_expert_is_one_line(tmp_path, tokenizer_file, capsys):
+    moe_folder(tmp_path / "hf", tokenizer_file, "mixtral")
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(tmp_path / "hf" / "model.safetensors")
+    del weights["model.layers.1.block_sparse_moe.experts.2.w3.weight"]
+    save_file(weights, tmp_path / "hf" / "model.safetensors")
+    line = one_error_line(capsys, ["import", str(tmp_path / "hf"), "--out", str(tmp_path / "run")])
+    assert "the weights lack layers.1.feed_forward.experts.w3[2]" in line
