@@ -13,6 +13,8 @@ optional dependency (the `gpu` extra), imported only when float8 is asked for.
 
 from __future__ import annotations
 
+import importlib.util
+
 import dataclasses
 
 import torch
@@ -62,11 +64,9 @@ def check_float8(cfg: TrainConfig, device: torch.device, tp: int) -> None:
     if tp > 1:
         raise ConfigError(f"train.float8=true is not supported with parallel.tp={tp} (float8 tensor parallelism needs "
                           f"torchao's own plans); use parallel.tp=1 or drop --train.float8=true")
-    try:
-        import torchao.float8  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("torchao") is None:
         raise ConfigError("train.float8=true needs torchao, which is not installed: pip install 'gigatrain[gpu]' "
-                          "(torchao==0.18.0), or drop --train.float8=true") from None
+                          "(torchao==0.18.0), or drop --train.float8=true")
 
 
 def apply_float8(model: nn.Module, cfg: TrainConfig, fsdp_shards: int) -> None:
