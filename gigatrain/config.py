@@ -48,9 +48,11 @@ class ModelConfig:
     rope_low_freq_factor: float | None = None
     rope_high_freq_factor: float | None = None
     rope_original_max_seq_len: int | None = None
-    mlp_activation: str | None = None  # silu | gelu
+    mlp_activation: str | None = None  # silu | gelu | relu2 (squared ReLU, not gated)
     attn_softcap: float | None = None
     qk_norm: bool | None = None
+    logit_softcap: float | None = None  # output logits capped at +-c; 0: none
+    zero_init_residual: bool | None = None  # attention.wo and the MLPs' w2 start at zero
     head_dim_override: int | None = None  # features per head; 0: d_model // n_heads
     # Mixture of experts (models/moe.py); n_experts 0 or 1: dense
     n_experts: int | None = None
@@ -316,9 +318,11 @@ def validate(cfg: Config) -> None:
              f"model.rope_high_freq_factor={args.rope_high_freq_factor} is not valid; it must be above "
              f"model.rope_low_freq_factor={args.rope_low_freq_factor}")
     _require(args.n_heads % args.n_kv_heads == 0, f"model.n_heads={args.n_heads} is not divisible by model.n_kv_heads={args.n_kv_heads}; grouped-query attention needs n_heads % n_kv_heads == 0")
-    _require(args.mlp_activation in ("silu", "gelu"), f"model.mlp_activation={args.mlp_activation!r} is not valid; use silu or gelu")
+    _require(args.mlp_activation in ("silu", "gelu", "relu2"), f"model.mlp_activation={args.mlp_activation!r} is not valid; use silu, gelu or relu2")
+    _require(args.gated_mlp or not args.is_moe, f"model.mlp_activation={args.mlp_activation} is not supported with model.n_experts={args.n_experts}; "
+             "the experts are gated MLPs: use silu or gelu")
     _require(args.router_score in ("softmax", "sigmoid"), f"model.router_score={args.router_score!r} is not valid; use softmax or sigmoid")
-    for name in ("attn_softcap", "n_experts", "expert_hidden", "n_shared_experts", "n_dense_layers", "aux_loss_coef", "bias_update_rate"):
+    for name in ("attn_softcap", "logit_softcap", "n_experts", "expert_hidden", "n_shared_experts", "n_dense_layers", "aux_loss_coef", "bias_update_rate"):
         value = getattr(args, name)
         _require(value >= 0, f"model.{name}={value} is not valid; it must be 0 or more")
     _require(args.moe_every >= 1, f"model.moe_every={args.moe_every} is not valid; it must be at least 1 (1: every layer past the dense ones)")

@@ -20,7 +20,7 @@ from gigatrain.models.transformer import ModelArgs
 class ParamCounts:
     embedding: int  # token embedding table
     attention: int  # per layer: wq, wk, wv, wo
-    mlp: int  # per dense layer: w1, w2, w3
+    mlp: int  # per dense layer: w1, w2, w3 (squared ReLU: w1, w2)
     norms: int  # per layer (2, and QK-norm's 2) plus the final norm, all layers together
     output: int  # the LM head; 0 when tied to the embedding
     total: int
@@ -44,7 +44,7 @@ def param_counts(args: ModelArgs) -> ParamCounts:
     d, hd = args.d_model, args.head_dim
     embedding = args.vocab_size * d
     attention = d * args.n_heads * hd + 2 * d * args.n_kv_heads * hd + args.n_heads * hd * d
-    mlp = 3 * d * args.ffn_hidden
+    mlp = (3 if args.gated_mlp else 2) * d * args.ffn_hidden
     n_moe_layers = sum(args.is_moe_layer(layer) for layer in range(args.n_layers))
     expert = 3 * d * args.moe_hidden
     router_and_shared = d * args.n_experts + args.n_shared_experts * expert if n_moe_layers else 0

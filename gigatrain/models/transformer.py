@@ -41,7 +41,9 @@ class ModelArgs:
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
     rope_original_max_seq_len: int = 8192
-    # The gated MLPs' activation: silu (SwiGLU, Llama) or gelu (GeGLU, tanh approximation: Grok-1).
+    # The MLP's activation: silu (SwiGLU, Llama) or gelu (GeGLU, tanh approximation: Grok-1),
+    # both gated (w2(act(w1 x) * w3 x)); or relu2, squared ReLU, not gated (w2(relu(w1 x)^2),
+    # no w3: Primer, modded-nanogpt, nanochat), two matrices instead of three.
     mlp_activation: str = "silu"
     # Attention logits capped at +-c by c * tanh(x / c) before the softmax (Grok-1: 30); 0: none.
     attn_softcap: float = 0.0
@@ -51,6 +53,11 @@ class ModelArgs:
     # Features per attention head; 0: d_model // n_heads. Qwen3-30B-A3B: 32 heads of 128 on a
     # d_model of 2048, so its projections into heads are wider than d_model.
     head_dim_override: int = 0
+    # Output logits capped at +-c by c * tanh(x / c) after the head (Gemma 2: 30, nanochat: 15); 0: none.
+    logit_softcap: float = 0.0
+    # The residual branches' output projections (attention.wo, the MLPs' and experts' w2) start
+    # at zero (modded-nanogpt, nanochat): every block starts as the identity.
+    zero_init_residual: bool = False
     # Mixture of experts (models/moe.py); n_experts 0 or 1 is a dense model.
     n_experts: int = 0
     top_k: int = 2  # experts each token is sent to
@@ -75,6 +82,11 @@ class ModelArgs:
     def moe_hidden(self) -> int:
         """Each routed expert's hidden size."""
         return self.expert_hidden or self.ffn_hidden
+
+    @property
+    def gated_mlp(self) -> bool:
+        """Whether the MLPs have a gate (w1) and an up projection (w3) multiplied together."""
+        return self.mlp_activation != "relu2"
 
     @property
     def head_dim(self) -> int:
@@ -200,12 +212,15 @@ class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs, hidden: int | None = None):
         super().__init__()
         hidden = hidden or args.ffn_hidden
-        self.w1 = nn.Linear(args.d_model, hidden, bias=False)  # gate
-        self.w3 = nn.Linear(args.d_model, hidden, bias=False)  # up
+        self.w1 = nn.Linear(args.d_model, hidden, bias=False)  # gate (squared ReLU: up)
+        # Squared ReLU has no gate: no up projection beside w1.
+        self.w3 = nn.Linear(args.d_model, hidden, bias=False) if args.gated_mlp else None  # up
         self.w2 = nn.Linear(hidden, args.d_model, bias=False)  # down
-        self.activation = gate_activation(args.mlp_activation)
+        self.activation = gate_activation(args.mlp_activation) if args.gated_mlp else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.w3 is None:
+            return self.w2(F.relu(self.w1(x)).square())
         return self.w2(self.activation(self.w1(x)) * self.w3(x))
 
 
@@ -239,7 +254,8 @@ def parameter_generator(seed: int, name: str, device: torch.device) -> torch.Gen
 def init_parameter(name: str, tensor: torch.Tensor, args: ModelArgs, generator: torch.Generator) -> None:
     """The initial value of the parameter called `name` (its name in the whole model): norm
     gains 1, matrices N(0, 0.02), with the residual-branch outputs scaled by 1/sqrt(2 L) so
-    the residual stream's variance does not grow with depth (GPT-2 / Llama recipe)."""
+    the residual stream's variance does not grow with depth (GPT-2 / Llama recipe), or zero
+    with zero_init_residual."""
     if name.endswith("norm.weight"):
         tensor.fill_(1.0)
         return
@@ -248,6 +264,11 @@ def init_parameter(name: str, tensor: torch.Tensor, args: ModelArgs, generator: 
     # slice gets the same scale as a dense MLP's, since a token's output is a weighted mean of
     # its k experts' outputs.
     if name.endswith(("attention.wo.weight", "feed_forward.w2.weight", "experts.w2", "shared_experts.w2.weight")):
+        if args.zero_init_residual:
+            # The gradients still reach them (they multiply nonzero activations), so they
+            # learn from the first step; the matrices before them start learning one step later.
+            tensor.zero_()
+            return
         std /= math.sqrt(2 * args.n_layers)
     tensor.normal_(0.0, std, generator=generator)
 
@@ -303,4 +324,46 @@ class Transformer(nn.Module):
             # The whole tables: attention takes the rows of the sequence it sees.
             x = block(x, self.rope_cos, self.rope_sin)
         x = self.norm(x) if self.norm is not None else x
-        return self.output(x) if self.output is not None else x
+        if self.output is None:
+            return x
+        logits = self.output(x)
+        if self.args.logit_softcap:
+            # In fp32, as the loss reads them: bf16's 8 bits of mantissa would round tanh's
+            # flattening away near the cap. Elementwise, so vocabulary-sharded logits (tensor
+            # parallelism) are capped shard by shard.
+            logits = self.args.logit_softcap * torch.tanh(logits.float() / self.args.logit_softcap)
+        return logits
+
+
+PARAMETER_ROLES = ("embed", "head", "router", "matrix", "vector")
+
+
+def parameter_role(name: str, param: torch.Tensor) -> str:
+    """What the parameter called `name` (its name in the model, or in a wrapped or pipeline-stage
+    copy of it) does, for an optimizer that treats each kind with its own rule and rate:
+    "embed" (token embeddings, and a tied head: one weight), "head" (an untied output head),
+    "router" (an MoE router's gate), "matrix" (every other matrix: attention, MLP, shared
+    experts, the routed experts' stacked [experts, out, in] weights) or "vector" (norm gains).
+
+    Embeddings are looked up a row at a time and the head maps into the vocabulary: recipes
+    give both their own learning rate (nanochat, modded-nanogpt), and Muon leaves them to AdamW.
+    By name and rank only, so a DTensor shard of a parameter has the role of the whole."""
+    parts = name.split(".")
+    if parts[-2:] == ["tok_embeddings", "weight"]:
+        return "embed"
+    if parts[-2:] == ["output", "weight"]:
+        return "head"
+    if "router" in parts:
+        return "router"
+    return "matrix" if param.dim() >= 2 else "vector"
+
+
+def parameter_groups(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """The model's trainable parameters by `parameter_role`: {role: [(name, parameter), ...]} for
+    every role in PARAMETER_ROLES (empty where the model has none). A tied head is its
+    embeddings' own Parameter and named_parameters() yields it once, as the embeddings."""
+    groups: dict[str, list[tuple[str, nn.Parameter]]] = {role: [] for role in PARAMETER_ROLES}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            groups[parameter_role(name, param)].append((name, param))
+    return groups

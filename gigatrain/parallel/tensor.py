@@ -48,6 +48,8 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> None:
                 "attention.q_norm": SequenceParallel(sequence_dim=2, use_local_output=True),
                 "attention.k_norm": SequenceParallel(sequence_dim=2, use_local_output=True),
             })
+        if getattr(block.feed_forward, "w3", None) is not None:  # squared ReLU's MLP has no up projection
+            parallelize_module(block, tp_mesh, {"feed_forward.w3": ColwiseParallel()})
         parallelize_module(block, tp_mesh, {
             "attention_norm": SequenceParallel(),
             # cos and sin are plain tensors, the same on every rank.
@@ -60,7 +62,6 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> None:
             "ffn_norm": SequenceParallel(),
             "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
             "feed_forward.w1": ColwiseParallel(),
-            "feed_forward.w3": ColwiseParallel(),
             "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
         })
 

@@ -14,7 +14,7 @@ MOE = "--model.preset=tiny-moe"
     ([MOE, "--model.top_k=0"], ["model.top_k=0", "between 1 and model.n_experts=8"]),
     ([MOE, "--model.top_k=9"], ["model.top_k=9", "between 1 and model.n_experts=8"]),
     ([MOE, "--model.router_score=tanh"], ["model.router_score='tanh'", "softmax or sigmoid"]),
-    ([MOE, "--model.mlp_activation=relu"], ["model.mlp_activation='relu'", "silu or gelu"]),
+    ([MOE, "--model.mlp_activation=relu"], ["model.mlp_activation='relu'", "silu, gelu or relu2"]),
     ([MOE, "--model.moe_every=0"], ["model.moe_every=0", "at least 1"]),
     ([MOE, "--model.n_dense_layers=2"], ["model.n_dense_layers=2", "model.n_layers=2"]),
     ([MOE, "--model.aux_loss_coef=-0.01"], ["model.aux_loss_coef=-0.01", "0 or more"]),

@@ -16,7 +16,9 @@ Then checkpoints saved under FSDP are resumed under TP x FSDP, PP x FSDP and in 
 process, and the next step's loss must equal the uninterrupted run's.
 Tied embeddings (one [vocab, d_model] weight for the embeddings and the head) are compared
 with tied one-process training in the same way, under TP, PP and both, and resumed under
-PP x TP from a tied FSDP checkpoint.
+PP x TP from a tied FSDP checkpoint. So are the architecture options all at once (squared-ReLU
+MLP, output-logit soft-capping, QK-norm, zero-initialised residual projections) under
+FSDP x TP, CP x TP and PP x FSDP, resumed under PP x TP from an FSDP checkpoint of them.
 """
 
 import json
@@ -64,29 +66,41 @@ TIED_LAYOUTS = {  # compared with tied one-process training
     "PP x FSDP, tied embeddings": [*TIED, "--parallel.pp=2"],
     "PP x TP, tied embeddings": [*TIED, *SOLO, "--parallel.pp=2", "--parallel.tp=2"],
 }
-RESHARDS = {  # resumed at step 2 from the FSDP run's checkpoint (tied: the tied FSDP run's)
+# The architecture options together (a cap of 5 bites: the tiny model's logits reach it).
+ARCH = ["--model.mlp_activation=relu2", "--model.logit_softcap=5", "--model.qk_norm=true",
+        "--model.zero_init_residual=true"]
+ARCH_LAYOUTS = {  # compared with one-process training with the same options
+    "FSDP x TP, architecture options": [*ARCH, "--parallel.tp=2"],
+    "CP x TP, architecture options": [*ARCH, *SOLO, "--parallel.cp=2", "--parallel.tp=2"],
+    "PP x FSDP, architecture options": [*ARCH, "--parallel.pp=2"],
+}
+RESHARDS = {  # resumed at step 2 from the FSDP run's checkpoint (tied: the tied FSDP run's; ...)
     "resumed under FSDP x TP": ["--parallel.tp=2"],
     "resumed under PP x FSDP": ["--parallel.pp=2", "--parallel.pp_schedule=GPipe"],
     "resumed tied under PP x TP": [*TIED, *SOLO, "--parallel.pp=2", "--parallel.tp=2"],
+    "resumed with architecture options under PP x TP": [*ARCH, *SOLO, "--parallel.pp=2", "--parallel.tp=2"],
 }
+# A one-process reference run and an FSDP run stopped at step 2 for each family of runs.
+FAMILIES = {"": [], "tied": TIED, "arch": ARCH}
 
 
 def run_name(label: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in label)
 
 
-def is_tied(label: str) -> bool:
-    return TIED[0] in {**LAYOUTS, **TIED_LAYOUTS, **RESHARDS}[label]
+def family(label: str) -> str:
+    overrides = {**LAYOUTS, **TIED_LAYOUTS, **ARCH_LAYOUTS, **RESHARDS}[label]
+    return next((name for name, marks in FAMILIES.items() if marks and marks[0] in overrides), "")
 
 
 def reference_name(label: str) -> str:
     """The one-process run a layout's run is compared with."""
-    return "one_process_tied" if is_tied(label) else "one_process"
+    return "_".join(filter(None, ["one_process", family(label)]))
 
 
 def saved_at_2(label: str) -> str:
     """The run whose step-2 checkpoint a reshard run resumes from."""
-    return "fsdp_tied_at_2" if is_tied(label) else "fsdp_at_2"
+    return "_".join(filter(None, ["fsdp", family(label), "at_2"]))
 
 
 def assert_weights_match(got: torch.Tensor, expected: torch.Tensor, name: str) -> None:
@@ -99,11 +113,13 @@ def assert_weights_match(got: torch.Tensor, expected: torch.Tensor, name: str) -
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, byte_data):
     out = tmp_path_factory.mktemp("layouts")
-    for name, overrides in (("one_process", []), ("one_process_tied", TIED)):
-        train(load_config(None, [f"--data.path={byte_data}", f"--run.dir={out / name}", *BASE, *overrides]))
-    plan = [{"name": "fsdp_at_2", "overrides": ["--train.stop_at_step=2"]},
-            {"name": "fsdp_tied_at_2", "overrides": [*TIED, "--train.stop_at_step=2"]}]
-    plan += [{"name": run_name(label), "overrides": overrides} for label, overrides in {**LAYOUTS, **TIED_LAYOUTS}.items()]
+    for name, overrides in FAMILIES.items():
+        run_dir = out / "_".join(filter(None, ["one_process", name]))
+        train(load_config(None, [f"--data.path={byte_data}", f"--run.dir={run_dir}", *BASE, *overrides]))
+    plan = [{"name": "_".join(filter(None, ["fsdp", name, "at_2"])), "overrides": [*overrides, "--train.stop_at_step=2"]}
+            for name, overrides in FAMILIES.items()]
+    plan += [{"name": run_name(label), "overrides": overrides}
+             for label, overrides in {**LAYOUTS, **TIED_LAYOUTS, **ARCH_LAYOUTS}.items()]
     plan += [{"name": run_name(label), "overrides": overrides, "resume_from": saved_at_2(label)}
              for label, overrides in RESHARDS.items()]
     plan.append({"name": "tp_logits", "overrides": LAYOUTS["TP + sequence parallel"], "probe_logits": True})
@@ -115,7 +131,7 @@ def runs(tmp_path_factory, byte_data):
     return out, result.stdout
 
 
-@pytest.mark.parametrize("label", [*LAYOUTS, *TIED_LAYOUTS])
+@pytest.mark.parametrize("label", [*LAYOUTS, *TIED_LAYOUTS, *ARCH_LAYOUTS])
 def test_layout_matches_one_process(runs, byte_data, label):
     out, _ = runs
     reference, parallel = out / reference_name(label), out / run_name(label)
@@ -158,7 +174,7 @@ def test_checkpoint_from_four_processes_resumes_in_one(runs, byte_data, tmp_path
 
 def test_only_rank_zero_prints(runs):
     _, stdout = runs
-    assert stdout.count("stopped by max_steps") == len(LAYOUTS) + len(TIED_LAYOUTS) + len(RESHARDS)
+    assert stdout.count("stopped by max_steps") == len(LAYOUTS) + len(TIED_LAYOUTS) + len(ARCH_LAYOUTS) + len(RESHARDS)
 
 
 def test_tensor_parallel_never_holds_full_vocabulary_logits(runs):
