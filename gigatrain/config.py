@@ -125,6 +125,9 @@ class ParallelConfig:
     pp_schedule: Literal["GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble"] = "1F1B"
     pp_microbatches: int = 0  # per step and data-parallel rank; 0: one per pipeline stage
     pp_stages_per_rank: int = 0  # 0: 2 for the looped schedules (interleaved, zero-bubble), else 1
+    # Expert parallelism: each MoE layer's routed experts split over ep ranks, carved out of
+    # dp_shard*cp (docs/moe-ep.md); not a degree: it adds no processes.
+    ep: int = 1
     auto: bool = False  # take the planner's best layout for the world size
 
 
@@ -336,6 +339,12 @@ def validate(cfg: Config) -> None:
     for name in ("pp_microbatches", "pp_stages_per_rank"):
         value = getattr(p, name)
         _require(value >= 0, f"parallel.{name}={value} is not valid; it must be 0 (automatic) or more")
+    _require(p.ep >= 1, f"parallel.ep={p.ep} is not valid; use 1 (no expert parallelism) or a number of ranks that divides model.n_experts")
+    if p.ep > 1:
+        _require(args.is_moe, f"parallel.ep={p.ep} needs a mixture-of-experts model, but model.preset={m.preset!r} "
+                 f"with model.n_experts={args.n_experts} is dense; set parallel.ep=1 or model.n_experts to a multiple of {p.ep}")
+        _require(args.n_experts % p.ep == 0, f"parallel.ep={p.ep} does not divide model.n_experts={args.n_experts}: each ep rank "
+                 f"holds n_experts/ep whole experts; use an ep that divides {args.n_experts}")
 
 
 def global_batch_size(cfg: Config) -> int:
