@@ -130,6 +130,10 @@ class RunDir:
         return self.path / "throughput.png"
 
     @property
+    def expert_load_plot(self) -> Path:
+        return self.path / "expert_load.png"
+
+    @property
     def faults(self) -> Path:
         return self.path / "faults"
 

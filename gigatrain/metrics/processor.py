@@ -47,20 +47,23 @@ class MetricsProcessor:
         self.display = ProgressDisplay(progress if self.run_dir else "off", max_steps, step)
 
     def step_record(self, step: int, loss: float, lr: float, grad_norm: float, step_time_s: float,
-                    skipped: str | None = None) -> dict:
+                    skipped: str | None = None, extra: dict | None = None) -> dict:
+        """`extra`: more fields of the step (an MoE run's router statistics)."""
         tokens_per_s = self.tokens_per_step / step_time_s  # the whole job's
         record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
                   "mfu": mfu(tokens_per_s, self.flops_per_token, self.peak_flops, self.world_size),
                   "step_time_s": step_time_s, "tokens": step * self.tokens_per_step,
                   "peak_memory_gb": peak_memory_gb(self.device), "time": time.time()}
+        if extra:
+            record.update(extra)
         if skipped:
             record["skipped"] = skipped
         return record
 
     def log_step(self, step: int, loss: float, lr: float, grad_norm: float, step_time_s: float,
-                 skipped: str | None = None) -> dict:
+                 skipped: str | None = None, extra: dict | None = None) -> dict:
         """The step's record, written and shown."""
-        record = self.step_record(step, loss, lr, grad_norm, step_time_s, skipped)
+        record = self.step_record(step, loss, lr, grad_norm, step_time_s, skipped, extra)
         self.metrics.write(record)
         self.display.step(record)
         return record

@@ -29,6 +29,9 @@ def summarize(run: RunDir) -> dict:
         "step_time_s": statistics.median(r["step_time_s"] for r in steady),
         "train_time_s": sum(r["step_time_s"] for r in steps),
     }
+    for key in ("expert_load_max", "aux_loss"):  # mixture-of-experts runs: the last step's balance
+        if key in steps[-1]:
+            summary[key] = steps[-1][key]
     goodput = goodput_summary(run)
     if goodput is not None:  # runs from before events.jsonl have none
         summary.update(goodput)

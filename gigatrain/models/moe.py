@@ -80,41 +80,128 @@ class GroupedExperts(nn.Module):
         return torch.cat(outputs)
 
 
+class _GatherRows(torch.autograd.Function):
+    """rows[index] whose backward is a gather too: index maps each output row to its source
+    row, and each source row is read by `fan_out` output rows, whose positions in the output
+    `inverse` lists ([source rows, fan_out] flattened). Autograd's own backward of an
+    indexing zero-fills the source's shape and scatter-adds into it, which is slower and on
+    a GPU not deterministic; a permutation's inverse makes the backward a plain read and,
+    with fan_out > 1, a sum in a fixed order."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor, fan_out: int) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        ctx.fan_out = fan_out
+        return rows.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        grad_rows = grad.index_select(0, inverse)
+        if ctx.fan_out > 1:
+            grad_rows = grad_rows.view(-1, ctx.fan_out, grad.shape[-1]).sum(dim=1)
+        return grad_rows, None, None, None
+
+
+class AddAuxiliaryLoss(torch.autograd.Function):
+    """The identity on a layer's output whose backward also feeds `weight` as the gradient of
+    `aux` (DeepSeek's AddAuxiliaryLoss): the balancing loss reaches the router's gradients
+    through whichever backward runs the layer (a plain loss.backward(), a pipeline stage's,
+    an activation-checkpointed recompute) without being added to the reported loss."""
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, aux: torch.Tensor, weight: float) -> torch.Tensor:
+        ctx.weight = weight
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        return grad_out, torch.full((), ctx.weight, dtype=torch.float32, device=grad_out.device), None
+
+
 class MoE(nn.Module):
     """The routed experts, and beside them optional always-on shared experts (DeepSeek, Qwen, Llama 4)."""
 
     def __init__(self, args: ModelArgs, shared_experts: nn.Module | None = None):
         super().__init__()
         self.n_experts, self.top_k = args.n_experts, args.top_k
+        self.aux_loss_coef = args.aux_loss_coef
         self.router = Router(args)
         self.experts = GroupedExperts(args.n_experts, args.d_model, args.moe_hidden, args.mlp_activation)
         self.shared_experts = shared_experts
-        # Tokens routed to each expert since the last optimizer step (balancing, statistics).
+        # Set by parallel/ (ParallelModel), which knows the layout; one process leaves them be.
+        # aux_grad_scale: the balancing loss's share of the step's gradient, as the language-model
+        # loss's (1 / micro-batches where the loop divides the loss; 1 where a pipeline schedule
+        # scales the gradients itself). sequence_reduce: sums per-sequence counts over the ranks
+        # that hold other tokens of the same sequences (context parallelism); None: none do.
+        self.aux_grad_scale = 1.0
+        self.sequence_reduce = None
+        # Since the last optimizer step (balancing, statistics): the (token, choice) pairs routed
+        # to each expert, and the sum of the per-sequence balance losses with their sequences.
         self.register_buffer("tokens_per_expert", torch.zeros(args.n_experts), persistent=False)
+        self.register_buffer("aux_loss_sum", torch.zeros(2), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, chosen, scores = self.router(x)
         counts = torch.bincount(chosen.flatten(), minlength=self.n_experts)
-        self._record(counts)
         # Sort the (token, choice) pairs by expert; a stable sort keeps each expert's tokens in
-        # token order, so every layout sees the same order.
+        # token order, so every layout sees the same order. `position` is its inverse: where
+        # each pair sits in the sorted order.
         order = chosen.flatten().argsort(stable=True)
-        routed = self.experts(x[order // self.top_k], counts)
-        routed = routed[order.argsort()].view(-1, self.top_k, shape[-1])
+        position = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        routed = self.experts(_GatherRows.apply(x, order // self.top_k, position, self.top_k), counts)
+        routed = _GatherRows.apply(routed, position, order, 1).view(-1, self.top_k, shape[-1])
         # Combined by a sum over each token's k outputs (not an index_add: the same on every device).
         out = (routed * weights.unsqueeze(-1)).sum(dim=1).type_as(x)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
+        training = self.training and torch.is_grad_enabled()
+        aux = None
+        if training and self.aux_loss_coef > 0:
+            batch = shape[0] if len(shape) == 3 else 1
+            aux = self.sequence_balance_loss(chosen.view(batch, -1, self.top_k), scores.view(batch, -1, self.n_experts))
+            out = AddAuxiliaryLoss.apply(out, aux.mean(), self.aux_loss_coef * self.aux_grad_scale)
+        if training:
+            self._record(counts, aux)
         return out.view(shape)
 
+    def sequence_balance_loss(self, chosen: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """The load-balancing loss of each sequence, unweighted: [batch] of E * sum_e f_e * P_e,
+        f_e the fraction of the sequence's (token, choice) pairs routed to e (a constant), P_e
+        the mean probability of e over the sequence's tokens; 1.0 is perfect balance.
+
+        Per sequence (DeepSeek-V3's sequence-wise loss, Switch/Mixtral's formula): data
+        parallelism and micro-batches split a batch between sequences, never inside one, so
+        each sequence's loss, and the batch mean, are the same under every layout. Context
+        parallelism splits sequences: f comes from the whole sequence's summed counts, and P
+        from this shard's tokens, so the shards' losses average (as their gradients do) to the
+        whole sequence's."""
+        with torch.no_grad():
+            pairs = torch.zeros(chosen.shape[0], self.n_experts, device=chosen.device)
+            pairs.scatter_add_(1, chosen.flatten(1), torch.ones_like(chosen.flatten(1), dtype=pairs.dtype))
+            if self.sequence_reduce is not None:
+                pairs = self.sequence_reduce(pairs)
+            fraction = pairs / pairs.sum(dim=-1, keepdim=True)
+        # Sigmoid scores do not sum to one: normalised per token, as DeepSeek-V3 does.
+        probs = scores if self.router.score_fn == "softmax" else scores / scores.sum(dim=-1, keepdim=True)
+        return self.n_experts * (fraction * probs.mean(dim=1)).sum(dim=-1)
+
     @torch.no_grad()
-    def _record(self, counts: torch.Tensor) -> None:
+    def _record(self, counts: torch.Tensor, aux: torch.Tensor | None) -> None:
         # Activation checkpointing runs this forward again inside the backward: count once.
         if torch._C._current_graph_task_id() == -1:
             self.tokens_per_expert += counts
+            if aux is not None:
+                self.aux_loss_sum[0] += aux.sum()
+                self.aux_loss_sum[1] += aux.numel()
+
+    @torch.no_grad()
+    def reset_statistics(self) -> None:
+        self.tokens_per_expert.zero_()
+        self.aux_loss_sum.zero_()
 
     @torch.no_grad()
     def init_buffers(self) -> None:
-        self.tokens_per_expert.zero_()
+        self.reset_statistics()

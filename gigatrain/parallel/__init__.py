@@ -23,6 +23,7 @@ from functools import partial
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
@@ -32,6 +33,7 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 
 from gigatrain.config import Config
 from gigatrain.models.loss import loss_fn
+from gigatrain.models.moe import MoE
 from gigatrain.models.transformer import init_parameter, parameter_generator
 from gigatrain.parallel.context import apply_cp, shard_rope, shard_sequence
 from gigatrain.parallel.device import autocast
@@ -113,6 +115,13 @@ class ParallelModel:
             self.eval_schedule = build_schedule(parts, stage_indices, dims, pp_mesh, device, _sum_loss, dims.microbatches)
             if parts[0].args.tie_embeddings:
                 self.tied_group = tied_weight_group(dims)
+        self.moe_layers = _moe_layers(parts)
+        self.moe_layer_ids = [i for i in range(parts[0].args.n_layers) if parts[0].args.is_moe_layer(i)]
+        for _, moe in self.moe_layers:
+            # The loop divides each micro-batch's loss by their number; a schedule scales the gradients.
+            moe.aux_grad_scale = 1.0 if self.schedule is not None else 1.0 / dims.microbatches
+            if dims.cp > 1:
+                moe.sequence_reduce = partial(funcol.all_reduce, reduceOp="sum", group=mesh["cp"])
 
     # -- coordinates -----------------------------------------------------------------------
     def rank_in(self, axis: str) -> int:
@@ -236,6 +245,35 @@ class ParallelModel:
             torch.nn.utils.clip_grads_with_norm_(group, max_norm, norm)
         return norm
 
+    # The MoE layers' inputs under tensor parallelism are replicated over tp (feed_forward gets
+    # Replicate() input): tp peers route the same tokens and only one of them may count them.
+    moe_tokens_split_over_tp = False
+
+    def expert_statistics(self) -> torch.Tensor | None:
+        """The router statistics of the step just run, summed over the whole global batch, the
+        same on every rank, then reset: [MoE layers of the whole model, experts + 2], per layer
+        the (token, choice) pairs routed to each expert, the sum of the per-sequence balance
+        losses and their number of sequences (0 without an auxiliary loss). None: a dense model.
+
+        Every rank that routed other tokens of the step adds its counts (data-parallel replicas
+        and shards, context-parallel shards: the sum over the world of the rows it holds);
+        pipeline stages fill the rows of their own layers; tensor-parallel peers, which route
+        the same tokens, count once. One all-reduce of a small tensor per step."""
+        if not self.moe_layer_ids:
+            return None
+        n_experts = self.parts[0].args.n_experts
+        row = {layer: index for index, layer in enumerate(self.moe_layer_ids)}
+        stats = torch.zeros(len(self.moe_layer_ids), n_experts + 2, device=self.device)
+        counts_here = self.moe_tokens_split_over_tp or self.rank_in("tp") == 0
+        for layer, moe in self.moe_layers:
+            if counts_here:
+                stats[row[layer], :n_experts] = moe.tokens_per_expert
+                stats[row[layer], n_experts:] = moe.aux_loss_sum
+            moe.reset_statistics()
+        if self.mesh is not None:
+            dist.all_reduce(stats)
+        return stats
+
     def reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
         """Sum `values` over the ranks that hold a loss (one per data/context replica)."""
         if self.mesh is None:
@@ -248,6 +286,13 @@ class ParallelModel:
 def plain_name(name: str) -> str:
     """A parameter's name in the whole model, without the wrappers' prefixes."""
     return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
+
+
+def _moe_layers(parts: list[nn.Module]) -> list[tuple[int, MoE]]:
+    """(layer index in the whole model, its MoE) for each MoE layer these parts hold."""
+    found = [(int(plain_name(name).split(".")[1]), module)
+             for part in parts for name, module in part.named_modules() if isinstance(module, MoE)]
+    return sorted(found, key=lambda pair: pair[0])
 
 
 @torch.no_grad()

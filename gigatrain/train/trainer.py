@@ -41,6 +41,7 @@ from gigatrain.parallel.device import pick_device, pick_dtype
 from gigatrain.parallel.mesh import init_distributed, parallel_dims
 from gigatrain.ranks import global_rank, is_main_process
 from gigatrain.rundir import RunDir, RunDirLock
+from gigatrain.train.balancing import ExpertBalance
 from gigatrain.train.checkpointing import CheckpointManager, TrainState
 from gigatrain.train.optim import build_optimizer
 from gigatrain.train.recovery import Recovery
@@ -115,6 +116,8 @@ class Trainer:
             model = Transformer(self.model_args, seed=t.seed)
         self.parallel = parallelize(model, self.dims, self.mesh, cfg, self.device, self.dtype)
         self.optimizers = [build_optimizer(part, t, self.device) for part in self.parallel.parts]
+        self.balance = ExpertBalance(self.parallel) if self.model_args.is_moe else None
+        self.moe_record: dict = {}  # the last step's router statistics (MoE runs)
         self.loader = BatchLoader(self.data.split("train"), self.seq_len, self.dims.global_batch, seed=t.seed,
                                   rank=self.parallel.dp_rank, world_size=self.dims.dp)
 
@@ -157,6 +160,8 @@ class Trainer:
             if skipped is None:
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+        if self.balance is not None:
+            self.moe_record = self.balance.after_step(applied=skipped is None)
         return loss, grad_norm, skipped
 
     def _local_gradients(self):
@@ -176,7 +181,7 @@ class Trainer:
         seconds = time.perf_counter() - started
         self.state.train_time_s += seconds
         watchdog.beat()
-        self.metrics.log_step(self.state.step, loss, lr, grad_norm, seconds, skipped)
+        self.metrics.log_step(self.state.step, loss, lr, grad_norm, seconds, skipped, extra=self.moe_record)
         rolled_back = bool(skipped) and self.recovery.on_skipped_update(skipped, self.state.step, loss, grad_norm,
                                                                         self.checkpoints, self.metrics)
         return loss, seconds, rolled_back

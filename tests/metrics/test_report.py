@@ -9,10 +9,14 @@ from gigatrain.metrics.report import report, summarize
 from gigatrain.rundir import RunDir
 
 
-def write_run(run: RunDir, steps: int = 10) -> None:
+def write_run(run: RunDir, steps: int = 10, moe: bool = False) -> None:
     run.path.mkdir(parents=True, exist_ok=True)
     records = [{"step": i, "loss": 5.0 - 0.1 * i, "tokens_per_s": 1000.0, "mfu": 0.5, "step_time_s": 1.0,
                 "time": 100.0 + i} for i in range(1, steps + 1)]
+    if moe:  # two MoE layers, as an MoE run's steps record them
+        for record in records:
+            record.update({"expert_load": [1.5, 2.0 + record["step"] / 10], "aux_loss": 1.1})
+            record["expert_load_max"] = sum(record["expert_load"]) / 2
     records.insert(5, {"step": 5, "val_loss": 4.6, "val_bpb": 1.5})
     lines = "".join(json.dumps(r) + "\n" for r in records)
     run.metrics.write_text(lines + '{"step": 11, "loss": 4')  # the last line torn by a crash mid-write
@@ -35,6 +39,18 @@ def test_report_draws_the_plots_into_the_run_directory(tmp_path, capsys):
     report(run)
     assert run.loss_plot.stat().st_size > 0 and run.throughput_plot.stat().st_size > 0
     assert "final_loss" in capsys.readouterr().out
+
+
+def test_an_moe_runs_report_draws_the_expert_load_and_a_dense_runs_does_not(tmp_path, capsys):
+    dense, moe = RunDir(tmp_path / "dense"), RunDir(tmp_path / "moe")
+    write_run(dense)
+    write_run(moe, moe=True)
+    report(dense)
+    assert not dense.expert_load_plot.exists() and "expert_load" not in capsys.readouterr().out
+    summary = report(moe)
+    assert moe.expert_load_plot.stat().st_size > 0
+    assert str(moe.expert_load_plot) in capsys.readouterr().out.replace("\n", "")
+    assert (summary["expert_load_max"], summary["aux_loss"]) == (2.25, 1.1)
 
 
 def test_a_folder_without_steps_or_that_does_not_exist_is_one_line(tmp_path):
