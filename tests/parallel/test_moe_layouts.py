@@ -7,7 +7,9 @@ tensor parallelism and context parallelism, and micro-batches; it also runs the 
 property check (moe_checks.py). Each run is compared with one-process training on the same
 global batches: every step's loss and gradient norm to 1e-5 relative, and the final weights
 (the expert biases included: buffers are in the checkpoint) as the dense layouts are
-(helpers.assert_weights_match). Then the checkpoint saved at step 2 under ep=2 is resumed
+(helpers.assert_weights_match). The runs use both balancing methods (tiny-moe's bias update
+rate 1e-3, auxiliary loss coefficient 0.01), so the biases move (the test checks they did)
+and the auxiliary loss reaches the gradients. Then the checkpoint saved at step 2 under ep=2 is resumed
 under ep=4, under FSDP alone (ep=1) and in one process, and the next step's loss must equal
 the uninterrupted one-process run's to 1e-6 relative.
 """
@@ -23,7 +25,7 @@ from gigatrain.rundir import RunDir
 from gigatrain.train.trainer import train
 from helpers import REPO, assert_weights_match, final_weights, run_group, step_values
 
-BASE = ["--model.preset=tiny-moe", "--model.tie_embeddings=false", "--data.seq_len=32", "--train.batch_size=8",
+BASE = ["--model.preset=tiny-moe", "--model.tie_embeddings=false", "--model.aux_loss_coef=0.01", "--data.seq_len=32", "--train.batch_size=8",
         "--train.max_steps=3", "--train.eval_batches=1", "--train.eval_every=1000", "--train.samples=0",
         "--train.progress=plain", "--train.warmup_steps=1", "--train.lr=1e-3", "--train.device=cpu",
         "--train.checkpoint_every=2"]
@@ -76,7 +78,8 @@ def test_moe_layout_matches_one_process(runs, label):
         assert got_norms[step] == pytest.approx(expected_norms[step], rel=1e-5), f"gradient norm at step {step}"
     ref_weights, weights = final_weights(reference), final_weights(parallel)
     assert weights.keys() == ref_weights.keys()
-    assert any(name.endswith("router.expert_bias") for name in weights)
+    biases = [name for name in weights if name.endswith("router.expert_bias")]
+    assert biases and all(weights[name].abs().max() > 0 for name in biases)  # moved, and compared below
     for name, tensor in weights.items():
         assert_weights_match(tensor, ref_weights[name], name)
     layout = RunDir(parallel).read_run_info()["layout"]
