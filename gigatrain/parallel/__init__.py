@@ -46,8 +46,9 @@ from gigatrain.parallel.tensor import apply_tp, loss_context
 
 # Op-level selective checkpointing keeps the outputs of these ops (torchtitan's choice): the
 # matmuls and attention, which cost FLOPs to redo, and the reduce-scatters of sequence
-# parallelism, which cost communication; every other op (norms, rotary, SwiGLU's activation and
-# product, residual adds: cheap, memory-bound) is recomputed in the backward. This is what the
+# parallelism and all-to-alls of expert parallelism, which cost communication; every other op
+# (norms, rotary, SwiGLU's activation and product, residual adds: cheap, memory-bound) is
+# recomputed in the backward. This is what the
 # planner's "selective" assumes (plan.costs.activation_elements).
 _SELECTIVE_SAVED_OPS = {
     torch.ops.aten.mm.default,
@@ -56,6 +57,8 @@ _SELECTIVE_SAVED_OPS = {
     torch.ops.aten._scaled_dot_product_efficient_attention.default,
     torch.ops.aten._scaled_dot_product_cudnn_attention.default,
     torch.ops._c10d_functional.reduce_scatter_tensor.default,
+    # Expert parallelism's token exchange (all-to-all): communication, kept rather than redone.
+    torch.ops._c10d_functional.all_to_all_single.default,
 }
 
 
