@@ -132,6 +132,7 @@ def dry_run(cfg: Config, n_processes: int) -> int:
            f"{counts.active / 1e6:,.1f}M active" if model.is_moe else ""),
         f"layout     {n_processes} process(es): " + " ".join(f"{axis}={value}" for axis, value in dims.degrees().items())
         + (f" {dims.pp_schedule}" if dims.pp > 1 else "")
+        + (f", experts over ep={dims.ep} of the dp_shard*cp ranks" if dims.ep > 1 else "")
         + (f", activation checkpointing {dims.activation_checkpointing}" if dims.activation_checkpointing != "none" else "")
         + (" (parallel.auto)" if cfg.parallel.auto else ""),
         f"batch      {dims.global_batch} x {cfg.data.seq_len} = {dims.global_batch * cfg.data.seq_len:,} tokens per step; "

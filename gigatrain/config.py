@@ -89,15 +89,15 @@ class TrainConfig:
     batch_tokens: int = 0  # global batch in tokens instead (batch_tokens / seq_len sequences, see global_batch_size); 0: unused
     micro_batch_size: int = 0  # sequences per forward/backward; 0: the whole batch at once (the planner's under parallel.auto)
     lr: float = 3e-3
-    # adamw: AdamW for every parameter at train.lr. muon: Muon for the blocks' matrices at
-    # muon_lr, AdamW for embeddings (embed_lr), an untied head (head_lr), norms, scalars and
-    # MoE router gates (train.lr); every group follows train.schedule. docs/training.md.
+    # adamw: AdamW for every parameter, at train.lr but for embeddings (embed_lr) and an untied
+    # head (head_lr). muon: Muon for the blocks' matrices at muon_lr, AdamW for the rest as under
+    # adamw; every group follows train.schedule. docs/training.md.
     optimizer: Literal["adamw", "muon"] = "adamw"
     muon_lr: float = 0.02  # Muon's rate, per matrix times train.muon_scale's factor
     muon_momentum: float = 0.95  # Nesterov momentum of Muon's gradient average
     muon_scale: Literal["original", "match_rms_adamw"] = "original"  # original: sqrt(max(1, out/in)); match_rms_adamw: 0.2*sqrt(max(out, in))
-    embed_lr: float = 0.0  # muon: AdamW rate of the token embeddings (and of a tied head); 0: train.lr
-    head_lr: float = 0.0  # muon: AdamW rate of an untied output head; 0: train.lr
+    embed_lr: float = 0.0  # AdamW rate of the token embeddings (and of a tied head), under either optimizer; 0: train.lr
+    head_lr: float = 0.0  # AdamW rate of an untied output head, under either optimizer; 0: train.lr
     min_lr_ratio: float = 0.1
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
     warmup_steps: int = 20
@@ -141,6 +141,9 @@ class ParallelConfig:
     pp_schedule: Literal["GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble"] = "1F1B"
     pp_microbatches: int = 0  # per step and data-parallel rank; 0: one per pipeline stage
     pp_stages_per_rank: int = 0  # 0: 2 for the looped schedules (interleaved, zero-bubble), else 1
+    # Expert parallelism: each MoE layer's routed experts split over ep ranks, carved out of
+    # dp_shard*cp (docs/moe-ep.md); not a degree: it adds no processes.
+    ep: int = 1
     auto: bool = False  # take the planner's best layout for the world size
 
 
@@ -374,6 +377,12 @@ def validate(cfg: Config) -> None:
     for name in ("pp_microbatches", "pp_stages_per_rank"):
         value = getattr(p, name)
         _require(value >= 0, f"parallel.{name}={value} is not valid; it must be 0 (automatic) or more")
+    _require(p.ep >= 1, f"parallel.ep={p.ep} is not valid; use 1 (no expert parallelism) or a number of ranks that divides model.n_experts")
+    if p.ep > 1:
+        _require(args.is_moe, f"parallel.ep={p.ep} needs a mixture-of-experts model, but model.preset={m.preset!r} "
+                 f"with model.n_experts={args.n_experts} is dense; set parallel.ep=1 or model.n_experts to a multiple of {p.ep}")
+        _require(args.n_experts % p.ep == 0, f"parallel.ep={p.ep} does not divide model.n_experts={args.n_experts}: each ep rank "
+                 f"holds n_experts/ep whole experts; use an ep that divides {args.n_experts}")
 
 
 def global_batch_size(cfg: Config) -> int:

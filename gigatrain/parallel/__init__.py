@@ -2,8 +2,12 @@
 
 `parallelize` follows the order that composes with PyTorch's distributed stack:
 
-    pipeline split -> tensor/sequence parallel -> context parallel -> float8 linears
+    pipeline split -> tensor/sequence parallel -> context parallel -> float8 linears -> expert parallel
         -> activation checkpointing -> compile -> FSDP2 -> initialise this rank's shards
+
+Expert parallelism comes before FSDP, which shards the experts' (already ep-split) DTensors
+further over their own data-parallel mesh, and after tensor parallelism, whose plan leaves
+MoE layers whole on every tp rank (docs/moe-ep.md).
 
 A model built on the meta device (every multi-process run) allocates nothing until its
 shards exist, so no rank ever holds the whole model; each shard is then filled with the
@@ -34,6 +38,7 @@ from gigatrain.models.moe import MoE
 from gigatrain.models.transformer import init_parameter, parameter_generator
 from gigatrain.parallel.context import apply_cp, shard_rope, shard_sequence
 from gigatrain.parallel.device import autocast
+from gigatrain.parallel.expert import apply_ep
 from gigatrain.parallel.float8 import apply_float8
 from gigatrain.parallel.fsdp import apply_fsdp
 from gigatrain.parallel.mesh import ParallelDims
@@ -43,8 +48,9 @@ from gigatrain.parallel.tensor import apply_tp, loss_context
 
 # Op-level selective checkpointing keeps the outputs of these ops (torchtitan's choice): the
 # matmuls and attention, which cost FLOPs to redo, and the reduce-scatters of sequence
-# parallelism, which cost communication; every other op (norms, rotary, SwiGLU's activation and
-# product, residual adds: cheap, memory-bound) is recomputed in the backward. This is what the
+# parallelism and all-to-alls of expert parallelism, which cost communication; every other op
+# (norms, rotary, SwiGLU's activation and product, residual adds: cheap, memory-bound) is
+# recomputed in the backward. This is what the
 # planner's "selective" assumes (plan.costs.activation_elements).
 _SELECTIVE_SAVED_OPS = {
     torch.ops.aten.mm.default,
@@ -54,6 +60,8 @@ _SELECTIVE_SAVED_OPS = {
     torch.ops.aten._scaled_dot_product_efficient_attention.default,
     torch.ops.aten._scaled_dot_product_cudnn_attention.default,
     torch.ops._c10d_functional.reduce_scatter_tensor.default,
+    # Expert parallelism's token exchange (all-to-all): communication, kept rather than redone.
+    torch.ops._c10d_functional.all_to_all_single.default,
 }
 
 
@@ -87,6 +95,14 @@ def _sum_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def _local(value: torch.Tensor) -> torch.Tensor:
     """A loss computed under loss parallel is a replicated DTensor; its value is the same everywhere."""
     return value.full_tensor() if isinstance(value, DTensor) else value
+
+
+def _by_mesh(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """`tensors` in groups of one mesh each (plain tensors: one group), in first-seen order."""
+    groups: dict[DeviceMesh | None, list[torch.Tensor]] = {}
+    for tensor in tensors:
+        groups.setdefault(tensor.device_mesh if isinstance(tensor, DTensor) else None, []).append(tensor)
+    return list(groups.values())
 
 
 class ParallelModel:
@@ -224,17 +240,21 @@ class ParallelModel:
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """Clip by the norm of the whole model's gradient: DTensor shards are reduced to their
-        full norm, and pipeline stages add up their squares (a tied weight's once: the last
-        stage's copy is left out)."""
+        full norm, mesh by mesh (experts live on another mesh than the rest, and DTensor
+        refuses ops across meshes; plain tensors, the same on every rank, count once), and
+        pipeline stages add up their squares (a tied weight's once: the last stage's copy is
+        left out)."""
         params = [p for p in self.parameters() if p.grad is not None]
         repeated = self._tied_copy() if self.has_last_stage else None
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p is not repeated])
-        norm = _local(norm)
+        grads_by_mesh = _by_mesh([p.grad for p in params if p is not repeated])
+        norms = [_local(torch.nn.utils.get_total_norm(grads)) for grads in grads_by_mesh] or [torch.zeros((), device=self.device)]
+        norm = norms[0] if len(norms) == 1 else torch.stack(norms).pow(2).sum().sqrt()
         if self.dims.pp > 1:
             squared = norm.pow(2)
             dist.all_reduce(squared, group=self.mesh["pp"].get_group())
             norm = squared.sqrt()
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        for group in _by_mesh(params):
+            torch.nn.utils.clip_grads_with_norm_(group, max_norm, norm)
         return norm
 
     # The MoE layers' inputs under tensor parallelism are replicated over tp (feed_forward gets
@@ -325,13 +345,16 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh: dict[str, DeviceMesh
         if dims.cp > 1:
             apply_cp(part, mesh["cp"], cfg.data.seq_len, device)
         apply_float8(part, cfg.train, fsdp_shards=mesh["fsdp"].size() if dims.fsdp else 1)
+        if dims.ep > 1:
+            apply_ep(part, mesh["ep"])
         apply_activation_checkpointing(part, dims.activation_checkpointing)
         if cfg.train.compile:
             apply_compile(part)
         if dims.fsdp:
             # Under a pipeline, the weights a stage gathers for its forward are needed again
             # by its backward a few microbatches later: keep them gathered.
-            apply_fsdp(part, mesh["fsdp"], param_dtype=dtype, reshard_after_forward=dims.pp == 1)
+            apply_fsdp(part, mesh["fsdp"], param_dtype=dtype, reshard_after_forward=dims.pp == 1,
+                       efsdp_mesh=mesh["efsdp"] if dims.ep > 1 else None)
         if on_meta:
             materialize(part, device, cfg.train.seed)
         if dims.cp > 1:

@@ -5,6 +5,10 @@ Mesh dimensions, outermost first: pp, dp_replicate, dp_shard, cp, tp. Consecutiv
 differ in tp first, so tensor parallelism (the chattiest axis) stays inside a node, and
 pipeline parallelism (point-to-point, the least traffic) spans nodes.
 
+Expert parallelism (parallel.ep) adds no processes: the dp_shard*cp ranks, seen as one axis,
+are cut into efsdp x ep (ep innermost, so an EP group is the closest ranks after tp); the
+routed experts are split over ep and FSDP-sharded over dp_replicate x efsdp (docs/moe-ep.md).
+
 Everything here is checked from the config and the world size alone, before any
 process group exists or any memory is allocated, so an impossible layout costs nothing.
 """
@@ -47,6 +51,9 @@ class LayoutRequest:
     pp_stages_per_rank: int  # 0: 2 for the multi-stage schedules, else 1
     pp_microbatches: int  # 0: from micro_batch_size, else one per pipeline stage
     activation_checkpointing: str
+    # Expert parallelism: parallel.ep as configured. Under parallel.auto this is where the
+    # planner's ep goes, once plan.layout.Layout carries one (it stays the config's until then).
+    ep: int = 1
 
 
 def resolve_degrees(p: ParallelConfig, n_processes: int) -> dict[str, int]:
@@ -82,11 +89,12 @@ def layout_request(cfg: Config, n_processes: int, model_args: ModelArgs) -> Layo
                              micro_batch_size=t.micro_batch_size or None,
                              activation_checkpointing=None if t.activation_checkpointing == "none"
                              else t.activation_checkpointing)
+        # TODO(planner helper): take `chosen.ep` here once plan.layout.Layout carries it.
         return LayoutRequest(chosen.degrees(), batch, chosen.micro_batch_size, chosen.pp_schedule,
                              chosen.pp_stages_per_rank if chosen.pp_schedule in MULTI_STAGE_SCHEDULES else 0, 0,
-                             chosen.activation_checkpointing)
+                             chosen.activation_checkpointing, p.ep)
     return LayoutRequest(resolve_degrees(p, n_processes), batch, t.micro_batch_size, p.pp_schedule,
-                         p.pp_stages_per_rank, p.pp_microbatches, t.activation_checkpointing)
+                         p.pp_stages_per_rank, p.pp_microbatches, t.activation_checkpointing, p.ep)
 
 
 def device_catalog_name() -> str:
@@ -114,6 +122,13 @@ class ParallelDims:
     microbatches: int  # per data-parallel rank and step (pipeline) or gradient-accumulation steps
     global_batch: int  # sequences per optimizer step (train.batch_size, or batch_tokens / seq_len)
     activation_checkpointing: str  # none | selective (op-level) | full
+    ep: int = 1  # expert parallelism, carved out of dp_shard*cp (adds no processes)
+
+    @property
+    def efsdp(self) -> int:
+        """The dp_shard*cp ranks an expert shard is further FSDP-sharded over (beside
+        dp_replicate, over which it is replicated)."""
+        return self.dp_shard * self.cp // self.ep
 
     @property
     def world_size(self) -> int:
@@ -151,7 +166,7 @@ class ParallelDims:
     def to_dict(self) -> dict:
         """The resolved layout in the config's (and the planner's `Layout`'s) names, as run.json
         records it for calibration."""
-        return {**self.degrees(), "pp_schedule": self.pp_schedule, "pp_stages_per_rank": self.stages_per_rank,
+        return {**self.degrees(), "ep": self.ep, "pp_schedule": self.pp_schedule, "pp_stages_per_rank": self.stages_per_rank,
                 "micro_batch_size": self.micro_batch_size, "microbatches": self.microbatches,
                 "local_batch": self.local_batch, "global_batch": self.global_batch,
                 "activation_checkpointing": self.activation_checkpointing}
@@ -168,6 +183,13 @@ class ParallelDims:
         meshes = {axis: axes[axis] for axis in AXES}
         meshes["dp"] = data["dp"]
         meshes["fsdp"] = sharding["dp_replicate", "dp_shard_cp"]
+        if self.ep > 1:
+            # dp_shard*cp = efsdp x ep, ep innermost: the ranks one EP group exchanges tokens
+            # between, and the ranks that hold the same experts (sharded over by FSDP).
+            experts = world._unflatten(0, (self.pp, self.dp_replicate, self.efsdp, self.ep, self.tp),
+                                       ("pp", "dp_replicate", "efsdp", "ep", "tp"))
+            meshes["ep"] = experts["ep"]
+            meshes["efsdp"] = experts["dp_replicate", "efsdp"]
         return meshes
 
 
@@ -193,13 +215,33 @@ def parallel_dims(cfg: Config, model_args: ModelArgs, n_processes: int | None = 
         raise ConfigError(f"data.seq_len={seq_len} is not divisible by 2*parallel.cp{'*parallel.tp' if d['tp'] > 1 else ''}="
                           f"{2 * d['cp'] * d['tp']}: context parallelism gives each rank two equal chunks; "
                           f"use a seq_len that is a multiple of {2 * d['cp'] * d['tp']}")
+    check_ep(request, model_args)
     try:
         stages_per_rank, microbatches = _split_batch(request, model_args)
     except ConfigError as err:
         raise ConfigError(f"{err}{_fitting_batch_hint(cfg, request, model_args, n_processes)}") from None
     return ParallelDims(pp=d["pp"], dp_replicate=d["dp_replicate"], dp_shard=d["dp_shard"], cp=d["cp"], tp=d["tp"],
                         pp_schedule=request.pp_schedule, stages_per_rank=stages_per_rank, microbatches=microbatches,
-                        global_batch=request.global_batch, activation_checkpointing=request.activation_checkpointing)
+                        global_batch=request.global_batch, activation_checkpointing=request.activation_checkpointing,
+                        ep=request.ep)
+
+
+def check_ep(request: LayoutRequest, model_args: ModelArgs) -> None:
+    """Expert parallelism borrows its ranks from dp_shard*cp (see the module docstring)."""
+    ep, d = request.ep, request.degrees
+    if ep == 1:
+        return
+    if not model_args.is_moe:
+        raise ConfigError(f"parallel.ep={ep} needs a mixture-of-experts model, but this model is dense "
+                          f"(model.n_experts={model_args.n_experts}); set parallel.ep=1")
+    if model_args.n_experts % ep:
+        raise ConfigError(f"parallel.ep={ep} does not divide model.n_experts={model_args.n_experts}: each ep rank holds "
+                          f"n_experts/ep whole experts; use an ep that divides {model_args.n_experts}")
+    borrowed = d["dp_shard"] * d["cp"]
+    if borrowed % ep:
+        raise ConfigError(f"parallel.ep={ep} does not divide parallel.dp_shard*parallel.cp={d['dp_shard']}*{d['cp']}="
+                          f"{borrowed}: the EP group is carved out of those ranks (it adds no processes); "
+                          f"use an ep that divides {borrowed} or raise dp_shard")
 
 
 def _split_batch(request: LayoutRequest, model_args: ModelArgs) -> tuple[int, int]:

@@ -22,11 +22,23 @@ from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
+    PrepareModuleInputOutput,
     RowwiseParallel,
     SequenceParallel,
     loss_parallel,
     parallelize_module,
 )
+
+from gigatrain.models.moe import MoE
+
+# An MoE layer is not split over tp (ETP=1, as in torchtitan's default; docs/moe-ep.md): every
+# tp rank gathers the block's whole sequence and runs the MoE layer on it, with plain-tensor
+# weights that are the same on every tp rank and get the same gradient there; the output goes
+# back to the sequence-parallel layout (each rank keeps its share: no communication), as a plain
+# local tensor like the rest of the residual stream.
+MOE_PLAN = {"feed_forward": PrepareModuleInputOutput(
+    input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_input=True,
+    output_layouts=(Replicate(),), desired_output_layouts=(Shard(1),), use_local_output=True)}
 
 
 def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> None:
@@ -60,9 +72,11 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> None:
             "attention.wv": ColwiseParallel(),
             "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
             "ffn_norm": SequenceParallel(),
-            "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
-            "feed_forward.w1": ColwiseParallel(),
-            "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
+            **(MOE_PLAN if isinstance(block.feed_forward, MoE) else {
+                "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+                "feed_forward.w1": ColwiseParallel(),
+                "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
+            }),
         })
 
 

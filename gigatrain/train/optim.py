@@ -6,66 +6,57 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from gigatrain.config import TrainConfig
+from gigatrain.models.transformer import parameter_groups
 from gigatrain.parallel.muon import MuonWithAdamW
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     fused = device.type in ("cuda", "cpu")
+    groups = param_groups(model, cfg)
     if cfg.optimizer == "muon":
-        return MuonWithAdamW(muon_groups(model, cfg), betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=fused,
+        return MuonWithAdamW(groups, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=fused,
                              momentum=cfg.muon_momentum, adjust_lr_fn=cfg.muon_scale,
                              # bfloat16 is the tensor cores' precision; a CPU's bfloat16 matmuls are
                              # no faster than fp32 ones, so it keeps fp32's accuracy there.
                              ns_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
-    params = [p for p in model.parameters() if p.requires_grad]
-    # Norm gains are vectors; decaying them towards zero only fights the normalisation.
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
-        {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0},
-    ]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=fused)
 
 
-def optimizer_role(name: str, param: torch.Tensor) -> str:
-    """Which group a parameter belongs to under Muon, by its name in the model:
-    "embed" (token embeddings, and the head when tied: one weight), "head" (an untied output
-    head), "muon" (every other matrix in the blocks: attention, MLP, shared experts, and each
-    routed expert's slice of a stacked [E, out, in] weight), "router" (an MoE router's gate)
-    or "vector" (norm gains, biases, scalars).
+def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
+    """The param groups of either optimizer, by `parameter_role` (models/transformer.py).
 
-    Embeddings and the head stay on AdamW as Muon prescribes: an embedding's rows are looked
-    up one token at a time (its "gradient matrix" is a sparse sum of rows, not a linear map
-    to orthogonalise), and the head maps into the vocabulary's logits. The router gate stays
-    on AdamW too: it is [experts, d_model], so an orthogonalised update gives every expert's
-    row a unit-size push each step whatever its gradient, which churns routing; it is small,
-    so AdamW costs nothing there."""
-    parts = name.split(".")
-    if parts[-2:] == ["tok_embeddings", "weight"]:
-        return "embed"
-    if parts[-2:] == ["output", "weight"]:
-        return "head"
-    if "router" in parts:
-        return "router"
-    return "muon" if param.dim() >= 2 else "vector"
-
-
-def muon_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
-    """Param groups for MuonWithAdamW: Muon at train.muon_lr for the hidden matrices, AdamW at
-    train.embed_lr / train.head_lr (0: train.lr) for embeddings and head and at train.lr for
-    the router and vectors. Matrices decay by train.weight_decay, vectors not at all."""
-    by_role: dict[str, list] = {"muon": [], "embed": [], "head": [], "router": [], "vector": []}
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            by_role[optimizer_role(name, param)].append(param)
-    rates = {"muon": cfg.muon_lr, "embed": cfg.embed_lr or cfg.lr, "head": cfg.head_lr or cfg.lr,
+    - Rates: the blocks' matrices at train.lr (AdamW) or train.muon_lr (Muon), embeddings and
+      head at train.embed_lr / train.head_lr (0: train.lr), the router and vectors at train.lr.
+    - Muon steps the matrices (`"muon": True`); embeddings, head, router and vectors stay on
+      AdamW under both. An embedding's gradient is a sparse sum of looked-up rows, not a linear
+      map to orthogonalise; the head maps into the vocabulary's logits; the router gate
+      ([experts, d_model]) under Muon would give every expert's row a unit-size push each step
+      whatever its gradient, which churns routing, and it is small enough for AdamW to cost nothing.
+    - Weight decay on matrices only: norm gains are vectors, and decaying them towards zero
+      only fights the normalisation.
+    - One group per role and mesh: a fused (or foreach) step runs on one group's tensors at
+      once, and DTensor refuses an op that mixes plain tensors and DTensors (an MoE layer's
+      weights are plain under tensor parallelism alone, the rest are DTensors). Optimizer state
+      is checkpointed by parameter name, so the grouping does not reach checkpoints."""
+    muon = cfg.optimizer == "muon"
+    embed_lr = cfg.embed_lr or cfg.lr
+    # A tied head is the embeddings' weight: under a pipeline the last stage's copy of it is
+    # named as a head, and must step as the first stage's embeddings do.
+    head_lr = embed_lr if model.args.tie_embeddings else cfg.head_lr or cfg.lr
+    rates = {"matrix": cfg.muon_lr if muon else cfg.lr, "embed": embed_lr, "head": head_lr,
              "router": cfg.lr, "vector": cfg.lr}
-    return [{"params": params, "muon": role == "muon", "role": role, "lr": rates[role], "lr_scale": rates[role] / cfg.lr,
-             "weight_decay": 0.0 if role == "vector" else cfg.weight_decay}
-            for role, params in by_role.items() if params]
+    groups = []
+    for role, members in parameter_groups(model).items():
+        by_mesh: dict = {}
+        for _, param in members:
+            by_mesh.setdefault(param.device_mesh if isinstance(param, DTensor) else None, []).append(param)
+        groups += [{"params": params, "role": role, "muon": muon and role == "matrix", "lr": rates[role],
+                    "lr_scale": rates[role] / cfg.lr, "weight_decay": 0.0 if role == "vector" else cfg.weight_decay}
+                   for params in by_mesh.values()]
+    return groups
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:

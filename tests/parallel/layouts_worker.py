@@ -7,7 +7,8 @@ directory per layout; the test compares them with one-process training.
 PLAN_JSON is a list of {"name", "overrides", "resume_from"?, "probe_logits"?};
 "resume_from" names an earlier run of the plan whose directory is copied first, so the run
 resumes from its checkpoint under a new layout (resharding); with "probe_logits" each rank
-records the shape it holds of the model's logits for one batch (logits_rank<R>.json).
+records the shape it holds of the model's logits for one batch (logits_rank<R>.json); an
+entry {"name", "check": "ep_dispatch"} runs moe_checks.check_ep_dispatch instead of training.
 """
 
 import json
@@ -21,6 +22,7 @@ from torch.distributed.tensor import DTensor
 
 from gigatrain.config import load_config
 from gigatrain.train.trainer import Trainer, train
+from moe_checks import check_ep_dispatch
 
 
 def probe_logits(trainer: Trainer, run_dir: Path) -> None:
@@ -43,6 +45,10 @@ def main(data: str, out: str, base_json: str, plan_json: str) -> None:
         if entry.get("resume_from") and dist.get_rank() == 0:
             shutil.copytree(out_dir / entry["resume_from"], run_dir)
         dist.barrier()
+        if entry.get("check") == "ep_dispatch":
+            check_ep_dispatch(run_dir)
+            dist.barrier()
+            continue
         cfg = load_config(None, [f"--data.path={data}", f"--run.dir={run_dir}", *base, *entry["overrides"]])
         if entry.get("probe_logits"):
             probe_logits(Trainer(cfg), run_dir)

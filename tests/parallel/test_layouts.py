@@ -32,7 +32,7 @@ import torch
 from gigatrain.config import load_config
 from gigatrain.rundir import RunDir
 from gigatrain.train.trainer import train
-from helpers import REPO, final_weights, run_group, step_values
+from helpers import REPO, assert_weights_match, final_weights, run_group, step_values
 
 # Small enough for 4 processes on 2 cores, shaped so every layout applies: 8 heads and 4 KV
 # heads split over tp=4, 8 layers into 4 stages x 2 per rank, 32 positions into 2*cp=8 chunks.
@@ -101,13 +101,6 @@ def reference_name(label: str) -> str:
 def saved_at_2(label: str) -> str:
     """The run whose step-2 checkpoint a reshard run resumes from."""
     return "_".join(filter(None, ["fsdp", family(label), "at_2"]))
-
-
-def assert_weights_match(got: torch.Tensor, expected: torch.Tensor, name: str) -> None:
-    close = torch.isclose(got, expected, rtol=1e-5, atol=1e-6)
-    assert close.float().mean() >= 0.999, f"{name}: {int((~close).sum())} of {close.numel()} elements differ"
-    worst = (got - expected).abs().max().item()
-    assert worst <= 5e-5, f"{name}: an element differs by {worst:.2e}"
 
 
 @pytest.fixture(scope="module")

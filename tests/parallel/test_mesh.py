@@ -108,7 +108,7 @@ def test_the_resolved_layout_carries_the_batch_split_and_leaves_the_config_as_wr
     assert cfg == written  # neither validation nor resolution rewrites a field
     assert (d.global_batch, d.local_batch, d.micro_batch_size, d.microbatches) == (16, 4, 2, 2)
     assert d.activation_checkpointing == "selective"
-    assert d.to_dict() == {"pp": 1, "dp_replicate": 1, "dp_shard": 4, "cp": 1, "tp": 2, "pp_schedule": "1F1B",
+    assert d.to_dict() == {"pp": 1, "dp_replicate": 1, "dp_shard": 4, "cp": 1, "tp": 2, "ep": 1, "pp_schedule": "1F1B",
                            "pp_stages_per_rank": 1, "micro_batch_size": 2, "microbatches": 2, "local_batch": 4,
                            "global_batch": 16, "activation_checkpointing": "selective"}
 

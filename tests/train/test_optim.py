@@ -68,16 +68,18 @@ def test_groups_and_their_rates(tmp_path):
     roles = {g["role"]: (g, [names[id(p)] for p in g["params"]]) for g in optimizer.param_groups}
     assert roles["embed"][1] == ["tok_embeddings.weight"] and roles["head"][1] == ["output.weight"]
     assert all("router" in n for n in roles["router"][1]) and roles["router"][1]
-    assert "layers.0.feed_forward.experts.w1" in roles["muon"][1] and "layers.0.attention.wq.weight" in roles["muon"][1]
+    assert "layers.0.feed_forward.experts.w1" in roles["matrix"][1] and "layers.0.attention.wq.weight" in roles["matrix"][1]
+    assert [g["muon"] for g in optimizer.param_groups] == [g["role"] == "matrix" for g in optimizer.param_groups]
     assert all(p.dim() == 1 for p in roles["vector"][0]["params"]) and roles["vector"][0]["weight_decay"] == 0.0
     set_learning_rate(optimizer, 5e-4)  # half of train.lr: every group at half its own rate
     got = {role: g["lr"] for role, (g, _) in roles.items()}
-    assert got == pytest.approx({"muon": 0.025, "embed": 0.1, "head": 0.002, "router": 5e-4, "vector": 5e-4})
-    # AdamW keeps one rate for all and is untouched by the Muon keys.
+    assert got == pytest.approx({"matrix": 0.025, "embed": 0.1, "head": 0.002, "router": 5e-4, "vector": 5e-4})
+    # AdamW: the same groups, the matrices at train.lr, none of them Muon's.
     adamw = build_optimizer(model, TrainConfig(lr=1e-3, embed_lr=0.2), torch.device("cpu"))
-    assert type(adamw) is torch.optim.AdamW
+    assert type(adamw) is torch.optim.AdamW and not any(g["muon"] for g in adamw.param_groups)
     set_learning_rate(adamw, 5e-4)
-    assert [g["lr"] for g in adamw.param_groups] == [5e-4, 5e-4]
+    got = {g["role"]: g["lr"] for g in adamw.param_groups}
+    assert got == pytest.approx({"matrix": 5e-4, "embed": 0.1, "head": 5e-4, "router": 5e-4, "vector": 5e-4})
 
 
 def run_config(run_dir, data, *extra):
