@@ -3,7 +3,9 @@
 One `torchrun --nproc-per-node 4` job (gloo, CPU, fp32; tests/parallel/layouts_worker.py)
 trains the tiny config with `train.optimizer=muon` under FSDP, HSDP, TP + sequence parallel,
 FSDP x TP and a 1F1B pipeline: the matrices' Newton–Schulz needs each matrix whole, so a
-per-shard update would differ from one process by far more than rounding. Compared with
+per-shard update would differ from one process by far more than rounding. FSDP, HSDP and TP
+deal matrices out to owner ranks (all-to-all), FSDP x TP gathers them everywhere, FSDP over
+tiny-moe's expert stacks orthogonalises whole experts in place: each path is compared. Compared with
 one-process Muon: every step's loss and gradient norm to 1e-5 relative, the final weights
 to 1e-5 relative plus 1e-6 absolute (Muon's orthogonalised update has no near-zero-gradient
 sign flips, unlike Adam's, so every element is held to it). Then a checkpoint saved under
