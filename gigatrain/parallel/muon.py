@@ -116,8 +116,9 @@ def orthogonalized_shards(updates: list[torch.Tensor], likes: list[torch.Tensor]
             stacked = DTensor.from_local(torch.stack(locals_), mesh, stacked_placements, shape=(ranks, *shape),
                                          stride=torch.empty(ranks, *shape, device="meta").stride())
             owned = stacked.redistribute(mesh, owned_placements)  # all-to-all: this rank's matrix whole
-            # [1, m, n]: one whole matrix, through the 2-D iteration one process runs on it.
-            done = DTensor.from_local(orthogonalize(owned.to_local()[0], dtype).unsqueeze(0), mesh, owned_placements,
+            # [1, m, n]: one whole matrix, through the 2-D iteration one process runs on it (made
+            # contiguous: a strided matrix takes other matmul kernels, other rounding).
+            done = DTensor.from_local(orthogonalize(owned.to_local()[0].contiguous(), dtype).unsqueeze(0), mesh, owned_placements,
                                       shape=owned.shape, stride=owned.stride())
             back = done.redistribute(mesh, stacked_placements).to_local()  # all-to-all: the shards home
             for j, i in enumerate(chunk):

@@ -93,3 +93,9 @@ def test_muon_state_from_four_processes_resumes_in_one(runs, byte_data, tmp_path
     shutil.copytree(runs / "fsdp_at_2", run_dir)
     train(load_config(None, [f"--data.path={byte_data}", f"--run.dir={run_dir}", *BASE]))
     assert step_values(run_dir)[3] == pytest.approx(step_values(runs / "one_process")[3], rel=1e-5)
+
+
+def test_owner_ranks_orthogonalise_uneven_shards_exactly():
+    result = run_group([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=4", "--standalone",
+                        str(REPO / "tests/parallel/muon_shards_worker.py")], timeout=120)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
