@@ -5,13 +5,15 @@ Muon (Keller Jordan, 2024) replaces a matrix's momentum-averaged gradient by its
 semi-orthogonal matrix (all singular values ~1), computed by a quintic Newton–Schulz
 iteration. The iteration needs the whole matrix: under FSDP2, HSDP and TP a rank holds a
 shard, and orthogonalising a shard is a different update (never what one process computes).
-So the step gathers each sharded matrix's update (`full_tensor`), orthogonalises it, and each
-rank keeps its own shard of the result: exact, at the price of every rank repeating the
-Newton–Schulz work of every sharded matrix (docs/training.md says what an owner-per-matrix
-version would save). A shard that already holds whole matrices (a stack of experts split
-only along its expert dimension, as expert parallelism splits it) is orthogonalised where it
-lies, with no communication. Momentum buffers are DTensors sharded like their parameters, so
-the optimizer state reshards through DCP like AdamW's.
+So each sharded matrix is made whole on one owner rank, orthogonalised there and sent back
+in shards (`orthogonalized_shards`): matrices of one layout are dealt out round-robin, one per
+rank of the dimension that splits them, through an all-to-all, so the Newton–Schulz work is
+divided among the ranks. Layouts split along two mesh dimensions (FSDP x TP) take the simple
+exact path instead: every rank gathers the whole matrix (`full_tensor`) and keeps its shard
+of the result. A shard that already holds whole matrices (a stack of experts split only
+along its expert dimension, as FSDP and expert parallelism split it) is orthogonalised where
+it lies, with no communication. Momentum buffers are DTensors sharded like their
+parameters, so the optimizer state reshards through DCP like AdamW's.
 
 The math is torch.optim.Muon's (its constants, its learning-rate adjustment, and the same
 operations in the same order, which tests/parallel/test_muon.py checks bit for bit); it is
@@ -22,7 +24,7 @@ is a second optimizer beside AdamW where the checkpoint expects one per model pa
 from __future__ import annotations
 
 import torch
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, DEFAULT_NS_STEPS, EPS, _adjust_lr
 
 NS_COEFFICIENTS = (DEFAULT_A, DEFAULT_B, DEFAULT_C)
@@ -72,6 +74,58 @@ def orthogonalized_shard(update: torch.Tensor, like: torch.Tensor, dtype: torch.
     return distribute_tensor(whole, like.device_mesh, like.placements, src_data_rank=None).to_local()
 
 
+def _owner_axis(like: DTensor) -> int | None:
+    """The mesh dimension that splits a 2-D matrix, when every other one replicates it (FSDP,
+    TP, HSDP's shard dimension): matrices of that layout can be dealt out one per rank along it.
+    (FSDP x TP's strided shards take the gather instead.)"""
+    if like.dim() != 2:
+        return None
+    placements = like.placements
+    sharded = [i for i, p in enumerate(placements) if not p.is_replicate()]
+    if len(sharded) != 1 or type(placements[sharded[0]]) is not Shard or like.device_mesh.size(sharded[0]) == 1:
+        return None
+    return sharded[0]
+
+
+def orthogonalized_shards(updates: list[torch.Tensor], likes: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+    """`orthogonalized_shard` of each (update, like), with the work of sharded matrices divided:
+    matrices of one layout (mesh, placements, shape) split along one mesh dimension of W ranks
+    go W at a time, stacked, through one all-to-all that leaves each rank one whole matrix (its
+    owner: round-robin), which it orthogonalises; a second all-to-all returns every rank its
+    shards. The same bytes as one matrix's all-gather per W matrices, and 1/W of the
+    Newton–Schulz work, against W times both for gathering every matrix everywhere. A short
+    last batch is padded with zero matrices (orthogonalised to zero). Any other layout takes
+    `orthogonalized_shard`."""
+    results: list[torch.Tensor | None] = [None] * len(updates)
+    batches: dict[tuple, list[int]] = {}
+    for i, (update, like) in enumerate(zip(updates, likes)):
+        axis = _owner_axis(like) if isinstance(like, DTensor) else None
+        if axis is None or _holds_whole_matrices(like):
+            results[i] = orthogonalized_shard(update, like, dtype)
+        else:
+            batches.setdefault((like.device_mesh, tuple(like.placements), tuple(like.shape), axis), []).append(i)
+    for (mesh, placements, shape, axis), indices in batches.items():
+        ranks = mesh.size(axis)
+        stacked_placements = [Shard(p.dim + 1) if p.is_shard() else p for p in placements]
+        owned_placements = list(stacked_placements)
+        owned_placements[axis] = Shard(0)
+        for start in range(0, len(indices), ranks):
+            chunk = indices[start:start + ranks]
+            locals_ = [updates[i] for i in chunk]
+            locals_ += [torch.zeros_like(locals_[0])] * (ranks - len(chunk))
+            stacked = DTensor.from_local(torch.stack(locals_), mesh, stacked_placements, shape=(ranks, *shape),
+                                         stride=torch.empty(ranks, *shape, device="meta").stride())
+            owned = stacked.redistribute(mesh, owned_placements)  # all-to-all: this rank's matrix whole
+            # [1, m, n]: one whole matrix, through the 2-D iteration one process runs on it (made
+            # contiguous: a strided matrix takes other matmul kernels, other rounding).
+            done = DTensor.from_local(orthogonalize(owned.to_local()[0].contiguous(), dtype).unsqueeze(0), mesh, owned_placements,
+                                      shape=owned.shape, stride=owned.stride())
+            back = done.redistribute(mesh, stacked_placements).to_local()  # all-to-all: the shards home
+            for j, i in enumerate(chunk):
+                results[i] = back[j]
+    return results
+
+
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
@@ -112,9 +166,9 @@ class MuonWithAdamW(torch.optim.AdamW):
 
     def _muon_step(self, group: dict) -> None:
         lr, weight_decay = group["lr"], group["weight_decay"]
-        for param in group["params"]:
-            if param.grad is None:
-                continue
+        params = [p for p in group["params"] if p.grad is not None]
+        updates = []
+        for param in params:
             state = self.state[param]
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(param.grad)  # sharded like the gradient
@@ -124,8 +178,9 @@ class MuonWithAdamW(torch.optim.AdamW):
             grad, buffer = _local(param.grad), _local(state["momentum_buffer"])
             # torch.optim.Muon's step, on this rank's elements (all element-wise but the NS).
             buffer.lerp_(grad, 1 - self.momentum)
-            update = grad.lerp(buffer, self.momentum) if self.nesterov else buffer
-            update = orthogonalized_shard(update, param.grad, self.ns_dtype)
+            updates.append(grad.lerp(buffer, self.momentum) if self.nesterov else buffer)
+        updates = orthogonalized_shards(updates, [p.grad for p in params], self.ns_dtype)
+        for param, update in zip(params, updates):
             local = _local(param)
             local.mul_(1 - lr * weight_decay)
             local.add_(update, alpha=-_adjust_lr(lr, self.adjust_lr_fn, param.shape[-2:]))

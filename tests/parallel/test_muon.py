@@ -3,7 +3,9 @@
 One `torchrun --nproc-per-node 4` job (gloo, CPU, fp32; tests/parallel/layouts_worker.py)
 trains the tiny config with `train.optimizer=muon` under FSDP, HSDP, TP + sequence parallel,
 FSDP x TP and a 1F1B pipeline: the matrices' Newton–Schulz needs each matrix whole, so a
-per-shard update would differ from one process by far more than rounding. Compared with
+per-shard update would differ from one process by far more than rounding. FSDP, HSDP and TP
+deal matrices out to owner ranks (all-to-all), FSDP x TP gathers them everywhere, FSDP over
+tiny-moe's expert stacks orthogonalises whole experts in place: each path is compared. Compared with
 one-process Muon: every step's loss and gradient norm to 1e-5 relative, the final weights
 to 1e-5 relative plus 1e-6 absolute (Muon's orthogonalised update has no near-zero-gradient
 sign flips, unlike Adam's, so every element is held to it). Then a checkpoint saved under
@@ -91,3 +93,9 @@ def test_muon_state_from_four_processes_resumes_in_one(runs, byte_data, tmp_path
     shutil.copytree(runs / "fsdp_at_2", run_dir)
     train(load_config(None, [f"--data.path={byte_data}", f"--run.dir={run_dir}", *BASE]))
     assert step_values(run_dir)[3] == pytest.approx(step_values(runs / "one_process")[3], rel=1e-5)
+
+
+def test_owner_ranks_orthogonalise_uneven_shards_exactly():
+    result = run_group([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=4", "--standalone",
+                        str(REPO / "tests/parallel/muon_shards_worker.py")], timeout=120)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
