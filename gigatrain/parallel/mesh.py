@@ -51,9 +51,7 @@ class LayoutRequest:
     pp_stages_per_rank: int  # 0: 2 for the multi-stage schedules, else 1
     pp_microbatches: int  # 0: from micro_batch_size, else one per pipeline stage
     activation_checkpointing: str
-    # Expert parallelism: parallel.ep as configured. Under parallel.auto this is where the
-    # planner's ep goes, once plan.layout.Layout carries one (it stays the config's until then).
-    ep: int = 1
+    ep: int = 1  # expert parallelism: parallel.ep, or under parallel.auto the planner's
 
 
 def resolve_degrees(p: ParallelConfig, n_processes: int) -> dict[str, int]:
@@ -89,10 +87,9 @@ def layout_request(cfg: Config, n_processes: int, model_args: ModelArgs) -> Layo
                              micro_batch_size=t.micro_batch_size or None,
                              activation_checkpointing=None if t.activation_checkpointing == "none"
                              else t.activation_checkpointing)
-        # TODO(planner helper): take `chosen.ep` here once plan.layout.Layout carries it.
         return LayoutRequest(chosen.degrees(), batch, chosen.micro_batch_size, chosen.pp_schedule,
                              chosen.pp_stages_per_rank if chosen.pp_schedule in MULTI_STAGE_SCHEDULES else 0, 0,
-                             chosen.activation_checkpointing, p.ep)
+                             chosen.activation_checkpointing, chosen.ep)
     return LayoutRequest(resolve_degrees(p, n_processes), batch, t.micro_batch_size, p.pp_schedule,
                          p.pp_stages_per_rank, p.pp_microbatches, t.activation_checkpointing, p.ep)
 

@@ -125,6 +125,15 @@ def test_parallel_auto_resolves_to_the_planners_whole_layout():
     assert d.pp_schedule == chosen.pp_schedule or d.pp == 1
 
 
+def test_parallel_auto_gives_a_mixture_of_experts_the_planners_expert_parallelism():
+    cfg = load_config(None, ["--model.preset=tiny-moe", "--data.seq_len=64", "--parallel.auto=true", "--train.batch_size=32"])
+    args = resolve_model_args(cfg)
+    d = parallel_dims(cfg, args, n_processes=4)
+    chosen = auto_layout(args, 4, 64, 32, "cpu")
+    assert d.ep == chosen.ep and d.degrees() == chosen.degrees()
+    assert args.n_experts % d.ep == 0 and (d.dp_shard * d.cp) % d.ep == 0
+
+
 def test_parallel_auto_trains_with_the_planners_micro_batch_and_checkpointing(tmp_path, byte_data, monkeypatch):
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 
