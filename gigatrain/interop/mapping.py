@@ -97,6 +97,9 @@ def family_for(args: ModelArgs) -> Family:
     if args.attn_softcap:
         refusals.append(f"model.attn_softcap={args.attn_softcap}: {name} does not cap attention logits "
                         f"(train with --model.attn_softcap=0)")
+    if args.logit_softcap:
+        refusals.append(f"model.logit_softcap={args.logit_softcap}: {name} does not cap its output logits "
+                        f"(train with --model.logit_softcap=0)")
     if args.mlp_activation != "silu":
         refusals.append(f"model.mlp_activation={args.mlp_activation}: {name}'s MLPs are SwiGLU "
                         f"(train with --model.mlp_activation=silu)")

@@ -144,6 +144,8 @@ def test_qk_norm_gains_are_permuted_like_a_head_of_queries():
     ({"moe_every": 2}, "--model.n_dense_layers=0 --model.moe_every=1"),
     ({"qk_norm": True, "n_shared_experts": 2}, "Qwen3MoeForCausalLM has no shared experts"),
     ({"attn_softcap": 50.0, "n_experts": 0}, "LlamaForCausalLM does not cap"),
+    ({"logit_softcap": 15.0, "n_experts": 0}, "model.logit_softcap=15.0: LlamaForCausalLM does not cap its output"),
+    ({"mlp_activation": "relu2", "n_experts": 0, "qk_norm": True}, "model.mlp_activation=relu2: Qwen3ForCausalLM"),
 ])
 def test_what_an_architecture_cannot_express_is_refused_on_export(change, words):
     args = ModelArgs(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, ffn_hidden=96, vocab_size=300, max_seq_len=64,
