@@ -142,7 +142,7 @@ class ParallelConfig:
     pp_microbatches: int = 0  # per step and data-parallel rank; 0: one per pipeline stage
     pp_stages_per_rank: int = 0  # 0: 2 for the looped schedules (interleaved, zero-bubble), else 1
     # Expert parallelism: each MoE layer's routed experts split over ep ranks, carved out of
-    # dp_shard*cp (docs/moe-ep.md); not a degree: it adds no processes.
+    # dp_shard*cp (docs/moe.md); not a degree: it adds no processes.
     ep: int = 1
     auto: bool = False  # take the planner's best layout for the world size
 

@@ -7,7 +7,7 @@
 
 Expert parallelism comes before FSDP, which shards the experts' (already ep-split) DTensors
 further over their own data-parallel mesh, and after tensor parallelism, whose plan leaves
-MoE layers whole on every tp rank (docs/moe-ep.md).
+MoE layers whole on every tp rank (docs/moe.md).
 
 A model built on the meta device (every multi-process run) allocates nothing until its
 shards exist, so no rank ever holds the whole model; each shard is then filled with the

@@ -4,7 +4,7 @@ replication, like DDP, when only dp_replicate is).
 
 Under expert parallelism the routed experts are sharded on their own mesh first (they are
 already split over ep): dp_replicate x efsdp, the data-parallel ranks that hold the same
-experts (docs/moe-ep.md)."""
+experts (docs/moe.md)."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ pipeline parallelism (point-to-point, the least traffic) spans nodes.
 
 Expert parallelism (parallel.ep) adds no processes: the dp_shard*cp ranks, seen as one axis,
 are cut into efsdp x ep (ep innermost, so an EP group is the closest ranks after tp); the
-routed experts are split over ep and FSDP-sharded over dp_replicate x efsdp (docs/moe-ep.md).
+routed experts are split over ep and FSDP-sharded over dp_replicate x efsdp (docs/moe.md).
 
 Everything here is checked from the config and the world size alone, before any
 process group exists or any memory is allocated, so an impossible layout costs nothing.

@@ -31,7 +31,7 @@ from torch.distributed.tensor.parallel import (
 
 from gigatrain.models.moe import MoE
 
-# An MoE layer is not split over tp (ETP=1, as in torchtitan's default; docs/moe-ep.md): every
+# An MoE layer is not split over tp (ETP=1, as in torchtitan's default; docs/moe.md): every
 # tp rank gathers the block's whole sequence and runs the MoE layer on it, with plain-tensor
 # weights that are the same on every tp rank and get the same gradient there; the output goes
 # back to the sequence-parallel layout (each rank keeps its share: no communication), as a plain
