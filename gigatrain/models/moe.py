@@ -199,7 +199,10 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, chosen, scores = self.router(x)
-        counts = torch.bincount(chosen.flatten(), minlength=self.n_experts)
+        # A count into n_experts zeros, not bincount: bincount's output size depends on the data,
+        # which breaks torch.compile's graph at every MoE layer.
+        flat = chosen.flatten()
+        counts = torch.zeros(self.n_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
         # Sort the (token, choice) pairs by expert; a stable sort keeps each expert's tokens in
         # token order, so every layout sees the same order. `position` is its inverse: where
         # each pair sits in the sorted order.
