@@ -15,7 +15,7 @@ number for each, and sends them to the ranks that hold their experts and back.
 
 from __future__ import annotations
 
-from functools import partial
+from functools import cache, partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -115,20 +115,31 @@ class GroupedExperts(nn.Module):
         up = torch._grouped_mm(x, w3, offs=ends)
         return torch._grouped_mm(self.activation(gate) * up, w2, offs=ends)
 
-    # Left out of torch.compile: the split sizes are read on the host (a graph break), and a
-    # compiled loop would specialise on them and recompile for every new routing.
-    @torch.compiler.disable
     def _loop(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-        outputs = []
-        # Slices by unbind, not by indexing: the backward of w[e] zero-fills a whole stack's
-        # gradient and adds into it once per expert (on an H100, 40% of a Mixtral layer's step
-        # time); unbind's backward stacks the experts' gradients once.
-        experts = zip(self.w1.unbind(0), self.w3.unbind(0), self.w2.unbind(0))
-        # The split sizes must be known on the host: a sync on an accelerator.
-        for (w1, w3, w2), tokens in zip(experts, torch.split(x, tokens_per_expert.tolist())):
-            hidden = self.activation(tokens @ w1.T) * (tokens @ w3.T)
-            outputs.append(hidden @ w2.T)
-        return torch.cat(outputs)
+        return _uncompiled(_expert_loop)(self, x, tokens_per_expert)
+
+
+@cache
+def _uncompiled(fn):
+    """fn left out of torch.compile, wrapped at its first call: `torch.compiler.disable` imports
+    torch._dynamo (over a second), which a process that never runs an MoE must not pay at import."""
+    return torch.compiler.disable(fn)
+
+
+def _expert_loop(experts: GroupedExperts, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+    """The experts one after another over their sorted tokens. Left out of torch.compile: the
+    split sizes are read on the host (a graph break), and a compiled loop would specialise on
+    them and recompile for every new routing."""
+    outputs = []
+    # Slices by unbind, not by indexing: the backward of w[e] zero-fills a whole stack's
+    # gradient and adds into it once per expert (on an H100, 40% of a Mixtral layer's step
+    # time); unbind's backward stacks the experts' gradients once.
+    weights = zip(experts.w1.unbind(0), experts.w3.unbind(0), experts.w2.unbind(0))
+    # The split sizes must be known on the host: a sync on an accelerator.
+    for (w1, w3, w2), tokens in zip(weights, torch.split(x, tokens_per_expert.tolist())):
+        hidden = experts.activation(tokens @ w1.T) * (tokens @ w3.T)
+        outputs.append(hidden @ w2.T)
+    return torch.cat(outputs)
 
 
 class _GatherRows(torch.autograd.Function):
