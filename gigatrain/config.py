@@ -165,6 +165,11 @@ class FaultConfig:
     spike_window: int = 20  # good steps in the recent mean (the spike check starts once it is full)
     rollback_after: int = 3  # consecutive skipped updates that roll back to the last checkpoint
     max_rollbacks: int = 3  # rollbacks after which the run stops as diverged (exit 4)
+    # How an interruption is survived (docs/fault-tolerance.md): `storage` restarts every process
+    # from the last checkpoint on storage; `memory` from copies each rank keeps in host memory
+    # (and on a peer host); `replica` keeps the other data-parallel replica groups training
+    # while a failed one restarts and rejoins (torchft).
+    recovery: Literal["storage", "memory", "replica"] = "storage"
 
 
 @dataclass
