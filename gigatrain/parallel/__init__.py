@@ -34,11 +34,10 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 
 from gigatrain.config import Config
 from gigatrain.models.loss import loss_fn
-from gigatrain.models.moe import MoE
 from gigatrain.models.transformer import init_parameter, parameter_generator
 from gigatrain.parallel.context import apply_cp, shard_rope, shard_sequence
 from gigatrain.parallel.device import autocast
-from gigatrain.parallel.expert import apply_ep
+from gigatrain.parallel.expert import apply_ep, moe_layers
 from gigatrain.parallel.float8 import apply_float8
 from gigatrain.parallel.fsdp import apply_fsdp
 from gigatrain.parallel.mesh import ParallelDims
@@ -121,7 +120,7 @@ class ParallelModel:
             self.eval_schedule = build_schedule(parts, stage_indices, dims, pp_mesh, device, _sum_loss, dims.microbatches)
             if parts[0].args.tie_embeddings:
                 self.tied_group = tied_weight_group(dims)
-        self.moe_layers = _moe_layers(parts)
+        self.moe_layers = moe_layers(*parts)
         self.moe_layer_ids = [i for i in range(parts[0].args.n_layers) if parts[0].args.is_moe_layer(i)]
         for _, moe in self.moe_layers:
             # The loop divides each micro-batch's loss by their number; a schedule scales the gradients.
@@ -298,13 +297,6 @@ class ParallelModel:
 def plain_name(name: str) -> str:
     """A parameter's name in the whole model, without the wrappers' prefixes."""
     return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
-
-
-def _moe_layers(parts: list[nn.Module]) -> list[tuple[int, MoE]]:
-    """(layer index in the whole model, its MoE) for each MoE layer these parts hold."""
-    found = [(int(plain_name(name).split(".")[1]), module)
-             for part in parts for name, module in part.named_modules() if isinstance(module, MoE)]
-    return sorted(found, key=lambda pair: pair[0])
 
 
 @torch.no_grad()

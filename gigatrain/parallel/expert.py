@@ -107,14 +107,19 @@ def _expert_parallel_class(base: type) -> type:
     return type(f"ExpertParallel{base.__name__}", (_ExpertParallel, base), {})
 
 
-def moe_layers(model: nn.Module) -> list[MoE]:
-    return [m for m in model.modules() if isinstance(m, MoE)]
+def moe_layers(*parts: nn.Module) -> list[tuple[int, MoE]]:
+    """(layer index in the whole model, its MoE) for each MoE layer these parts hold (a whole
+    model or this rank's pipeline stages), in layer order. The blocks keep their whole-model
+    keys in every stage, whatever wraps them (activation checkpointing, compile)."""
+    found = [(int(key), module) for part in parts for key, block in part.layers.items()
+             for module in block.modules() if isinstance(module, MoE)]
+    return sorted(found, key=lambda pair: pair[0])
 
 
 def apply_ep(model: nn.Module, ep_mesh: DeviceMesh) -> None:
     """Make every MoE layer of `model` (a whole model or a pipeline stage) expert-parallel
     over `ep_mesh`, in place; works on a meta-device model (no data moves)."""
-    for moe in moe_layers(model):
+    for _, moe in moe_layers(model):
         make_expert_parallel(moe.experts, ep_mesh)
 
 

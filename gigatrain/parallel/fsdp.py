@@ -41,7 +41,7 @@ def shard_experts(model: nn.Module, efsdp_mesh: DeviceMesh, policy: MixedPrecisi
 
     Experts are split along dim 0 while each rank still gets whole ones, else along the hidden
     dimension (dim 1, as torchtitan does), so no rank gets padding only."""
-    for moe in moe_layers(model):
+    for _, moe in moe_layers(model):
         local_experts = moe.experts.w1.to_local().shape[0]
         placement = Shard(0) if local_experts % efsdp_mesh.size() == 0 else Shard(1)
         fully_shard(moe.experts, mesh=efsdp_mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward,
