@@ -15,7 +15,7 @@ number for each, and sends them to the ranks that hold their experts and back.
 
 from __future__ import annotations
 
-from functools import cache, partial
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -91,6 +91,7 @@ class GroupedExperts(nn.Module):
         self.w3 = nn.Parameter(torch.empty(n_experts, hidden, d_model))
         self.w2 = nn.Parameter(torch.empty(n_experts, d_model, hidden))
         self.activation = gate_activation(activation)
+        _leave_loop_out_of_compile()
 
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor, grouped: bool | None = None) -> torch.Tensor:
         """x [tokens, d_model], sorted by expert (the first tokens_per_expert[0] rows go to this
@@ -116,14 +117,20 @@ class GroupedExperts(nn.Module):
         return torch._grouped_mm(self.activation(gate) * up, w2, offs=ends)
 
     def _loop(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-        return _uncompiled(_expert_loop)(self, x, tokens_per_expert)
+        return _expert_loop_outside_compile(self, x, tokens_per_expert)
 
 
-@cache
-def _uncompiled(fn):
-    """fn left out of torch.compile, wrapped at its first call: `torch.compiler.disable` imports
-    torch._dynamo (over a second), which a process that never runs an MoE must not pay at import."""
-    return torch.compiler.disable(fn)
+# `_expert_loop` wrapped by torch.compiler.disable, made by the first GroupedExperts rather than
+# at import: the wrapper imports torch._dynamo (over a second), which a process that never
+# builds an MoE must not pay. Made in eager code, never inside a compiled region: there dynamo
+# would have to trace the making of the wrapper itself.
+_expert_loop_outside_compile = None
+
+
+def _leave_loop_out_of_compile() -> None:
+    global _expert_loop_outside_compile
+    if _expert_loop_outside_compile is None:
+        _expert_loop_outside_compile = torch.compiler.disable(_expert_loop)
 
 
 def _expert_loop(experts: GroupedExperts, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
