@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor
 
 IGNORE_INDEX = -100  # F.cross_entropy's default: evaluation pads its batches with it
 
@@ -77,10 +76,14 @@ def chunked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction
 
 
 def loss_fn(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Next-token cross-entropy over (batch, seq, vocab) logits, in nats per token."""
-    # Under loss parallel the logits are a vocabulary-sharded DTensor, whose cross-entropy
-    # torch computes shard by shard already.
-    if reduction in ("mean", "sum") and not isinstance(logits, DTensor) and logits.numel() >= CHUNKED_MIN_LOGITS:
+    """Next-token cross-entropy over (batch, seq, vocab) logits, in nats per token: in chunks of
+    tokens from CHUNKED_MIN_LOGITS logits on, in one piece below."""
+    if reduction in ("mean", "sum") and logits.numel() >= CHUNKED_MIN_LOGITS:
         return chunked_cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction)
+    return cross_entropy(logits, targets, reduction)
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """loss_fn in one piece, whatever the size."""
     # fp32 cross-entropy: bf16 log-softmax over a large vocabulary loses precision.
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction=reduction)

@@ -33,7 +33,6 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from gigatrain.config import Config
-from gigatrain.models.loss import loss_fn
 from gigatrain.models.transformer import init_parameter, parameter_generator
 from gigatrain.parallel.context import apply_cp, shard_rope, shard_sequence
 from gigatrain.parallel.device import autocast
@@ -42,7 +41,7 @@ from gigatrain.parallel.float8 import apply_float8
 from gigatrain.parallel.fsdp import apply_fsdp
 from gigatrain.parallel.mesh import ParallelDims
 from gigatrain.parallel.pipeline import build_schedule, split_model, tied_weight_group
-from gigatrain.parallel.tensor import apply_tp, loss_context
+from gigatrain.parallel.tensor import apply_tp, loss_context, parallel_loss
 
 
 # Op-level selective checkpointing keeps the outputs of these ops (torchtitan's choice): the
@@ -88,7 +87,7 @@ def apply_compile(model: nn.Module) -> None:
 
 
 def _sum_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return loss_fn(logits, targets, reduction="sum")
+    return parallel_loss(logits, targets, reduction="sum")
 
 
 def _local(value: torch.Tensor) -> torch.Tensor:
@@ -116,7 +115,7 @@ class ParallelModel:
         self.schedule = self.eval_schedule = self.tied_group = None
         if dims.pp > 1:
             pp_mesh = mesh["pp"]
-            self.schedule = build_schedule(parts, stage_indices, dims, pp_mesh, device, loss_fn, dims.microbatches)
+            self.schedule = build_schedule(parts, stage_indices, dims, pp_mesh, device, parallel_loss, dims.microbatches)
             self.eval_schedule = build_schedule(parts, stage_indices, dims, pp_mesh, device, _sum_loss, dims.microbatches)
             if parts[0].args.tie_embeddings:
                 self.tied_group = tied_weight_group(dims)
@@ -214,7 +213,7 @@ class ParallelModel:
                 if self.dims.fsdp:
                     # Accumulate locally; reduce-scatter once, in the last micro-batch's backward.
                     model.set_requires_gradient_sync(index == n_micro - 1)
-                loss = loss_fn(model(micro_inputs), micro_targets) / n_micro
+                loss = parallel_loss(model(micro_inputs), micro_targets) / n_micro
                 loss.backward()
                 total += _local(loss).detach()
             self._lay_out_gradients()

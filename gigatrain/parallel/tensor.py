@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import contextlib
 
+import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
@@ -29,6 +30,7 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
+from gigatrain.models.loss import cross_entropy, loss_fn
 from gigatrain.models.moe import MoE
 
 # An MoE layer is not split over tp (ETP=1, as in torchtitan's default; docs/moe.md): every
@@ -83,3 +85,12 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> None:
 def loss_context(tp: int):
     """Where the loss and its backward run: loss_parallel under TP, nothing otherwise."""
     return loss_parallel() if tp > 1 else contextlib.nullcontext()
+
+
+def parallel_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """models.loss.loss_fn for the logits of any layout: under loss parallel they are a
+    vocabulary-sharded DTensor, whose cross-entropy torch already computes shard by shard, so
+    it never goes through the chunks (which need each token's whole row of logits)."""
+    if isinstance(logits, DTensor):
+        return cross_entropy(logits, targets, reduction)
+    return loss_fn(logits, targets, reduction)
