@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -55,6 +57,53 @@ def assert_weights_match(got, expected, name: str) -> None:
     assert close.float().mean() >= 0.999, f"{name}: {int((~close).sum())} of {close.numel()} elements differ"
     worst = (got - expected).abs().max().item()
     assert worst <= 5e-5, f"{name}: an element differs by {worst:.2e}"
+
+
+def run_name(label: str) -> str:
+    """A run directory's name for a test's label ("EP 2 x FSDP" -> "EP_2_x_FSDP")."""
+    return "".join(c if c.isalnum() else "_" for c in label)
+
+
+def train_one_process(data: Path, run_dir: Path, overrides: list[str]):
+    """Train in this process (the reference the parallel runs are compared with)."""
+    from gigatrain.config import load_config
+    from gigatrain.train.trainer import train
+
+    return train(load_config(None, [f"--data.path={data}", f"--run.dir={run_dir}", *overrides]))
+
+
+def run_layouts_job(data: Path, out: Path, plan: list[dict], timeout: float) -> str:
+    """The plan's runs and checks in one `torchrun --nproc-per-node 4` job, one process group
+    (tests/parallel/layouts_worker.py says what an entry holds); returns its stdout."""
+    import json
+
+    result = run_group(torchrun("--nproc-per-node=4", "--standalone", str(REPO / "tests/parallel/layouts_worker.py"),
+                                str(data), str(out), json.dumps(plan)), timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return result.stdout
+
+
+def assert_steps_match(reference: Path, parallel: Path, rel: float = 1e-5, steps: int = 3) -> None:
+    """Every step's loss and gradient norm of a parallel run against the one-process run's.
+    Adam is blind to the scale of the gradient, so the gradient norm is compared too: a
+    missing or doubled average would show there."""
+    for key in ("loss", "grad_norm"):
+        expected, got = step_values(reference, key), step_values(parallel, key)
+        assert sorted(got) == list(range(1, steps + 1)) and sorted(expected) == sorted(got), f"{key}: {sorted(got)}"
+        for step in expected:
+            assert got[step] == pytest.approx(expected[step], rel=rel), f"{key} at step {step}"
+
+
+def assert_resumes_in_one_process(saved: Path, reference: Path, data: Path, overrides: list[str], tmp_path: Path,
+                                  rel: float) -> None:
+    """A checkpoint saved at step 2 by a parallel run, resumed in one process: its step 3 is
+    the uninterrupted one-process run's (resharding to one process)."""
+    import shutil
+
+    run_dir = tmp_path / "one_process_resume"
+    shutil.copytree(saved, run_dir)
+    assert train_one_process(data, run_dir, overrides).step == 3
+    assert step_values(run_dir)[3] == pytest.approx(step_values(reference)[3], rel=rel)
 
 
 def torchrun(*args: str) -> list[str]:

@@ -1,7 +1,8 @@
 """Every parallel layout trains exactly like one process.
 
-One `torchrun --nproc-per-node 4` job (gloo, CPU, fp32) trains the same tiny config under
-each layout in turn, sharing one process group; this module compares each run with
+One `torchrun --nproc-per-node 4` job (gloo, CPU, fp32), shared with the MoE, Muon and
+QK-norm tests (tests/parallel/conftest.py), trains the same tiny config under each layout in
+turn, sharing one process group; this module compares each run with
 one-process training on the same global batches: the loss of every step to 1e-5
 relative, and the final weights (loaded from each layout's DCP checkpoint into a plain
 one-process model, which is itself a resharding test) to 1e-5 relative plus 1e-6
@@ -24,16 +25,13 @@ suite's time; QK-norm under TP alone has its own test, tests/parallel/test_qk_no
 
 import json
 import os
-import shutil
-import sys
 
 import pytest
 import torch
 
-from gigatrain.config import load_config
 from gigatrain.rundir import RunDir
-from gigatrain.train.trainer import train
-from helpers import REPO, assert_weights_match, final_weights, run_group, step_values
+from helpers import (REPO, assert_resumes_in_one_process, assert_steps_match, assert_weights_match, final_weights,
+                     run_name, step_values)
 
 # Small enough for 4 processes on 2 cores, shaped so every layout applies: 8 heads and 4 KV
 # heads split over tp=4, 8 layers into 4 stages x 2 per rank, 32 positions into 2*cp=8 chunks.
@@ -83,10 +81,6 @@ RESHARDS = {  # resumed at step 2 from the FSDP run's checkpoint (tied: the tied
 FAMILIES = {"": [], "tied": TIED, "arch": ARCH}
 
 
-def run_name(label: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in label)
-
-
 def family(label: str) -> str:
     overrides = {**LAYOUTS, **TIED_LAYOUTS, **ARCH_LAYOUTS, **RESHARDS}[label]
     return next((name for name, marks in FAMILIES.items() if marks and marks[0] in overrides), "")
@@ -102,38 +96,29 @@ def saved_at_2(label: str) -> str:
     return "_".join(filter(None, ["fsdp", family(label), "at_2"]))
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, byte_data):
-    out = tmp_path_factory.mktemp("layouts")
-    for name, overrides in FAMILIES.items():
-        run_dir = out / "_".join(filter(None, ["one_process", name]))
-        train(load_config(None, [f"--data.path={byte_data}", f"--run.dir={run_dir}", *BASE, *overrides]))
-    plan = [{"name": "_".join(filter(None, ["fsdp", name, "at_2"])), "overrides": [*overrides, "--train.stop_at_step=2"]}
+def layouts_plan() -> tuple[dict, list[dict]]:
+    """This module's part of the parallel tests' one torchrun job (tests/parallel/conftest.py)."""
+    references = {"_".join(filter(None, ["one_process", name])): [*BASE, *overrides] for name, overrides in FAMILIES.items()}
+    plan = [{"name": "_".join(filter(None, ["fsdp", name, "at_2"])), "overrides": [*BASE, *overrides, "--train.stop_at_step=2"]}
             for name, overrides in FAMILIES.items()]
-    plan += [{"name": run_name(label), "overrides": overrides}
+    plan += [{"name": run_name(label), "overrides": [*BASE, *overrides]}
              for label, overrides in {**LAYOUTS, **TIED_LAYOUTS, **ARCH_LAYOUTS}.items()]
-    plan += [{"name": run_name(label), "overrides": overrides, "resume_from": saved_at_2(label)}
+    plan += [{"name": run_name(label), "overrides": [*BASE, *overrides], "resume_from": saved_at_2(label)}
              for label, overrides in RESHARDS.items()]
-    plan.append({"name": "tp_logits", "overrides": LAYOUTS["TP + sequence parallel"], "probe_logits": True})
-    result = run_group(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=4", "--standalone",
-         str(REPO / "tests/parallel/layouts_worker.py"), str(byte_data), str(out), json.dumps(BASE), json.dumps(plan)],
-        timeout=480)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    return out, result.stdout
+    plan.append({"name": "tp_logits", "overrides": [*BASE, *LAYOUTS["TP + sequence parallel"]], "probe_logits": True})
+    return references, plan
+
+
+@pytest.fixture(scope="module")
+def runs(layouts_job):
+    return layouts_job.folders[__name__], layouts_job.stdout
 
 
 @pytest.mark.parametrize("label", [*LAYOUTS, *TIED_LAYOUTS, *ARCH_LAYOUTS])
 def test_layout_matches_one_process(runs, byte_data, label):
     out, _ = runs
     reference, parallel = out / reference_name(label), out / run_name(label)
-    expected, got = step_values(reference), step_values(parallel)
-    assert sorted(got) == [1, 2, 3]
-    for step in expected:
-        assert got[step] == pytest.approx(expected[step], rel=1e-5), f"loss at step {step}"
-    expected_norms, got_norms = step_values(reference, "grad_norm"), step_values(parallel, "grad_norm")
-    for step in expected_norms:
-        assert got_norms[step] == pytest.approx(expected_norms[step], rel=1e-5), f"gradient norm at step {step}"
+    assert_steps_match(reference, parallel)
     ref_weights = final_weights(reference)
     for name, tensor in final_weights(parallel).items():
         assert_weights_match(tensor, ref_weights[name], name)
@@ -157,26 +142,27 @@ def test_checkpoint_reshards_to_another_layout(runs, label):
 
 def test_checkpoint_from_four_processes_resumes_in_one(runs, byte_data, tmp_path):
     out, _ = runs
-    run_dir = tmp_path / "one_process_resume"
-    shutil.copytree(out / "fsdp_at_2", run_dir)
-    result = train(load_config(None, [f"--data.path={byte_data}", f"--run.dir={run_dir}", *BASE]))
-    assert result.step == 3
-    assert step_values(run_dir)[3] == pytest.approx(step_values(out / "one_process")[3], rel=1e-5)
+    assert_resumes_in_one_process(out / "fsdp_at_2", out / "one_process", byte_data, BASE, tmp_path, rel=1e-5)
 
 
-def test_only_rank_zero_prints(runs):
-    _, stdout = runs
-    assert stdout.count("stopped by max_steps") == len(LAYOUTS) + len(TIED_LAYOUTS) + len(ARCH_LAYOUTS) + len(RESHARDS)
+def test_only_rank_zero_prints(layouts_job):
+    """One line per run that reached max_steps, of every module's runs in the job."""
+    finished = [entry for entry in layouts_job.plan if "overrides" in entry and not entry.get("probe_logits")
+                and not any(o.startswith("--train.stop_at_step=") for o in entry["overrides"])]
+    assert layouts_job.stdout.count("stopped by max_steps") == len(finished)
 
 
 def test_tensor_parallel_never_holds_full_vocabulary_logits(runs):
-    """Loss parallel: each of the 4 TP ranks holds a quarter of the vocabulary's logits."""
+    """Loss parallel: each of the 4 TP ranks holds a quarter of the vocabulary's logits, and
+    the loss of them is the whole logits' loss even where plain logits that large would go
+    through the chunks (parallel.tensor.parallel_loss)."""
     out, _ = runs
     for rank in range(4):
         record = json.loads((out / "tp_logits" / f"logits_rank{rank}.json").read_text())
         assert record["type"] == "DTensor" and record["sharded_dims"] == [2]  # split over the vocabulary
         # The whole batch (tp ranks share it) and sequence, a quarter of the 256 byte-level ids.
         assert record["local_shape"] == [8, 32, 256 // 4]
+        assert record["loss_difference"] < 1e-5
 
 
 # -- golden losses ---------------------------------------------------------------------

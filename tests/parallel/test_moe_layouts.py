@@ -1,10 +1,10 @@
 """Expert parallelism trains exactly like one process, and its checkpoints reshard.
 
-One `torchrun --nproc-per-node 4` job (gloo, CPU, fp32; group set-up shared, as in
-test_layouts.py) trains tiny-moe (8 experts, top-2) under each expert-parallel layout in turn:
+The parallel tests' one `torchrun --nproc-per-node 4` job (gloo, CPU, fp32;
+tests/parallel/conftest.py) trains tiny-moe (8 experts, top-2) under each expert-parallel layout in turn:
 ep=4, ep=2 beside FSDP (each expert shard further sharded over 2 ranks), HSDP, a pipeline,
 tensor parallelism and context parallelism, micro-batches and activation checkpointing; it also runs the dispatch/combine
-property check (moe_checks.py). Each run is compared with one-process training on the same
+property check (layout_checks.py). Each run is compared with one-process training on the same
 global batches: every step's loss and gradient norm to 1e-5 relative, and the final weights
 (the expert biases included: buffers are in the checkpoint) as the dense layouts are
 (helpers.assert_weights_match). The runs use both balancing methods (tiny-moe's bias update
@@ -15,15 +15,12 @@ the uninterrupted one-process run's to 1e-6 relative.
 """
 
 import json
-import shutil
-import sys
 
 import pytest
 
-from gigatrain.config import load_config
 from gigatrain.rundir import RunDir
-from gigatrain.train.trainer import train
-from helpers import REPO, assert_weights_match, final_weights, run_group, step_values
+from helpers import (assert_resumes_in_one_process, assert_steps_match, assert_weights_match, final_weights, run_name,
+                     step_values)
 
 BASE = ["--model.preset=tiny-moe", "--model.tie_embeddings=false", "--model.aux_loss_coef=0.01", "--data.seq_len=32", "--train.batch_size=8",
         "--train.max_steps=3", "--train.eval_batches=1", "--train.eval_every=1000", "--train.samples=0",
@@ -47,36 +44,25 @@ RESHARDS = {  # resumed at step 2 from the "EP 2 x FSDP" run's checkpoint
 SAVED = "ep2_at_2"
 
 
-def run_name(label: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in label)
+def layouts_plan() -> tuple[dict, list[dict]]:
+    """This module's part of the parallel tests' one torchrun job (tests/parallel/conftest.py)."""
+    plan = [{"name": "dispatch", "check": "ep_dispatch"},
+            {"name": SAVED, "overrides": [*BASE, "--parallel.ep=2", "--train.stop_at_step=2"]}]
+    plan += [{"name": run_name(label), "overrides": [*BASE, *overrides]} for label, overrides in LAYOUTS.items()]
+    plan += [{"name": run_name(label), "overrides": [*BASE, *overrides], "resume_from": SAVED}
+             for label, overrides in RESHARDS.items()]
+    return {"one_process": BASE}, plan
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, byte_data):
-    out = tmp_path_factory.mktemp("moe_layouts")
-    train(load_config(None, [f"--data.path={byte_data}", f"--run.dir={out / 'one_process'}", *BASE]))
-    plan = [{"name": "dispatch", "check": "ep_dispatch"},
-            {"name": SAVED, "overrides": ["--parallel.ep=2", "--train.stop_at_step=2"]}]
-    plan += [{"name": run_name(label), "overrides": overrides} for label, overrides in LAYOUTS.items()]
-    plan += [{"name": run_name(label), "overrides": overrides, "resume_from": SAVED} for label, overrides in RESHARDS.items()]
-    result = run_group(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=4", "--standalone",
-         str(REPO / "tests/parallel/layouts_worker.py"), str(byte_data), str(out), json.dumps(BASE), json.dumps(plan)],
-        timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    return out
+def runs(layouts_job):
+    return layouts_job.folders[__name__]
 
 
 @pytest.mark.parametrize("label", list(LAYOUTS))
 def test_moe_layout_matches_one_process(runs, label):
     reference, parallel = runs / "one_process", runs / run_name(label)
-    expected, got = step_values(reference), step_values(parallel)
-    assert sorted(got) == [1, 2, 3]
-    for step in expected:
-        assert got[step] == pytest.approx(expected[step], rel=1e-5), f"loss at step {step}"
-    expected_norms, got_norms = step_values(reference, "grad_norm"), step_values(parallel, "grad_norm")
-    for step in expected_norms:
-        assert got_norms[step] == pytest.approx(expected_norms[step], rel=1e-5), f"gradient norm at step {step}"
+    assert_steps_match(reference, parallel)
     ref_weights, weights = final_weights(reference), final_weights(parallel)
     assert weights.keys() == ref_weights.keys()
     biases = [name for name in weights if name.endswith("router.expert_bias")]
@@ -95,18 +81,14 @@ def test_moe_checkpoint_reshards(runs, label):
 
 
 def test_moe_checkpoint_from_ep_resumes_in_one_process(runs, byte_data, tmp_path):
-    run_dir = tmp_path / "one_process_resume"
-    shutil.copytree(runs / SAVED, run_dir)
-    result = train(load_config(None, [f"--data.path={byte_data}", f"--run.dir={run_dir}", *BASE]))
-    assert result.step == 3
-    assert step_values(run_dir)[3] == pytest.approx(step_values(runs / "one_process")[3], rel=1e-6)
+    assert_resumes_in_one_process(runs / SAVED, runs / "one_process", byte_data, BASE, tmp_path, rel=1e-6)
 
 
 def test_ep_dispatch_combine_equals_per_token_reference(runs):
     """Outputs, input gradients and expert-weight gradients of the round trip, for random
     routings (ranks and experts without tokens included), against one token at a time through
     the whole experts: differences of rounding only (values are of order 10)."""
-    cases = [case for rank in range(4) for case in json.loads((runs / "dispatch" / f"dispatch_rank{rank}.json").read_text())]
+    cases = [case for rank in range(4) for case in json.loads((runs / "dispatch" / f"ep_dispatch_rank{rank}.json").read_text())]
     assert len(cases) == 4 * 2 * 5 and any(case["tokens"] == 0 for case in cases)
     for case in cases:
         for key in ("out", "x_grad", "w1_grad", "w2_grad", "w3_grad"):

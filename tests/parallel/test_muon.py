@@ -1,7 +1,7 @@
 """Muon under every kind of sharding trains exactly like one process.
 
-One `torchrun --nproc-per-node 4` job (gloo, CPU, fp32; tests/parallel/layouts_worker.py)
-trains the tiny config with `train.optimizer=muon` under FSDP, HSDP, TP + sequence parallel,
+The parallel tests' one `torchrun --nproc-per-node 4` job (gloo, CPU, fp32;
+tests/parallel/conftest.py) trains the tiny config with `train.optimizer=muon` under FSDP, HSDP, TP + sequence parallel,
 FSDP x TP and a 1F1B pipeline: the matrices' Newton–Schulz needs each matrix whole, so a
 per-shard update would differ from one process by far more than rounding. FSDP, HSDP and TP
 deal matrices out to owner ranks (all-to-all), FSDP x TP gathers them everywhere, FSDP over
@@ -14,15 +14,11 @@ one process (resharded), with the same step-3 loss.
 """
 
 import json
-import shutil
-import sys
 
 import pytest
 import torch
 
-from gigatrain.config import load_config
-from gigatrain.train.trainer import train
-from helpers import REPO, final_weights, run_group, step_values
+from helpers import assert_resumes_in_one_process, assert_steps_match, final_weights, run_name, step_values
 
 BASE = ["--model.preset=tiny", "--model.tie_embeddings=false", "--model.n_layers=4", "--model.n_heads=8",
         "--model.n_kv_heads=4", "--data.seq_len=32", "--train.batch_size=8", "--train.max_steps=3",
@@ -47,34 +43,24 @@ def reference_name(label: str) -> str:
     return "one_process_moe" if MOE in LAYOUTS[label] else "one_process"
 
 
-def run_name(label: str) -> str:
-    return "muon_" + "".join(c if c.isalnum() else "_" for c in label)
+def layouts_plan() -> tuple[dict, list[dict]]:
+    """This module's part of the parallel tests' one torchrun job (tests/parallel/conftest.py)."""
+    plan = [{"name": "shards", "check": "muon_shards"},
+            {"name": "fsdp_at_2", "overrides": [*BASE, "--train.stop_at_step=2"]}]
+    plan += [{"name": run_name(label), "overrides": [*BASE, *overrides]} for label, overrides in LAYOUTS.items()]
+    plan.append({"name": "fsdp_resumed", "overrides": BASE, "resume_from": "fsdp_at_2"})
+    return {"one_process": BASE, "one_process_moe": [*BASE, MOE]}, plan
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, byte_data):
-    out = tmp_path_factory.mktemp("muon")
-    for name, overrides in (("one_process", []), ("one_process_moe", [MOE])):
-        train(load_config(None, [f"--data.path={byte_data}", f"--run.dir={out / name}", *BASE, *overrides]))
-    plan = [{"name": "fsdp_at_2", "overrides": ["--train.stop_at_step=2"]}]
-    plan += [{"name": run_name(label), "overrides": overrides} for label, overrides in LAYOUTS.items()]
-    plan.append({"name": "fsdp_resumed", "overrides": [], "resume_from": "fsdp_at_2"})
-    result = run_group(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=4", "--standalone",
-         str(REPO / "tests/parallel/layouts_worker.py"), str(byte_data), str(out), json.dumps(BASE), json.dumps(plan)],
-        timeout=480)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    return out
+def runs(layouts_job):
+    return layouts_job.folders[__name__]
 
 
 @pytest.mark.parametrize("label", list(LAYOUTS))
 def test_muon_layout_matches_one_process(runs, label):
     reference, parallel = runs / reference_name(label), runs / run_name(label)
-    for key in ("loss", "grad_norm"):
-        expected, got = step_values(reference, key), step_values(parallel, key)
-        assert sorted(got) == [1, 2, 3]
-        for step in expected:
-            assert got[step] == pytest.approx(expected[step], rel=1e-5), f"{key} at step {step}"
+    assert_steps_match(reference, parallel)
     ref_weights = final_weights(reference)
     for name, tensor in final_weights(parallel).items():
         torch.testing.assert_close(tensor, ref_weights[name], rtol=1e-5, atol=1e-6, msg=name)
@@ -89,13 +75,14 @@ def test_muon_resumes_bit_exactly_under_fsdp(runs):
 
 
 def test_muon_state_from_four_processes_resumes_in_one(runs, byte_data, tmp_path):
-    run_dir = tmp_path / "one_process_resume"
-    shutil.copytree(runs / "fsdp_at_2", run_dir)
-    train(load_config(None, [f"--data.path={byte_data}", f"--run.dir={run_dir}", *BASE]))
-    assert step_values(run_dir)[3] == pytest.approx(step_values(runs / "one_process")[3], rel=1e-5)
+    assert_resumes_in_one_process(runs / "fsdp_at_2", runs / "one_process", byte_data, BASE, tmp_path, rel=1e-5)
 
 
-def test_owner_ranks_orthogonalise_uneven_shards_exactly():
-    result = run_group([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=4", "--standalone",
-                        str(REPO / "tests/parallel/muon_shards_worker.py")], timeout=120)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+def test_owner_ranks_orthogonalise_uneven_shards_exactly(runs):
+    """6 matrices over 4 ranks (the last batch padded), rows and columns split unevenly: each
+    rank's shards of the owner ranks' orthogonalisation equal the whole matrices', bit for bit."""
+    for rank in range(4):
+        cases = json.loads((runs / "shards" / f"muon_shards_rank{rank}.json").read_text())
+        assert len(cases) == 2 * 6
+        for case in cases:
+            assert case["equal"], f"rank {rank}, dim {case['dim']}, {case['shape']}: off by {case['difference']:.2e}"
