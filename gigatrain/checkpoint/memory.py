@@ -4,28 +4,35 @@ the training process, and a copy of it on a peer host.
 Layout, on every host (a tmpfs such as /dev/shm survives the process, not the machine)::
 
     <memory_dir>/<run folder>/host<k>/
-      step_00000012.rank00003.<tag>.pt   rank 3's state at step 12 (its own, or its peer's copy)
-      .tmp-step_...pt                    a copy being written (renamed into place once whole)
+      step_00000012.rank00003.<tag>.gtmem   rank 3's state at step 12 (its own, or its peer's copy)
+      .tmp-step_...gtmem                    a copy being written (renamed into place once whole)
 
-One file holds one rank's local shards (model weights and buffers, optimizer state, RNG) and
-the trainer state a storage checkpoint carries, saved with torch.save. The tag names the
-layout (world size, ranks per host, parallel degrees): a copy only loads into the layout that
-wrote it, shard for shard. Host k keeps its own ranks' copies and those of host k-1's ranks
-(their peer is the same local rank on the next host), the newest KEEP steps of each.
+One file holds one rank's local shards (model weights and buffers, optimizer state, CPU RNG)
+and the trainer state a storage checkpoint carries: MAGIC, two sizes, the tensors' raw bytes,
+then a JSON header (run, rank, layout, step, trainer state, and each tensor's name, dtype,
+shape and place in the bytes). The tag names the layout (world size, ranks per host, parallel
+degrees): a copy only loads into the layout that wrote it, shard for shard. Host k keeps its
+own ranks' copies and those of host k-1's ranks (their peer is the same local rank on the next
+host), the newest KEEP steps of each.
 
-The files are read as untrusted input: torch.load(weights_only=True), then checked against
-the run, the rank, the layout and the model's tensors before anything is loaded; only files
-of this module's naming pattern inside the run's own folder are ever deleted.
+The files are read as untrusted input: nothing is unpickled (the header is JSON, the rest raw
+bytes), and a copy is checked against the run, the rank, the layout and the model's tensors
+before anything is loaded; only files of this module's naming pattern inside the run's own
+folder are ever deleted.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
+import math
+import mmap
 import os
 import re
+import struct
+import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,13 +50,15 @@ from torch.distributed.checkpoint.state_dict import (
 from gigatrain.checkpoint.dcp import CheckpointError, _gather
 
 FORMAT = 1
+MAGIC = b"GTMEMv1\n"  # a copy's first bytes (see write_copy)
+ALIGN = 64  # each tensor's bytes start at a multiple of this in a copy's data
 KEEP = 2  # steps kept per rank: while one is being written, the one before is whole on every rank
 TMP_PREFIX = ".tmp-"
-_FILE = re.compile(r"step_(\d{8})\.rank(\d{5})\.([0-9a-f]{12})\.pt")
+_FILE = re.compile(r"step_(\d{8})\.rank(\d{5})\.([0-9a-f]{12})\.gtmem")
 
 
 def file_name(step: int, rank: int, tag: str) -> str:
-    return f"step_{step:08d}.rank{rank:05d}.{tag}.pt"
+    return f"step_{step:08d}.rank{rank:05d}.{tag}.gtmem"
 
 
 def parse_name(name: str) -> tuple[int, int, str] | None:
@@ -102,115 +111,177 @@ def _templates(parts: list[nn.Module], optimizers: list[torch.optim.Optimizer]) 
     return models, optims
 
 
-def snapshot(parts: list[nn.Module], optimizers: list[torch.optim.Optimizer], header: dict,
-             trainer_state: dict) -> dict:
-    """This rank's state, on the host: local shards of the weights and of the optimizer's
-    per-parameter state (its hyper-parameters come from the config, as in a storage
-    checkpoint), the CPU RNG, and the trainer state (as JSON text, like trainer_state.json)."""
-    def host_copy(tensor: torch.Tensor) -> torch.Tensor:
-        local = _local(tensor.detach())
-        # A copy sized to the shard: saving a view would save the whole storage behind it.
-        return local.clone() if local.device.type == "cpu" else local.cpu()
-
-    models, optims = _templates(parts, optimizers)
-    return {**header, "trainer_state": json.dumps(trainer_state, sort_keys=True),
-            "model": {name: host_copy(t) for own in models for name, t in own.items()},
-            "optimizer": {name: {key: host_copy(t) for key, t in state.items()}
-                          for full in optims for name, state in full["state"].items()},
-            "rng": torch.get_rng_state()}
+def _named_tensors(templates: tuple[list, list]) -> dict[str, torch.Tensor]:
+    """Every tensor of the state dicts by one name: model/<name>, optimizer/<name>/<key>."""
+    models, optims = templates
+    named = {f"model/{name}": t for own in models for name, t in own.items()}
+    named.update({f"optimizer/{name}/{key}": t for full in optims for name, state in full["state"].items()
+                  for key, t in state.items()})
+    return named
 
 
-def encode(payload: dict) -> memoryview:
-    """The copy's bytes, as a writable view (sent over the process group without another copy)."""
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    return buffer.getbuffer()
+def _layout(named: dict[str, torch.Tensor]) -> list[dict]:
+    """Where each local shard lies in a copy's data: in name order, each at a 64-byte boundary."""
+    entries, offset = [], 0
+    for name in sorted(named):
+        local = _local(named[name])
+        nbytes = local.numel() * local.element_size()
+        entries.append({"name": name, "dtype": str(local.dtype).removeprefix("torch."), "shape": list(local.shape),
+                        "offset": offset, "nbytes": nbytes})
+        offset += -(-nbytes // ALIGN) * ALIGN
+    return entries
 
 
-def decode(data) -> dict:
-    """A copy's contents (bytes or a file); weights_only: it can hold tensors and plain data only."""
-    source = data if isinstance(data, (str, Path)) else io.BytesIO(data)
+def _view(data: torch.Tensor, entry: dict) -> torch.Tensor:
+    dtype = getattr(torch, entry["dtype"])
+    return data[entry["offset"]:entry["offset"] + entry["nbytes"]].view(dtype).view(entry["shape"])
+
+
+@dataclass
+class Copy:
+    """One rank's state as it is written and sent: the tensors' bytes, and a JSON header naming
+    the run, rank, layout, step, trainer state and where each tensor lies in the bytes."""
+    data: torch.Tensor  # uint8, on the host
+    header: dict
+
+    def header_bytes(self) -> bytes:
+        return json.dumps(self.header, sort_keys=True).encode()
+
+
+def snapshot(parts: list[nn.Module], optimizers: list[torch.optim.Optimizer], identity: dict, trainer_state: dict,
+             buffer: torch.Tensor | None = None) -> Copy:
+    """This rank's state, copied into host memory (into `buffer` if it has the right size, so
+    that a copy every few steps allocates nothing): local shards of the weights and of the
+    optimizer's per-parameter state (its hyper-parameters come from the config, as in a storage
+    checkpoint), the CPU RNG and the trainer state. The only part of a copy training waits for."""
+    named = _named_tensors(_templates(parts, optimizers))
+    named["rng"] = torch.get_rng_state()
+    entries = _layout(named)
+    size = entries[-1]["offset"] + entries[-1]["nbytes"] if entries else 0
+    if buffer is None or buffer.numel() != size:
+        pin = torch.cuda.is_available() and any(_local(t).is_cuda for t in named.values())
+        buffer = torch.empty(size, dtype=torch.uint8, pin_memory=pin)
+    with torch.no_grad():
+        for entry in entries:
+            _view(buffer, entry).copy_(_local(named[entry["name"]].detach()), non_blocking=True)
+    if buffer.is_pinned():
+        torch.cuda.synchronize()
+    return Copy(buffer, {**identity, "trainer_state": trainer_state, "tensors": entries})
+
+
+def write_copy(path: Path, data: torch.Tensor, header: bytes) -> None:
+    """MAGIC, the sizes of the data and of the header, the data, the header; atomically (a
+    reader sees a whole copy or none)."""
+    tmp = path.with_name(TMP_PREFIX + path.name)
+    with open(tmp, "wb") as file:
+        file.write(MAGIC + struct.pack("<QQ", data.numel(), len(header)))
+        file.write(memoryview(data.numpy()))
+        file.write(header)
+    os.replace(tmp, path)
+
+
+def read_copy(source: Path | tuple[torch.Tensor, bytes]) -> Copy:
+    """A copy from its file (mapped, not read) or as received from a peer (data, header). Only
+    JSON is parsed: the file cannot run code. CheckpointError if it is not well formed."""
+    if isinstance(source, Path):
+        with open(source, "rb") as file:
+            size = os.fstat(file.fileno()).st_size
+            head = file.read(len(MAGIC) + 16)
+            if len(head) < len(MAGIC) + 16 or head[:len(MAGIC)] != MAGIC:
+                raise CheckpointError("is not an in-memory checkpoint (no gigatrain header)")
+            data_size, header_size = struct.unpack("<QQ", head[len(MAGIC):])
+            if len(head) + data_size + header_size != size:
+                raise CheckpointError(f"has {size} bytes, its header says {len(head) + data_size + header_size} (truncated?)")
+            mapped = mmap.mmap(file.fileno(), size, access=mmap.ACCESS_COPY) if size else b""
+        data = torch.frombuffer(mapped, dtype=torch.uint8, offset=len(head), count=data_size) if data_size \
+            else torch.empty(0, dtype=torch.uint8)
+        header = bytes(mapped[len(head) + data_size:]) if size else b""
+    else:
+        data, header = source
     try:
-        payload = torch.load(source, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated, foreign: unpickling fails in many ways
-        raise CheckpointError(f"unreadable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
-    if not isinstance(payload, dict):
-        raise CheckpointError(f"holds a {type(payload).__name__}, not an in-memory checkpoint")
-    return payload
+        parsed = json.loads(header)
+    except (UnicodeDecodeError, ValueError) as err:
+        raise CheckpointError(f"has an unreadable header ({err})") from None
+    if not isinstance(parsed, dict) or not isinstance(parsed.get("tensors"), list):
+        raise CheckpointError("has a header without its list of tensors")
+    for entry in parsed["tensors"]:
+        try:
+            dtype = getattr(torch, entry["dtype"]) if isinstance(entry["dtype"], str) else None
+            fits = isinstance(dtype, torch.dtype) and all(isinstance(n, int) and n >= 0 for n in
+                                                          [entry["offset"], entry["nbytes"], *entry["shape"]])
+            fits = fits and entry["offset"] + entry["nbytes"] <= data.numel() \
+                and entry["nbytes"] == math.prod(entry["shape"]) * dtype.itemsize and entry["offset"] % ALIGN == 0
+        except (KeyError, TypeError, AttributeError):
+            fits = False
+        if not fits:
+            raise CheckpointError(f"has a malformed tensor entry {str(entry)[:200]}")
+    return Copy(data, parsed)
 
 
-def check(payload: dict, header: dict, parts: list[nn.Module], optimizers: list[torch.optim.Optimizer],
-          templates: tuple[list, list] | None = None) -> dict:
+def check(copy: Copy, identity: dict, templates: tuple[list, list]) -> dict:
     """The trainer state of a copy that fits this rank exactly (run, rank, layout, step and every
     tensor's name, shape and dtype); CheckpointError naming the first difference otherwise."""
-    for key, want in header.items():
-        if payload.get(key) != want:
-            raise CheckpointError(f"its {key} is {payload.get(key)!r}, not {want!r}")
-    models, optims = templates or _templates(parts, optimizers)
-    wanted = {("model", name): t for own in models for name, t in own.items()}
-    wanted.update({("optimizer", name, key): t for full in optims for name, state in full["state"].items()
-                   for key, t in state.items()})
-    model, optimizer = payload.get("model"), payload.get("optimizer")
-    if not isinstance(model, dict) or not isinstance(optimizer, dict) or not all(isinstance(s, dict) for s in optimizer.values()):
-        raise CheckpointError("it lacks the model or optimizer state")
-    stored = {("model", name): t for name, t in model.items()}
-    stored.update({("optimizer", name, key): t for name, state in optimizer.items() for key, t in state.items()})
+    for key, want in identity.items():
+        if copy.header.get(key) != want:
+            raise CheckpointError(f"its {key} is {copy.header.get(key)!r}, not {want!r}")
+    named = _named_tensors(templates)
+    named["rng"] = torch.get_rng_state()
+    wanted = {entry["name"]: entry for entry in _layout(named)}
+    stored = {entry["name"]: entry for entry in copy.header["tensors"]}
     if stored.keys() != wanted.keys():
-        differ = sorted(".".join(k) for k in stored.keys() ^ wanted.keys())
+        differ = sorted(stored.keys() ^ wanted.keys())
         raise CheckpointError(f"it holds other tensors than this model's ({', '.join(differ[:3])})")
-    for key, template in wanted.items():
-        local, saved = _local(template), stored[key]
-        if not isinstance(saved, torch.Tensor) or saved.shape != local.shape or saved.dtype != local.dtype:
-            raise CheckpointError(f"{'.'.join(key)} is {getattr(saved, 'shape', saved)} there and "
-                                  f"{tuple(local.shape)} {local.dtype} here")
-    rng = payload.get("rng")
-    if not isinstance(rng, torch.Tensor) or rng.shape != torch.get_rng_state().shape:
-        raise CheckpointError("its RNG state is missing or malformed")
-    try:
-        trainer_state = json.loads(payload["trainer_state"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise CheckpointError(f"its trainer state is unreadable ({err})") from None
-    if not isinstance(trainer_state, dict) or trainer_state.get("step") != payload.get("step"):
+    for name, want in wanted.items():
+        got = stored[name]
+        if (got["shape"], got["dtype"]) != (want["shape"], want["dtype"]):
+            raise CheckpointError(f"{name} is {got['shape']} {got['dtype']} there and {want['shape']} {want['dtype']} here")
+    trainer_state = copy.header.get("trainer_state")
+    if not isinstance(trainer_state, dict) or trainer_state.get("step") != copy.header.get("step"):
         raise CheckpointError("its trainer state is not of its step")
     return trainer_state
 
 
-def apply(payload: dict, parts: list[nn.Module], optimizers: list[torch.optim.Optimizer],
+def apply(copy: Copy, parts: list[nn.Module], optimizers: list[torch.optim.Optimizer],
           templates: tuple[list, list]) -> None:
     """Load a checked copy in place, as dcp.load loads a storage checkpoint: shards into the
     state dicts' own tensors, then set_model_state_dict / set_optimizer_state_dict, then the RNG."""
     models, optims = templates
+    named = _named_tensors(templates)
+    entries = {entry["name"]: entry for entry in copy.header["tensors"]}
     with torch.no_grad():
+        for name, tensor in named.items():
+            _local(tensor).copy_(_view(copy.data, entries[name]))
         for part, own in zip(parts, models):
-            for name, tensor in own.items():
-                _local(tensor).copy_(payload["model"][name])
             set_model_state_dict(part, own, options=StateDictOptions(strict=True))
         for part, optimizer, full in zip(parts, optimizers, optims):
-            for name, state in full["state"].items():
-                for key, tensor in state.items():
-                    _local(tensor).copy_(payload["optimizer"][name][key])
             set_optimizer_state_dict(part, optimizer, full)
-    torch.set_rng_state(payload["rng"])
+    torch.set_rng_state(_view(copy.data, entries["rng"]).clone())
 
 
-def _exchange(data: memoryview | bytes | None, send_to: int | None, receive_from: int | None, group) -> torch.Tensor | None:
-    """Send `data` to one rank while receiving from another (either may be None), over the
-    process group: a length, then the bytes, both posted before either is waited on."""
-    size_out = torch.tensor([len(data) if data is not None else 0], dtype=torch.int64)
-    size_in = torch.zeros(1, dtype=torch.int64)
-    requests = ([dist.isend(size_out, send_to, group=group)] if send_to is not None else []) + \
-               ([dist.irecv(size_in, receive_from, group=group)] if receive_from is not None else [])
-    for request in requests:
-        request.wait()
-    received = torch.empty(int(size_in.item()), dtype=torch.uint8) if receive_from is not None else None
-    if data is not None and not isinstance(data, memoryview):
-        data = memoryview(bytearray(data))  # torch.frombuffer wants a writable buffer
-    requests = ([dist.isend(torch.frombuffer(data, dtype=torch.uint8), send_to, group=group)]
-                if send_to is not None and data else []) + \
-               ([dist.irecv(received, receive_from, group=group)] if received is not None and received.numel() else [])
-    for request in requests:
-        request.wait()
-    return received
+def _exchange(send: tuple[torch.Tensor, bytes] | None, send_to: int | None, receive_from: int | None, group,
+              into: torch.Tensor | None = None) -> tuple[torch.Tensor, bytes] | None:
+    """Send a copy to one rank while receiving one from another (either may be None), over the
+    process group: the two sizes, then the data and the header, each posted before any is
+    waited on. `into`: a buffer for the data, used if it has the right size."""
+    def run(pairs):
+        requests = [dist.isend(t, send_to, group=group) for t in pairs[0]] + \
+                   [dist.irecv(t, receive_from, group=group) for t in pairs[1]]
+        for request in requests:
+            request.wait()
+
+    data_out, header_out = send if send is not None else (None, None)
+    header = torch.frombuffer(bytearray(header_out), dtype=torch.uint8) if header_out else torch.empty(0, dtype=torch.uint8)
+    sizes_in = torch.zeros(2, dtype=torch.int64)
+    run(([torch.tensor([data_out.numel(), header.numel()])] if send_to is not None else [],
+         [sizes_in] if receive_from is not None else []))
+    received = None
+    if receive_from is not None:
+        data_size, header_size = sizes_in.tolist()
+        data = into if into is not None and into.numel() == data_size else torch.empty(data_size, dtype=torch.uint8)
+        received = (data, torch.empty(header_size, dtype=torch.uint8))
+    run(([t for t in (data_out, header) if t.numel()] if send_to is not None else [],
+         [t for t in received if t.numel()] if received is not None else []))
+    return (received[0], received[1].numpy().tobytes()) if received is not None else None
 
 
 @dataclass
@@ -226,15 +297,26 @@ class Restored:
 
 class MemoryStore:
     """This rank's copies in its host's folder, the copy kept for its ward, and the exchanges
-    with its peer. Every method is called on every rank at once (they exchange over `group`)."""
+    with its peer. Every method is called on every rank at once (they exchange over `group`).
 
-    def __init__(self, folder: Path, run: str, hosts: Hosts, tag: str, group=None):
+    A save copies the state into a host buffer (reused from save to save; the only time
+    training waits), then a background thread writes it into the host's folder and exchanges
+    it with the peer and the ward. At most one save is in flight: the next one first waits."""
+
+    def __init__(self, folder: Path, run: str, hosts: Hosts, tag: str, group=None, on_event=None,
+                 background: bool = True):
         self.run_folder = folder
         self.hosts = hosts
         self.tag = tag
         self.group = group
+        self.on_event = on_event or (lambda record: None)
         self.folder = folder / f"host{hosts.host()}"
-        self.header = {"format": FORMAT, "run": run, "rank": hosts.rank, "world": hosts.world, "tag": tag}
+        self.identity = {"format": FORMAT, "run": run, "rank": hosts.rank, "world": hosts.world, "tag": tag}
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gigatrain-memory") if background else None
+        self._pending: Future | None = None
+        self._buffer: torch.Tensor | None = None  # this rank's copy, reused
+        self._received: torch.Tensor | None = None  # the ward's copy, reused
+        self.failures = 0
 
     # -- files ---------------------------------------------------------------------------------
     def files(self) -> list[tuple[int, int, str]]:
@@ -243,45 +325,87 @@ class MemoryStore:
             return []
         return [parsed for parsed in map(parse_name, os.listdir(self.folder)) if parsed is not None]
 
-    def _write(self, step: int, rank: int, data) -> None:
-        """Atomically: a reader sees a whole copy or none."""
-        final = self.folder / file_name(step, rank, self.tag)
-        tmp = self.folder / (TMP_PREFIX + final.name)
-        with open(tmp, "wb") as file:
-            file.write(data)
-        os.replace(tmp, final)
+    def path(self, step: int, rank: int, tag: str | None = None) -> Path:
+        return self.folder / file_name(step, rank, tag or self.tag)
 
     def _prune(self, ranks: set[int]) -> None:
         """The newest KEEP steps of `ranks`' copies in this layout; their older and other
         layouts' copies, and their unfinished writes, are removed."""
-        ours = sorted(((s, r, t) for s, r, t in self.files() if r in ranks), reverse=True)
+        ours = [(s, r, t) for s, r, t in self.files() if r in ranks]
         kept = {(s, r) for r in ranks for s in sorted({s for s, rr, t in ours if rr == r and t == self.tag})[-KEEP:]}
         for step, rank, tag in ours:
             if tag != self.tag or (step, rank) not in kept:
-                (self.folder / file_name(step, rank, tag)).unlink(missing_ok=True)
-        for rank in ranks:
-            for stale in self.folder.glob(f"{TMP_PREFIX}step_*.rank{rank:05d}.*.pt"):
+                self.path(step, rank, tag).unlink(missing_ok=True)
+        for stale in self.folder.glob(TMP_PREFIX + "*"):
+            parsed = parse_name(stale.name.removeprefix(TMP_PREFIX))
+            if parsed is not None and parsed[1] in ranks:
                 stale.unlink(missing_ok=True)
 
     # -- saving --------------------------------------------------------------------------------
     def save(self, step: int, parts: list[nn.Module], optimizers: list[torch.optim.Optimizer],
-             trainer_state: dict) -> dict:
-        """Write this rank's state at `step` into its host's folder and its peer's; returns
-        what it cost (seconds per phase and bytes)."""
+             trainer_state: dict) -> float:
+        """Copy this rank's state at `step` and start writing it (into its host's folder and its
+        peer's); returns the seconds training stalled for it."""
         started = time.perf_counter()
-        data = encode(snapshot(parts, optimizers, {**self.header, "step": step}, trainer_state))
-        copied = time.perf_counter()
-        self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._write(step, self.hosts.rank, data)
+        self.wait()
+        copy = snapshot(parts, optimizers, {**self.identity, "step": step}, trainer_state, self._buffer)
+        self._buffer = copy.data
+        stall = time.perf_counter() - started
+        if self._executor is None:
+            self._finish(step, copy, stall)
+        else:
+            self._pending = self._executor.submit(self._finish, step, copy, stall)
+        return stall
+
+    def wait(self) -> bool:
+        """Wait for the save in flight, if any; returns whether it was written."""
+        if self._pending is None:
+            return True
+        pending, self._pending = self._pending, None
+        return pending.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+
+    def _finish(self, step: int, copy: Copy, stall: float) -> bool:
+        """Write the copy into this host's folder, exchange copies with the peer and the ward
+        (whatever the write did: they wait for this rank), and write the ward's."""
+        started = time.perf_counter()
+        problem = None
+        header = copy.header_bytes()
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+            write_copy(self.path(step, self.hosts.rank), copy.data, header)
+        except OSError as err:
+            problem = f"{self.folder}: {err.strerror or err}"
         written = time.perf_counter()
         ranks = {self.hosts.rank}
-        if self.hosts.n_hosts > 1:
-            received = _exchange(data, self.hosts.peer(), self.hosts.ward, self.group)
-            self._write(step, self.hosts.ward, memoryview(received.numpy()))
-            ranks.add(self.hosts.ward)
-        self._prune(ranks)
-        done = time.perf_counter()
-        return {"bytes": len(data), "copy_s": copied - started, "write_s": written - copied, "peer_s": done - written}
+        try:
+            if self.hosts.n_hosts > 1:
+                data, ward_header = _exchange((copy.data, header), self.hosts.peer(), self.hosts.ward, self.group,
+                                              into=self._received)
+                self._received = data
+                if problem is None:
+                    write_copy(self.path(step, self.hosts.ward), data, ward_header)
+                    ranks.add(self.hosts.ward)
+            self._prune(ranks)
+        except OSError as err:
+            problem = problem or f"{self.folder}: {err.strerror or err}"
+        except Exception as err:  # the peer is gone (it died: this process's end is near too)
+            problem = problem or f"the exchange with rank {self.hosts.peer()} failed ({type(err).__name__})"
+        if problem is not None:
+            self.failures += 1
+            self.on_event({"event": "memory_checkpoint_failed", "step": step, "error": problem, "stall_s": stall})
+            print(f"gigatrain: warning: rank {self.hosts.rank}'s in-memory copy of step {step} was not kept "
+                  f"({problem}); training goes on", file=sys.stderr, flush=True)
+            return False
+        self.on_event({"event": "memory_checkpoint", "step": step, "stall_s": stall, "bytes": copy.data.numel(),
+                       "write_s": written - started, "peer_s": time.perf_counter() - written})
+        return True
 
     # -- restoring -----------------------------------------------------------------------------
     def newest_complete(self) -> tuple[int | None, bool, list[bool]]:
@@ -307,37 +431,35 @@ class MemoryStore:
         """Load the copies of `step` (newest_complete's answer) on every rank: its own from its
         host's folder, or, if that host lost it, from its peer over the process group. Every
         copy is checked before any is loaded; CheckpointError (on every rank) if one does not fit."""
-        me, ward = self.hosts.rank, self.hosts.ward
+        me, ward, peer = self.hosts.rank, self.hosts.ward, self.hosts.peer()
         send, received = None, None
         if ward is not None and not own[ward]:  # my ward's host lost its copy: I hold it
             try:
-                send = (self.folder / file_name(step, ward, self.tag)).read_bytes()
-            except OSError:
-                send = b""  # an empty copy: the ward reports it as unreadable
-        if self.hosts.n_hosts > 1 and any(not o for o in own):
-            received = _exchange(send, ward if send is not None else None, None if own[me] else self.hosts.peer(),
-                                 self.group)
-        problem, payload = None, None
+                kept = read_copy(self.path(step, ward))
+                send = (kept.data, kept.header_bytes())
+            except (CheckpointError, OSError):
+                send = (torch.empty(0, dtype=torch.uint8), b"{}")  # the ward reports it as unreadable
+        if self.hosts.n_hosts > 1 and not all(own):
+            received = _exchange(send, ward if send is not None else None, None if own[me] else peer, self.group)
+        problem, copy, templates = None, None, None
         try:
-            if own[me]:
-                payload = decode(self.folder / file_name(step, me, self.tag))
-            else:
-                payload = decode(received.numpy().tobytes())
+            copy = read_copy(self.path(step, me) if own[me] else received)
             templates = _templates(parts, optimizers)
-            trainer_state = check(payload, {**self.header, "step": step}, parts, optimizers, templates)
+            trainer_state = check(copy, {**self.identity, "step": step}, templates)
             if check_state is not None:
                 check_state(trainer_state)
         except (CheckpointError, OSError) as err:
-            source = "its own host" if own[me] else f"rank {self.hosts.peer()}'s host"
-            problem = f"rank {me}'s copy of step {step} from {source}: {err}"
+            source = "its own host" if own[me] else f"rank {peer}'s host"
+            problem = f"rank {me}'s copy of step {step} from {source} {err}"
         problems = [p for p in _gather(problem, self.group) if p]
         if problems:
             raise CheckpointError(problems[0])
-        apply(payload, parts, optimizers, templates)
+        apply(copy, parts, optimizers, templates)
         return Restored(trainer_state, step, [r for r, o in enumerate(own) if not o])
 
     def discard_after(self, step: int) -> None:
         """Drop the copies newer than `step` (their states were abandoned by a rollback)."""
+        self.wait()
         for s, r, tag in self.files():
             if s > step and r in (self.hosts.rank, self.hosts.ward):
                 (self.folder / file_name(s, r, tag)).unlink(missing_ok=True)
@@ -345,10 +467,11 @@ class MemoryStore:
     def clear(self) -> None:
         """Remove this run's copies on this host (the run has finished: storage holds its
         state), then the run's folders if nothing else is left in them."""
+        self.wait()
         for s, r, tag in self.files():
             (self.folder / file_name(s, r, tag)).unlink(missing_ok=True)
         if self.folder.is_dir():
-            for stale in self.folder.glob(f"{TMP_PREFIX}step_*.rank*.pt"):
+            for stale in self.folder.glob(TMP_PREFIX + "*"):
                 if parse_name(stale.name.removeprefix(TMP_PREFIX)):
                     stale.unlink(missing_ok=True)
         if dist.is_initialized():

@@ -2,13 +2,15 @@
 use, what is refused, and that only our own files are ever deleted. (The exchange with a peer
 host runs in tests/fault/test_memory.py, under torchrun.)"""
 
+import json
 import pickle
+import struct
 
 import pytest
 import torch
 
 from gigatrain.checkpoint.dcp import CheckpointError
-from gigatrain.checkpoint.memory import KEEP, Hosts, MemoryStore, file_name, layout_tag, parse_name
+from gigatrain.checkpoint.memory import KEEP, MAGIC, Hosts, MemoryStore, file_name, layout_tag, parse_name
 from gigatrain.models.presets import get_preset
 from gigatrain.models.transformer import Transformer
 
@@ -23,8 +25,10 @@ def model_and_optimizer(seed: int):
     return model, optimizer
 
 
-def store(tmp_path, run="run-a", tag=TAG):
-    return MemoryStore(tmp_path / run, run, Hosts(rank=0, world=1, per_host=1), tag)
+def store(tmp_path, run="run-a", tag=TAG, events=None):
+    """One process's store, writing in the foreground (the background thread runs under torchrun)."""
+    on_event = events.append if events is not None else None
+    return MemoryStore(tmp_path / run, run, Hosts(rank=0, world=1, per_host=1), tag, on_event=on_event, background=False)
 
 
 def state_of(model, optimizer):
@@ -35,9 +39,12 @@ def state_of(model, optimizer):
 def test_a_copy_loads_back_bit_exact_weights_optimizer_rng_and_trainer_state(tmp_path):
     model, optimizer = model_and_optimizer(seed=1)
     torch.manual_seed(5)
-    copies = store(tmp_path)
-    cost = copies.save(3, [model], [optimizer], {"step": 3, "loader": {"batches": 3}})
-    assert cost["bytes"] > 0 and set(cost) == {"bytes", "copy_s", "write_s", "peer_s"}
+    events = []
+    copies = store(tmp_path, events=events)
+    assert copies.save(3, [model], [optimizer], {"step": 3, "loader": {"batches": 3}}) > 0
+    event, = events
+    assert event["event"] == "memory_checkpoint" and event["step"] == 3 and event["bytes"] > 0
+    assert set(event) == {"event", "step", "stall_s", "bytes", "write_s", "peer_s"}
     saved, rng = state_of(model, optimizer), torch.get_rng_state()
 
     other, other_optimizer = model_and_optimizer(seed=2)  # another process, after a restart
@@ -68,7 +75,7 @@ def test_copies_of_another_layout_are_seen_but_never_loaded(tmp_path):
     assert step is None and foreign
 
 
-@pytest.mark.parametrize("tamper", ["other_run", "renamed_step", "code", "other_model"])
+@pytest.mark.parametrize("tamper", ["other_run", "renamed_step", "pickle", "truncated", "bad_entry", "other_model"])
 def test_a_copy_that_is_not_this_ranks_state_is_refused(tmp_path, tamper):
     model, optimizer = model_and_optimizer(seed=1)
     copies = store(tmp_path)
@@ -81,13 +88,23 @@ def test_a_copy_that_is_not_this_ranks_state_is_refused(tmp_path, tamper):
     elif tamper == "renamed_step":
         path.rename(copies.folder / file_name(8, 0, TAG))
         expected = "its step is 4, not 8"
-    elif tamper == "code":  # a pickle that would run a command if unpickled freely
+    elif tamper == "pickle":  # what a torch.save file would be: nothing is unpickled
         path.write_bytes(pickle.dumps(print))
-        expected = "unreadable"
+        expected = "is not an in-memory checkpoint"
+    elif tamper == "truncated":
+        path.write_bytes(path.read_bytes()[:-100])
+        expected = "its header says .* \\(truncated\\?\\)"
+    elif tamper == "bad_entry":  # a tensor said to lie beyond the data
+        raw = path.read_bytes()
+        data_size, header_size = struct.unpack("<QQ", raw[len(MAGIC):len(MAGIC) + 16])
+        header = json.loads(raw[len(MAGIC) + 16 + data_size:])
+        header["tensors"][0]["offset"] = data_size
+        new = json.dumps(header).encode()
+        path.write_bytes(raw[:len(MAGIC)] + struct.pack("<QQ", data_size, len(new)) + raw[len(MAGIC) + 16:][:data_size] + new)
+        expected = "has a malformed tensor entry"
     else:
         bigger = torch.nn.Linear(4, 4)
-        MemoryStore(tmp_path / "run-a", "run-a", Hosts(0, 1, 1), TAG).save(
-            4, [bigger], [torch.optim.AdamW(bigger.parameters())], {"step": 4})
+        store(tmp_path).save(4, [bigger], [torch.optim.AdamW(bigger.parameters())], {"step": 4})
         expected = "other tensors than this model's"
     fresh, fresh_optimizer = model_and_optimizer(seed=2)
     before = {k: v.clone() for k, v in fresh.state_dict().items()}
@@ -121,3 +138,4 @@ def test_hosts_and_peers():
     assert [h.ward for h in three_hosts] == [4, 5, 0, 1, 2, 3]
     assert Hosts(1, 4, 4).peer() is None and Hosts(1, 4, 4).ward is None  # one host: nowhere else to keep a copy
     assert parse_name(file_name(12, 3, TAG)) == (12, 3, TAG) and parse_name("step_1.pt") is None
+
