@@ -169,7 +169,11 @@ class CheckpointManager:
             self.memory.clear()
 
     def close(self) -> None:
-        self.checkpointer.close()
+        try:
+            self.checkpointer.close()
+        finally:
+            if self.memory is not None:
+                self.memory.close()
 
     # -- restoring --------------------------------------------------------------------------
     def resume(self) -> bool:

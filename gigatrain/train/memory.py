@@ -61,18 +61,21 @@ class MemoryCheckpoints:
         # interleaved with the training collectives or the background checkpoint's.
         group = dist.new_group(backend="gloo") if dist.is_initialized() else None
         self.store = MemoryStore(Path(f.memory_dir) / folder_name, folder_name, hosts,
-                                 layout_tag(world, per_host, layout), group)
+                                 layout_tag(world, per_host, layout), group, on_event=event)
 
     def due(self, step: int) -> bool:
         return step % self.every == 0
 
     def save(self, step: int, parts, optimizers, trainer_state: dict) -> float:
-        """Copy this step's state; returns the seconds training stalled for it."""
-        started = time.perf_counter()
-        cost = self.store.save(step, parts, optimizers, trainer_state)
-        stall = time.perf_counter() - started
-        self.event({"event": "memory_checkpoint", "step": step, "stall_s": stall, **cost})
-        return stall
+        """Copy this step's state (written in the background: a `memory_checkpoint` event once
+        it is); returns the seconds training stalled for it."""
+        return self.store.save(step, parts, optimizers, trainer_state)
+
+    def wait(self) -> bool:
+        return self.store.wait()
+
+    def close(self) -> None:
+        self.store.close()
 
     def restore(self, storage_step: int | None, parts, optimizers, check_state) -> Restored | None:
         """Load the newest complete in-memory state if it is at least as new as the storage

@@ -4,9 +4,10 @@ costs the time budget, and resume and rollback restoring through the same code."
 import pytest
 import torch
 
-from gigatrain.config import load_config
+from gigatrain.config import ConfigError, load_config
 from gigatrain.rundir import RunDir
 from gigatrain.train.checkpointing import ASSUMED_WRITE_BYTES_PER_S, CheckpointManager, TrainState, identity_differences
+from gigatrain.train.memory import ranks_per_host
 
 IDENTITY = {"model": {"d_model": 4}, "tokenizer": {"kind": "byte", "vocab_size": 256, "sha256": "ab" * 32},
             "data": {"sha256": "cd" * 32, "path": "/data/a"}}
@@ -154,6 +155,7 @@ def test_memory_mode_copies_every_memory_every_steps_and_resumes_from_the_newer_
         if m.due(m.state.step):
             assert m.save() >= 0
     m.checkpointer.wait()
+    assert m.memory.wait()  # the last copy is written in the background
     saved = m.parallel.parts[0].weight.detach().clone()
     copies = [e for e in events if e["event"] == "memory_checkpoint"]
     assert [e["step"] for e in copies] == [2, 4, 6] and all(e["stall_s"] >= 0 for e in copies)
@@ -181,3 +183,9 @@ def test_memory_mode_copies_every_memory_every_steps_and_resumes_from_the_newer_
     assert not any(memory_dir.iterdir())
     for each in (m, fresh, again, last):
         each.close()
+
+
+def test_ranks_per_host_must_divide_the_world():
+    assert ranks_per_host(2, 8) == 2
+    with pytest.raises(ConfigError, match=r"fault.ranks_per_host=3 does not divide the 8 processes"):
+        ranks_per_host(3, 8)
