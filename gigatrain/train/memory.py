@@ -29,7 +29,7 @@ def ranks_per_host(configured: int, world: int) -> int:
     return per_host
 
 
-def run_folder_name(run_dir: RunDir) -> str:
+def run_folder_name(run_dir: RunDir, group=None) -> str:
     """The run's folder under fault.memory_dir: its directory's name, and a hash of its path and
     of a token kept in the run directory (a new run at the same path, or a copy of the run
     elsewhere, gets another folder and never loads this run's copies). Rank 0 creates the
@@ -42,7 +42,7 @@ def run_folder_name(run_dir: RunDir) -> str:
             token_file.write_text(secrets.token_hex(16) + "\n")
         identity = f"{run_dir.path.resolve()}\n{token_file.read_text().strip()}"
         name = f"{run_dir.path.resolve().name}-{hashlib.sha256(identity.encode()).hexdigest()[:16]}"
-    return _gather(name)[0]
+    return _gather(name, group)[0]
 
 
 class MemoryCheckpoints:
@@ -56,10 +56,10 @@ class MemoryCheckpoints:
         self.event = event
         per_host = ranks_per_host(f.ranks_per_host, world)
         hosts = Hosts(global_rank(), world, per_host)
-        folder_name = run_folder_name(run_dir)
         # The exchanges run on a gloo group of their own: CPU tensors on any backend, and never
         # interleaved with the training collectives or the background checkpoint's.
         group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        folder_name = run_folder_name(run_dir, group)
         self.store = MemoryStore(Path(f.memory_dir) / folder_name, folder_name, hosts,
                                  layout_tag(world, per_host, layout), group, on_event=event)
 
