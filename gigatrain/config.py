@@ -170,6 +170,12 @@ class FaultConfig:
     # (and on a peer host); `replica` keeps the other data-parallel replica groups training
     # while a failed one restarts and rejoins (torchft).
     recovery: Literal["storage", "memory", "replica"] = "storage"
+    # fault.recovery=memory: every rank's state is copied into host memory every memory_every
+    # steps (under memory_dir, a folder per run and per host) and to the same local rank of the
+    # next host; ranks_per_host consecutive ranks share a host (0: torchrun's LOCAL_WORLD_SIZE).
+    memory_every: int = 5
+    memory_dir: str = "/dev/shm/gigatrain"
+    ranks_per_host: int = 0
 
 
 @dataclass
@@ -372,6 +378,9 @@ def validate(cfg: Config) -> None:
     _require(f.loss_spike_factor == 0 or f.loss_spike_factor > 1, f"fault.loss_spike_factor={f.loss_spike_factor} is not valid; use 0 to disable or a factor above 1 (e.g. 3)")
     for name in ("spike_window", "rollback_after"):
         _require(getattr(f, name) >= 1, f"fault.{name}={getattr(f, name)} is not valid; it must be at least 1")
+    _require(f.memory_every >= 1, f"fault.memory_every={f.memory_every} is not valid; it must be at least 1 (steps between in-memory copies)")
+    _require(f.ranks_per_host >= 0, f"fault.ranks_per_host={f.ranks_per_host} is not valid; use 0 for torchrun's LOCAL_WORLD_SIZE or the number of processes per host")
+    _require(bool(f.memory_dir), "fault.memory_dir is empty; name a folder in host memory (e.g. /dev/shm/gigatrain)")
     _require(f.max_rollbacks >= 0, f"fault.max_rollbacks={f.max_rollbacks} is not valid; it must be 0 or more")
     # micro_batch_size is per rank: parallel.mesh.parallel_dims checks it against the layout.
     for name in DEGREES:

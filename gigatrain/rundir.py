@@ -118,6 +118,11 @@ class RunDir:
         return self.path / "checkpoints"
 
     @property
+    def memory_token(self) -> Path:
+        """fault.recovery=memory: names the run's folder of in-memory copies (train/memory.py)."""
+        return self.path / "memory_token"
+
+    @property
     def samples(self) -> Path:
         return self.path / "samples.txt"
 

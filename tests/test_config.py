@@ -57,6 +57,8 @@ def test_round_trip_through_toml(tmp_path):
     ("--model.rope_low_freq_factor=4", ["model.rope_high_freq_factor", "above"]),
     ("--parallel.pp_schedule=ZeroBubbleX", ["parallel.pp_schedule", "GPipe", "Interleaved1F1B"]),
     ("--parallel.tp=0", ["parallel.tp", "-1"]),
+    ("--fault.memory_every=0", ["fault.memory_every=0", "at least 1"]),
+    ("--fault.ranks_per_host=-1", ["fault.ranks_per_host=-1", "LOCAL_WORLD_SIZE"]),
     ("train.lr", ["--section.key=value"]),
     ("--train.batch_tokens=1000", ["train.batch_tokens=1000", "data.seq_len=256", "768"]),
 ])

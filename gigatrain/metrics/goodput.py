@@ -9,7 +9,8 @@ training. A run measures each of these:
 - recomputed_s: the step time of steps that were done, then lost (a crash after them, before
   the next checkpoint; or a rollback), and so done again;
 - restart_s: from the last sign of life of the previous process to the first step of the next;
-- checkpoint_stall_s: the time training waited for checkpoints (the copy, for async saves);
+- checkpoint_stall_s: the time training waited for checkpoints (the copy, for async saves) and
+  for in-memory copies (fault.recovery=memory: `memory_checkpoint` events);
 - skipped_s: steps whose update the numerical guard skipped;
 - other_s: the rest (start-up, evaluation, logging); the planner's model leaves it out.
 
@@ -24,6 +25,9 @@ import statistics
 from gigatrain.plan.reliability import expected_run_hours
 from gigatrain.rundir import RunDir
 
+# Saves that stall training; an in-memory copy is a checkpoint a restart can resume from.
+STALL_EVENTS = ("checkpoint", "checkpoint_failed", "memory_checkpoint")
+RESUMABLE_EVENTS = ("checkpoint", "memory_checkpoint")
 NO_FAILURES_MTBI_S = 1e18  # "never": the closed form then reduces to work plus checkpoint writes
 
 
@@ -42,7 +46,7 @@ def summarize(run: RunDir) -> dict | None:
     skipped = sum(r["step_time_s"] for r in steps if r.get("skipped"))
     restarts = [e for e in events if e.get("event") == "restart"]
     rollbacks = [e for e in events if e.get("event") == "rollback"]
-    checkpoints = [e for e in events if e.get("event") in ("checkpoint", "checkpoint_failed") and "stall_s" in e]
+    checkpoints = [e for e in events if e.get("event") in STALL_EVENTS and "stall_s" in e]
     failures = [e for e in restarts if e.get("after") == "failure"]
     restart_s = sum(e["restart_s"] for e in restarts)
     recomputed_s = sum(e["recomputed_s"] for e in restarts + rollbacks)
@@ -57,6 +61,7 @@ def summarize(run: RunDir) -> dict | None:
         "recomputed_steps": sum(e["recomputed_steps"] for e in restarts + rollbacks),
         "recomputed_s": recomputed_s,
         "checkpoints": sum(1 for e in events if e.get("event") == "checkpoint"),
+        "memory_checkpoints": sum(1 for e in events if e.get("event") == "memory_checkpoint"),
         "checkpoint_failures": sum(1 for e in events if e.get("event") == "checkpoint_failed"),
         "checkpoint_stall_s": stall_s,
         "skipped_steps": sum(1 for r in steps if r.get("skipped")),
@@ -71,7 +76,7 @@ def summarize(run: RunDir) -> dict | None:
 def planner_goodput(summary: dict, events: list[dict], steps: list[dict]) -> float | None:
     """The planner's goodput for a run like this one: its useful time, its measured failure rate,
     restart time, checkpoint interval (in training time) and checkpoint stall."""
-    committed = [e for e in events if e.get("event") == "checkpoint"]
+    committed = [e for e in events if e.get("event") in RESUMABLE_EVENTS]
     if not committed or summary["useful_s"] <= 0:
         return None
     step_s = statistics.median(r["step_time_s"] for r in steps)

@@ -22,7 +22,9 @@ from gigatrain.data.loader import BatchLoader, TokenData
 from gigatrain.data.tokenizers import load_tokenizer
 from gigatrain.models.transformer import ModelArgs, Transformer
 from gigatrain.paths import sha256_file
+from gigatrain.ranks import world_size
 from gigatrain.rundir import RunDir
+from gigatrain.train.memory import MemoryCheckpoints
 from gigatrain.train.schedule import schedule_horizon
 
 # A checkpoint's cost until one is measured: the state at a slow network filesystem's pace.
@@ -89,7 +91,9 @@ def identity_differences(saved: dict, current: dict, allow_data_change: bool) ->
 class CheckpointManager:
     """Saves every train.checkpoint_every steps (in the background unless
     train.async_checkpoint=false), writes the final checkpoint, and restores the latest one
-    for a resume or a rollback."""
+    for a resume or a rollback. With fault.recovery=memory it also keeps in-memory copies
+    every fault.memory_every steps (`memory`), and a resume loads the newer of those and the
+    storage checkpoint."""
 
     def __init__(self, cfg: Config, run_dir: RunDir, parallel, optimizers: list, loader: BatchLoader,
                  state: TrainState, *, model_args: ModelArgs, data: TokenData, layout: dict, tokens_per_step: int,
@@ -108,13 +112,17 @@ class CheckpointManager:
         self.every = t.checkpoint_every
         self.checkpointer = checkpoint.Checkpointer(run_dir.checkpoints, t.keep_checkpoints, t.async_checkpoint,
                                                     faults=faults, on_event=self.on_checkpoint_event)
+        self.memory = (MemoryCheckpoints(cfg, run_dir, world_size(), layout, event)
+                       if cfg.fault.recovery == "memory" else None)
+        self.loaded_from: str | None = None  # where the resume found the state: storage | memory | peer
 
     @property
     def directory(self) -> Path:
         return self.run_dir.checkpoints
 
     def due(self, step: int) -> bool:
-        return step % self.every == 0
+        """A storage checkpoint or an in-memory copy is due after `step`."""
+        return step % self.every == 0 or (self.memory is not None and self.memory.due(step))
 
     # -- saving -----------------------------------------------------------------------------
     def trainer_state(self) -> dict:
@@ -124,13 +132,23 @@ class CheckpointManager:
                 "schedule_steps": s.schedule_steps, "identity": self.identity}
 
     def save(self) -> float:
-        """Start a checkpoint of the current step; returns the seconds training stalled for it."""
+        """What is due at the current step (a storage checkpoint, started; an in-memory copy);
+        returns the seconds training stalled for them."""
+        step, stall = self.state.step, 0.0
+        if step % self.every == 0:
+            stall += self.save_to_storage()
+        if self.memory is not None and self.memory.due(step):
+            stall += self.memory.save(step, self.parallel.parts, self.optimizers, self.trainer_state())
+        return stall
+
+    def save_to_storage(self) -> float:
+        """Start a storage checkpoint of the current step; returns the seconds training stalled for it."""
         return self.checkpointer.save(self.state.step, self.parallel.parts, self.optimizers, self.trainer_state())
 
     def final_checkpoint(self) -> None:
         """A checkpoint the process must not exit without: save and wait for the commit."""
         started = time.perf_counter()
-        self.save()
+        self.save_to_storage()
         if not self.checkpointer.wait():
             raise checkpoint.CheckpointWriteError(
                 f"the checkpoint at step {self.state.step} could not be written ({self.checkpointer.last_failure}); "
@@ -141,20 +159,29 @@ class CheckpointManager:
 
     def finish(self, trained: bool) -> None:
         """The end of the loop: the final checkpoint if this process trained (or its run has
-        none yet); otherwise the latest checkpoint already holds this state."""
-        if trained:
+        none yet, or only an in-memory copy holds this state); otherwise the latest checkpoint
+        already holds it. Storage then holds the newest state: the in-memory copies go."""
+        if trained or self.loaded_from in ("memory", "peer"):
             self.final_checkpoint()
         else:
             self.checkpointer.wait()
+        if self.memory is not None:
+            self.memory.clear()
 
     def close(self) -> None:
-        self.checkpointer.close()
+        try:
+            self.checkpointer.close()
+        finally:
+            if self.memory is not None:
+                self.memory.close()
 
     # -- restoring --------------------------------------------------------------------------
     def resume(self) -> bool:
         """Continue from the latest checkpoint, if the run has one: weights, optimizer state,
-        step, data position and schedule."""
-        restored = self._restore()
+        step, data position and schedule; with fault.recovery=memory, from the in-memory copies
+        if they are at least as new."""
+        restored = self._restore_from_memory() or self._restore()
+        self.loaded_from = self.loaded_from or ("storage" if restored is not None else None)
         # A one-time switch: config.json, written next, keeps it false, so that a later resume
         # on yet other data is refused again.
         self.cfg.data.allow_change = False
@@ -178,7 +205,25 @@ class CheckpointManager:
         restored = self._restore()
         if restored is not None:
             self.loader.load_state_dict(position)
+            if self.memory is not None:  # copies of the abandoned steps must not be resumed from
+                self.memory.discard_after(restored["step"])
         return restored
+
+    def _restore_from_memory(self) -> dict | None:
+        """fault.recovery=memory: load the newest in-memory state every rank can get back, if it
+        is at least as new as the storage checkpoint; sets the step, training time and
+        loaded_from, and returns its trainer state (None: storage is to be loaded)."""
+        if self.memory is None:
+            return None
+        newest = checkpoint.committed(self.directory)
+        storage_step = int(newest[-1].name.removeprefix("step_")) if newest else None
+        folder = self.memory.store.folder
+        restored = self.memory.restore(storage_step, self.parallel.parts, self.optimizers,
+                                       lambda state: self.check_identity(folder, state))
+        if restored is None:
+            return None
+        self.loaded_from = restored.loaded_from
+        return self._restored(restored.trainer_state)
 
     def _restore(self) -> dict | None:
         """Load the latest checkpoint that verifies and matches this run; sets the step and
@@ -187,7 +232,9 @@ class CheckpointManager:
                                       group=self.checkpointer.group, check=self.check_identity)
         if restored is None:
             return None
-        saved = restored[1]
+        return self._restored(restored[1])
+
+    def _restored(self, saved: dict) -> dict:
         self.state.step, self.state.train_time_s = saved["step"], saved.get("train_time_s", 0.0)
         return saved
 

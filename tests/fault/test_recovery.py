@@ -3,7 +3,7 @@ what must hold afterwards: nothing lost beyond the last checkpoint, bit-exact wh
 costs no update (kills, hangs, failed checkpoint writes, preemption), events in events.jsonl,
 clear messages and exit codes.
 
-The reference is one uninterrupted two-process run of the same configuration."""
+The reference is one uninterrupted two-process run of the same configuration (conftest.py)."""
 
 import json
 import os
@@ -17,41 +17,8 @@ import torch
 from gigatrain.fault import EXIT_DIVERGED, EXIT_HANG, EXIT_REQUEUE
 from gigatrain.metrics.goodput import summarize
 from gigatrain.rundir import RunDir
-from helpers import REPO, TINY, children, final_weights, kill_tree, run_cli, run_group, step_values, torchrun
-
-STEPS = 10
-BASE = [*TINY, "--train.device=cpu", "--train.eval_every=1000", f"--train.max_steps={STEPS}",
-        "--train.checkpoint_every=5"]
-
-
-def train_2proc(byte_data, run_dir, *overrides, fault="", restarts=0, timeout=240):
-    command = torchrun("--standalone", "--nproc-per-node=2", f"--max-restarts={restarts}", "-m", "gigatrain",
-                       "train", *BASE, f"--data.path={byte_data}", f"--run.dir={run_dir}", *overrides)
-    return run_group(command, timeout=timeout, env={"GIGATRAIN_FAULT": fault})
-
-
-def events(run_dir, kind=None):
-    found = RunDir(run_dir).event_records()
-    return [e for e in found if kind is None or e["event"] == kind]
-
-
-def assert_same_run(run_dir, reference):
-    """Bit for bit: every step's loss and gradient norm, and the final weights."""
-    assert step_values(run_dir) == step_values(reference)
-    assert step_values(run_dir, "grad_norm") == step_values(reference, "grad_norm")
-    got, want = final_weights(run_dir), final_weights(reference)
-    assert got.keys() == want.keys()
-    for name in want:
-        assert torch.equal(got[name], want[name]), name
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, byte_data):
-    run_dir = tmp_path_factory.mktemp("reference") / "run"
-    result = train_2proc(byte_data, run_dir)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return run_dir
-
+from fault_runs import BASE, STEPS, assert_same_run, events, train_2proc
+from helpers import REPO, children, final_weights, kill_tree, run_cli, step_values, torchrun
 
 def test_killed_rank_restarts_from_the_last_checkpoint_bit_exact(tmp_path, byte_data, reference):
     run_dir = tmp_path / "run"

@@ -4,9 +4,10 @@ costs the time budget, and resume and rollback restoring through the same code."
 import pytest
 import torch
 
-from gigatrain.config import load_config
+from gigatrain.config import ConfigError, load_config
 from gigatrain.rundir import RunDir
 from gigatrain.train.checkpointing import ASSUMED_WRITE_BYTES_PER_S, CheckpointManager, TrainState, identity_differences
+from gigatrain.train.memory import ranks_per_host
 
 IDENTITY = {"model": {"d_model": 4}, "tokenizer": {"kind": "byte", "vocab_size": 256, "sha256": "ab" * 32},
             "data": {"sha256": "cd" * 32, "path": "/data/a"}}
@@ -134,3 +135,57 @@ def test_a_model_field_newer_than_the_checkpoint_is_its_default_and_no_data_mean
     difference, = identity_differences(before, scaled, allow_data_change=False)
     assert "model.rope_scaling_factor 1.0 -> 8.0" in difference
     assert identity_differences({**IDENTITY, "data": None}, IDENTITY, allow_data_change=False) == []
+
+
+def memory_manager(run_dir, memory_dir, events=None):
+    return manager(run_dir, "--fault.recovery=memory", "--fault.memory_every=2", "--train.checkpoint_every=4",
+                   f"--fault.memory_dir={memory_dir}", events=events)
+
+
+def test_memory_mode_copies_every_memory_every_steps_and_resumes_from_the_newer_state(tmp_path):
+    """In-memory copies at steps 2, 4, 6 (and a storage checkpoint at 4): a resume loads the
+    copy of step 6; a rollback to step 4 drops the copy of step 6 (its steps were abandoned);
+    a copy as new as the storage checkpoint is loaded, an older one is not; the finished run
+    leaves no copies behind."""
+    events, memory_dir = [], tmp_path / "shm"
+    m = memory_manager(tmp_path / "run", memory_dir, events)
+    assert [step for step in range(1, 9) if m.due(step)] == [2, 4, 6, 8]
+    for _ in range(6):
+        train_a_step(m)
+        if m.due(m.state.step):
+            assert m.save() >= 0
+    m.checkpointer.wait()
+    assert m.memory.wait()  # the last copy is written in the background
+    saved = m.parallel.parts[0].weight.detach().clone()
+    copies = [e for e in events if e["event"] == "memory_checkpoint"]
+    assert [e["step"] for e in copies] == [2, 4, 6] and all(e["stall_s"] >= 0 for e in copies)
+    assert [e["step"] for e in events if e["event"] == "checkpoint"] == [4]
+
+    fresh = memory_manager(tmp_path / "run", memory_dir, events)
+    assert fresh.resume() and fresh.loaded_from == "memory"
+    assert (fresh.state.step, fresh.loader.batches) == (6, 6)
+    assert torch.equal(fresh.parallel.parts[0].weight, saved)
+    restore, = [e for e in events if e["event"] == "memory_restore"]
+    assert (restore["step"], restore["loaded_from"], restore["from_peer"]) == (6, "memory", [])
+
+    assert m.roll_back()["step"] == 4
+    assert [s for s, _, _ in m.memory.store.files()] == [4]
+    again = memory_manager(tmp_path / "run", memory_dir, events)
+    assert again.resume() and (again.loaded_from, again.state.step) == ("memory", 4)
+
+    train_a_step(again)
+    again.final_checkpoint()  # storage at step 5: newer than the copy
+    last = memory_manager(tmp_path / "run", memory_dir, events)
+    assert last.resume() and (last.loaded_from, last.state.step) == ("storage", 5)
+    fallback, = [e for e in events if e["event"] == "memory_fallback"]
+    assert fallback["reason"] == "the storage checkpoint (step 5) is newer than the newest copy in memory (step 4)"
+    last.finish(trained=False)
+    assert not any(memory_dir.iterdir())
+    for each in (m, fresh, again, last):
+        each.close()
+
+
+def test_ranks_per_host_must_divide_the_world():
+    assert ranks_per_host(2, 8) == 2
+    with pytest.raises(ConfigError, match=r"fault.ranks_per_host=3 does not divide the 8 processes"):
+        ranks_per_host(3, 8)
