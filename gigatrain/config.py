@@ -170,6 +170,10 @@ class FaultConfig:
     # (and on a peer host); `replica` keeps the other data-parallel replica groups training
     # while a failed one restarts and rejoins (torchft).
     recovery: Literal["storage", "memory", "replica"] = "storage"
+    # replica: the number of replica groups R (each its own torchrun job), and this group's id
+    # (-1: from the environment's REPLICA_GROUP_ID). The launchers start one job per group.
+    replica_groups: int = 2
+    replica_id: int = -1
 
 
 @dataclass

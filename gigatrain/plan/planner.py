@@ -13,7 +13,7 @@ from gigatrain.plan.catalog import Accelerator
 from gigatrain.plan.layout import Constraints, NoLayoutError, explain_no_layout, search
 from gigatrain.plan.costs import Efficiency, Estimate, Workload, estimate as cost_layout
 from gigatrain.plan.power import CostInputs, power_and_cost
-from gigatrain.plan.reliability import (MODES, Cluster, Reliability, ReliabilityInputs, best_mode, recovery_modes,
+from gigatrain.plan.reliability import (MODES, Cluster, Reliability, ReliabilityInputs, recovery_modes,
                                         replica_mode, simulate_run)
 from gigatrain.plan.units import divisors
 

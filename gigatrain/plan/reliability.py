@@ -65,7 +65,7 @@ class ReliabilityInputs:
     memory_copy_gbs: float = 25.0  # GPU -> host memory per GPU (PCIe Gen5 x16), the copy's stall
     memory_load_gbs: float = 25.0  # host memory -> GPU per GPU, a restart's load from its own host
     # replica: torchft's Lighthouse quorum.
-    replica_detect_s: float = 1.0  # healthy replica groups see a dead one (Lighthouse heartbeats)
+    replica_detect_s: float = 5.0  # healthy replica groups see a dead one (Lighthouse heartbeat timeout)
     quorum_s: float = 0.01  # per step: the quorum round not hidden behind the backward pass
     whole_job_fraction: float = LLAMA3_DEPENDENCY_FRACTION  # failures that take every host/replica at once
 
@@ -86,7 +86,7 @@ SOURCES = {
     "checkpoint_interval_minutes": "Daly 2006 higher-order optimum (Young 1974: sqrt(2 delta M))",
     "memory_copy_gbs": "PCIe Gen5 x16 (64 GB/s per direction), about 25 GB/s for pageable host memory; stall = a GPU's shard / this (lane B measures the CPU copy)",
     "memory_load_gbs": "as memory_copy_gbs, host -> GPU; a replaced host loads its copy from its peer over the network instead (catalog scaleout_bw_gbs)",
-    "replica_detect_s": "torchft: Managers heartbeat the Lighthouse every 100 ms; a dead group is dropped within ~1 s (github.com/pytorch/torchft issue 35)",
+    "replica_detect_s": "torchft 0.2.0: torchft_lighthouse --heartbeat_timeout_ms defaults to 5000 (Managers heartbeat every 100 ms); a process that dies breaks the step's collective at once",
     "quorum_s": "assumption pending lane C's measurement: torchft overlaps the quorum with the backward pass (docs.pytorch.org/torchft); 10 ms per step left exposed",
     "whole_job_fraction": "Llama 3 table 5: 2 of 419 interruptions were 'Dependency' (a shared service): they stop every replica and host alike",
 }
@@ -317,10 +317,6 @@ def recovery_modes(cluster: Cluster, ideal_hours: float,
     if cluster.dp_replicate >= 2:
         modes["replica"] = replica_mode(cluster, ideal_hours, inputs)
     return modes
-
-
-def best_mode(modes: dict[str, Reliability]) -> str:
-    return max(modes, key=lambda mode: modes[mode].goodput)
 
 
 def simulate(work: float, interval: float, delta: float, restart: float, mtbi: float, planned_per_hour: float = 0.0,
