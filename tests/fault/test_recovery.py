@@ -76,7 +76,6 @@ def test_killed_rank_restarts_from_the_last_checkpoint_bit_exact(tmp_path, byte_
     # The planner's closed form (storage mode), fed this run's own failure rate, restart time,
     # checkpoint interval and stall and the time it leaves out, predicts the measured goodput
     # within 5% (what it cannot know: where in the interval the kill fell, one step here).
-    print("goodput measured", summary["goodput"], "planner", summary["planner_goodput"], summary)
     assert summary["planner_goodput"] == pytest.approx(summary["goodput"], rel=PLANNER_TOLERANCE)
 
 
