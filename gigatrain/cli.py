@@ -273,7 +273,10 @@ def _render_k8s(job, args: argparse.Namespace, argv: list[str]) -> tuple[str, st
     from gigatrain.launch import k8s
 
     if not args.job_name:
-        job = dataclasses.replace(job, name=k8s.default_name(job.cfg.run.name, args.kind, job.nodes))
+        from gigatrain.launch import replica_groups
+
+        job = dataclasses.replace(job, name=k8s.default_name(job.cfg.run.name, args.kind, job.nodes,
+                                                             replica_groups(job.cfg)))
     volumes = [k8s.parse_volume(v) for v in args.volume]
     text = k8s.render(job, kind=args.kind, image=args.image, namespace=args.namespace, volumes=volumes)
     run_dir = job.cfg.run_dir

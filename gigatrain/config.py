@@ -176,6 +176,10 @@ class FaultConfig:
     memory_every: int = 5
     memory_dir: str = "/dev/shm/gigatrain"
     ranks_per_host: int = 0
+    # replica: the number of replica groups R (each its own torchrun job), and this group's id
+    # (-1: from the environment's REPLICA_GROUP_ID). The launchers start one job per group.
+    replica_groups: int = 2
+    replica_id: int = -1
 
 
 @dataclass

@@ -28,6 +28,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,8 @@ NOT_RUN = {
     "kubectl": "needs a Kubernetes cluster (tests/launch/test_k8s.py checks the manifests); stdin must be "
                "the JSON manifest",
     "tail": "follows the log of a running job",
+    "torchft_lighthouse": "torchft's quorum server runs until stopped (tests/launch checks how the launchers start it); "
+                          "it must be installed beside this Python",
     "lm_eval": "lm-evaluation-harness, not a gigatrain dependency, evaluates for hours; it reads an exported folder",
     "vllm": "an inference server: needs a GPU and the vllm package; it serves an exported folder",
 }
@@ -208,6 +211,8 @@ class Session:
             assert manifest["kind"] == "List" and manifest["items"], manifest
             return ""
         assert program in NOT_RUN, f"{program}: a program the documented-commands test does not know; add it"
+        if program == "torchft_lighthouse":
+            assert (Path(sys.executable).parent / program).is_file(), "torchft_lighthouse is not installed"
         return ""
 
     def python(self, args: list[str], env: dict) -> str:

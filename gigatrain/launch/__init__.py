@@ -16,6 +16,7 @@ from pathlib import Path
 from gigatrain.config import Config, ConfigError, load_config, resolve_model_args
 
 DEFAULT_PORT = 29500
+LIGHTHOUSE_PORT = 29510  # torchft_lighthouse's default
 
 
 class LaunchError(ValueError):
@@ -90,10 +91,38 @@ def prepare_job(config_path: str | Path, overrides: list[str] | tuple[str, ...],
             # CPU processes even where the nodes have GPUs: the trainer then uses gloo.
             overrides += ("--train.device=cpu",)
             cfg.train.device = "cpu"
-    check_layout(cfg, nodes * procs_per_node)
+    groups = replica_groups(cfg)
+    if nodes % groups:
+        raise LaunchError(f"--nodes={nodes} cannot be split into fault.replica_groups={groups} replica groups of "
+                          f"whole nodes; use a multiple of {groups} nodes")
+    check_layout(cfg, nodes * procs_per_node // groups)
     return Job(config_path=path.absolute(), config_text=path.read_text(), overrides=overrides, cfg=cfg, nodes=nodes,
                procs_per_node=procs_per_node, cpu=cpu, max_restarts=max_restarts, port=port,
                name=name or _default_name(cfg))
+
+
+def replica_groups(cfg: Config) -> int:
+    """How many torchrun jobs the launch starts: one per replica group with fault.recovery=replica
+    (each meets the others at the torchft Lighthouse), else one."""
+    if cfg.fault.recovery != "replica":
+        return 1
+    if cfg.fault.replica_groups < 2:
+        raise LaunchError(f"fault.replica_groups={cfg.fault.replica_groups} is not valid with fault.recovery=replica; "
+                          "use 2 or more")
+    return cfg.fault.replica_groups
+
+
+def replica_overrides(group: int | str, groups: int) -> tuple[str, ...]:
+    """What one replica group's processes are told beyond the job's own overrides (`group`: its
+    id, or a shell word that holds it)."""
+    return (f"--fault.replica_groups={groups}", f"--fault.replica_id={group}")
+
+
+def lighthouse_args(port: int = LIGHTHOUSE_PORT) -> list[str]:
+    """torchft's Lighthouse, where the replica groups meet for each step's quorum: one replica
+    is enough to go on, a quorum tick of 100 ms, 10 s for a restarted group to join."""
+    return ["torchft_lighthouse", "--min_replicas", "1", "--quorum_tick_ms", "100", "--join_timeout_ms", "10000",
+            "--bind", f"[::]:{port}"]
 
 
 def require_match(what: str, value: str, pattern: str, hint: str) -> None:

@@ -13,14 +13,22 @@ first pod's service `<job>-worker-0`, which is also its own default rendezvous h
 
 JobSet: one replicated Job of `nodes` indexed pods with DNS hostnames
 `<jobset>-node-0-<i>.<jobset>`; the rendezvous is on pod 0.
+
+With fault.recovery=replica the List also holds torchft's Lighthouse (a one-pod Deployment and
+its Service `<job>-lighthouse`), and one job per replica group, `<job>-r<i>`, each with
+nodes / R pods, its own rendezvous and restarts, TORCHFT_LIGHTHOUSE pointing at the Service
+and `--fault.replica_groups=R --fault.replica_id=i`: a failed group's pods restart alone while
+the other groups train on.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import PurePosixPath
 
-from gigatrain.launch import Job, LaunchError, require_match
+from gigatrain.launch import (LIGHTHOUSE_PORT, Job, LaunchError, lighthouse_args, replica_groups, replica_overrides,
+                              require_match)
 
 KINDS = ("pytorchjob", "jobset")
 CONFIG_DIR = "/etc/gigatrain"
@@ -44,21 +52,25 @@ def k8s_name(text: str) -> str:
     return name
 
 
-def _pod_suffix(kind: str, nodes: int) -> str:
-    return f"-worker-{nodes - 1}" if kind == "pytorchjob" else f"-{REPLICATED_JOB}-0-{nodes - 1}"
+def _pod_suffix(kind: str, nodes: int, groups: int = 1) -> str:
+    """The longest pod name's tail: `-r<last group>` with replica groups, then the pod's own."""
+    group = f"-r{groups - 1}" if groups > 1 else ""
+    per_group = nodes // groups
+    return group + (f"-worker-{per_group - 1}" if kind == "pytorchjob" else f"-{REPLICATED_JOB}-0-{per_group - 1}")
 
 
-def default_name(run_name: str, kind: str, nodes: int) -> str:
+def default_name(run_name: str, kind: str, nodes: int, groups: int = 1) -> str:
     """gigatrain-<run name> as a DNS label, shortened so that its pod names fit."""
     name = k8s_name("gigatrain-" + run_name)
-    return name[: 63 - len(_pod_suffix(kind, nodes))].rstrip("-")
+    return name[: 63 - len(_pod_suffix(kind, nodes, groups))].rstrip("-")
 
 
-def check_name(name: str, kind: str, nodes: int) -> None:
+def check_name(name: str, kind: str, nodes: int, groups: int = 1) -> None:
     """Pods and services are named `<name>-worker-<i>` (PyTorchJob) or `<name>-node-0-<i>`
-    (JobSet) and must stay DNS labels of at most 63 characters."""
+    (JobSet), with `-r<group>` after the name for replica groups, and must stay DNS labels of
+    at most 63 characters."""
     require_match("job name", name, DNS_1035, "use lowercase letters, digits and '-', starting with a letter")
-    suffix = _pod_suffix(kind, nodes)
+    suffix = _pod_suffix(kind, nodes, groups)
     if len(name) + len(suffix) > 63:
         raise LaunchError(f"job name {name!r} is too long: its pod names ({name}{suffix}) must fit in 63 characters; "
                           f"pass a shorter --job-name")
@@ -92,7 +104,7 @@ def command(job: Job, kind: str) -> list[str]:
             *job.train_args(f"{CONFIG_DIR}/{CONFIG_FILE}")]
 
 
-def container(job: Job, kind: str, image: str, volumes: list[tuple[str, str]]) -> dict:
+def container(job: Job, kind: str, image: str, volumes: list[tuple[str, str]], env: tuple[dict, ...] = ()) -> dict:
     if job.cpu:
         resources = {"requests": {"cpu": str(job.procs_per_node)}, "limits": {"cpu": str(job.procs_per_node)}}
     else:
@@ -107,27 +119,29 @@ def container(job: Job, kind: str, image: str, volumes: list[tuple[str, str]]) -
             "env": [{"name": "PYTHONUNBUFFERED", "value": "1"},
                     {"name": "OMP_NUM_THREADS", "value": "1"},
                     # On SIGTERM (eviction), torchrun waits this long for its workers' checkpoint.
-                    {"name": "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "value": str(SHUTDOWN_S)}],
+                    {"name": "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "value": str(SHUTDOWN_S)}, *env],
             "ports": [port],
             "resources": resources,
             "volumeMounts": mounts}
 
 
-def pod_volumes(job: Job, volumes: list[tuple[str, str]]) -> list[dict]:
+def pod_volumes(job: Job, volumes: list[tuple[str, str]], config_name: str | None = None) -> list[dict]:
     # /dev/shm is 64 MiB in a container by default; NCCL and torch's shared tensors need more.
-    return [{"name": "config", "configMap": {"name": f"{job.name}-config"}},
+    return [{"name": "config", "configMap": {"name": config_name or f"{job.name}-config"}},
             {"name": "dshm", "emptyDir": {"medium": "Memory"}},
             *({"name": f"volume-{i}", "persistentVolumeClaim": {"claimName": claim}}
               for i, (claim, _) in enumerate(volumes))]
 
 
-def pod_template(job: Job, kind: str, image: str, volumes: list[tuple[str, str]], **spec) -> dict:
+def pod_template(job: Job, kind: str, image: str, volumes: list[tuple[str, str]], group: dict | None = None,
+                 **spec) -> dict:
     """The pod each node runs: the kind's own `spec` fields, then the grace period, the container
-    and the volumes."""
+    and the volumes. `group`: a replica group's environment and the whole job's ConfigMap."""
+    group = group or {}
     return {"metadata": {"labels": _labels(job)},
             "spec": {**spec, "terminationGracePeriodSeconds": GRACE_S,
-                     "containers": [container(job, kind, image, volumes)],
-                     "volumes": pod_volumes(job, volumes)}}
+                     "containers": [container(job, kind, image, volumes, group.get("env", ()))],
+                     "volumes": pod_volumes(job, volumes, group.get("config_name"))}}
 
 
 def config_map(job: Job, namespace: str) -> dict:
@@ -140,8 +154,8 @@ def _labels(job: Job) -> dict:
     return {"app.kubernetes.io/name": "gigatrain", "app.kubernetes.io/instance": job.name}
 
 
-def pytorchjob(job: Job, image: str, namespace: str, volumes: list[tuple[str, str]]) -> dict:
-    pod = pod_template(job, "pytorchjob", image, volumes)
+def pytorchjob(job: Job, image: str, namespace: str, volumes: list[tuple[str, str]], group: dict | None = None) -> dict:
+    pod = pod_template(job, "pytorchjob", image, volumes, group)
     return {"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob",
             "metadata": {"name": job.name, "namespace": namespace, "labels": _labels(job)},
             "spec": {"nprocPerNode": str(job.procs_per_node),
@@ -154,8 +168,8 @@ def pytorchjob(job: Job, image: str, namespace: str, volumes: list[tuple[str, st
                                                         "template": pod}}}}
 
 
-def jobset(job: Job, image: str, namespace: str, volumes: list[tuple[str, str]]) -> dict:
-    pod = pod_template(job, "jobset", image, volumes,
+def jobset(job: Job, image: str, namespace: str, volumes: list[tuple[str, str]], group: dict | None = None) -> dict:
+    pod = pod_template(job, "jobset", image, volumes, group,
                        subdomain=job.name,  # the JobSet's headless service: <pod hostname>.<jobset>
                        restartPolicy="Never")  # a failed pod fails its Job; the JobSet restarts them all
     return {"apiVersion": "jobset.x-k8s.io/v1alpha2", "kind": "JobSet",
@@ -168,17 +182,51 @@ def jobset(job: Job, image: str, namespace: str, volumes: list[tuple[str, str]])
                                                                "template": pod}}}]}}
 
 
+def lighthouse(job: Job, image: str, namespace: str) -> list[dict]:
+    """torchft's Lighthouse: a one-pod Deployment (restarted by Kubernetes if it fails) and the
+    Service `<job>-lighthouse` the replica groups reach it at."""
+    name = f"{job.name}-lighthouse"
+    labels = {**_labels(job), "app.kubernetes.io/component": "lighthouse"}
+    pod = {"metadata": {"labels": labels},
+           "spec": {"containers": [{"name": "lighthouse", "image": image, "command": lighthouse_args(),
+                                    "ports": [{"containerPort": LIGHTHOUSE_PORT, "name": "lighthouse"}],
+                                    "resources": {"requests": {"cpu": "1"}}}]}}
+    deployment = {"apiVersion": "apps/v1", "kind": "Deployment",
+                  "metadata": {"name": name, "namespace": namespace, "labels": labels},
+                  "spec": {"replicas": 1, "selector": {"matchLabels": labels}, "template": pod}}
+    service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": namespace, "labels": labels},
+               "spec": {"selector": labels,
+                        "ports": [{"name": "lighthouse", "port": LIGHTHOUSE_PORT, "targetPort": LIGHTHOUSE_PORT}]}}
+    return [deployment, service]
+
+
+def lighthouse_url(job: Job) -> str:
+    return f"http://{job.name}-lighthouse:{LIGHTHOUSE_PORT}"
+
+
 def render(job: Job, *, kind: str = "pytorchjob", image: str, namespace: str = "default",
            volumes: list[tuple[str, str]] = ()) -> str:
-    """The manifest as JSON: a List of the ConfigMap and the job."""
+    """The manifest as JSON: a List of the ConfigMap and the job (with fault.recovery=replica:
+    the Lighthouse's Deployment and Service, and one job per replica group)."""
     if kind not in KINDS:
         raise LaunchError(f"--kind {kind!r} is not valid; choose one of: {', '.join(KINDS)}")
-    check_name(job.name, kind, job.nodes)
+    groups = replica_groups(job.cfg)
+    check_name(job.name, kind, job.nodes, groups)
     require_match("--namespace", namespace, DNS_1123, "use a namespace name (lowercase letters, digits and '-')")
     if not image or any(c.isspace() for c in image):
         raise LaunchError(f"--image {image!r} is not valid; pass a container image reference such as registry/gigatrain:tag")
     volumes = list(volumes)
     build = pytorchjob if kind == "pytorchjob" else jobset
-    manifest = {"apiVersion": "v1", "kind": "List",
-                "items": [config_map(job, namespace), build(job, image, namespace, volumes)]}
+    items = [config_map(job, namespace)]
+    if groups == 1:
+        items.append(build(job, image, namespace, volumes))
+    else:
+        items += lighthouse(job, image, namespace)
+        for group in range(groups):
+            member = dataclasses.replace(job, name=f"{job.name}-r{group}", nodes=job.nodes // groups,
+                                         overrides=job.overrides + replica_overrides(group, groups))
+            env = ({"name": "TORCHFT_LIGHTHOUSE", "value": lighthouse_url(job)},
+                   {"name": "REPLICA_GROUP_ID", "value": str(group)})
+            items.append(build(member, image, namespace, volumes, {"env": env, "config_name": f"{job.name}-config"}))
+    manifest = {"apiVersion": "v1", "kind": "List", "items": items}
     return json.dumps(manifest, indent=2) + "\n"

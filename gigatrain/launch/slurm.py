@@ -8,6 +8,12 @@ to the job's steps (`scancel --signal=TERM`), which torchrun passes to its worke
 for the checkpoint, and requeues the job, which resumes from it. The shell also requeues
 when the step itself exits with the requeue code. A pre-emption's SIGTERM reaches every
 process directly and Slurm requeues the job itself (`--requeue`).
+
+With fault.recovery=replica the script starts torchft's Lighthouse as a step of its own on the
+first node, then one step per replica group on its own nodes (nodes / R each), each a torchrun
+with its own rendezvous, TORCHFT_LIGHTHOUSE and `--fault.replica_groups=R
+--fault.replica_id=i`: a group whose step fails is restarted by its own torchrun while the other
+groups train on.
 """
 
 from __future__ import annotations
@@ -18,7 +24,8 @@ import sys
 from pathlib import Path
 
 from gigatrain.fault import EXIT_REQUEUE
-from gigatrain.launch import Job, LaunchError, require_match
+from gigatrain.launch import (LIGHTHOUSE_PORT, Job, LaunchError, lighthouse_args, replica_groups, replica_overrides,
+                              require_match)
 from gigatrain.rundir import RunDir
 
 WARNING_S = 120  # SIGUSR1 this long before the time limit
@@ -105,6 +112,12 @@ def render(job: Job, *, run_dir: Path, workdir: Path, partition: str | None = No
             [f'--rdzv-endpoint="$head_node:{job.port}"', '--rdzv-id="$SLURM_JOB_ID"', f"--max-restarts={job.max_restarts}"],
             [quote(word) for word in job.train_args()[:4]],
             *([quote(override)] for override in job.overrides)]
+    groups = replica_groups(job.cfg)
+    if groups == 1:
+        steps = f"""{_continued(srun)} &
+srun_pids=($!)"""
+    else:
+        steps = _replica_steps(job, groups, cpus, torchrun or launcher())
     body = f"""
 set -uo pipefail  # not -e: srun's exit status is collected below, after any signal
 
@@ -126,14 +139,21 @@ stop_training() {{
 trap 'requeue=1; stop_training "time-limit warning (SIGUSR1)"' USR1
 trap 'stop_training SIGTERM' TERM
 
-{_continued(srun)} &
-srun_pid=$!
-# A trapped signal interrupts `wait`; keep waiting until srun itself has exited.
-while kill -0 "$srun_pid" 2>/dev/null; do
+{steps}
+# A trapped signal interrupts `wait`; keep waiting until each srun itself has exited. The job's
+# status is the first non-zero one (a replica group's torchrun gives up only when out of restarts).
+status=0
+for srun_pid in "${{srun_pids[@]}}"; do
+    while kill -0 "$srun_pid" 2>/dev/null; do
+        wait "$srun_pid"
+    done
     wait "$srun_pid"
+    code=$?
+    if [ "$status" = 0 ]; then
+        status=$code
+    fi
 done
-wait "$srun_pid"
-status=$?
+{'kill "$lighthouse_pid" 2>/dev/null  # the groups are done: the Lighthouse has no one left to serve' if groups > 1 else ''}
 if [ "$status" = {EXIT_REQUEUE} ]; then
     requeue=1  # the trainer checkpointed and asked to be run again
 fi
@@ -144,3 +164,36 @@ fi
 exit "$status"
 """
     return "\n".join(header) + "\n" + body
+
+
+def _replica_steps(job: Job, groups: int, cpus: int, torchrun: list[str]) -> str:
+    """The Lighthouse's step on the first node, then one step per replica group on its own
+    nodes; each group's torchrun meets on its own first node and restarts alone."""
+    quote = shlex.quote
+    per_group = job.nodes // groups
+    beside = Path(torchrun[0]).parent / "torchft_lighthouse"  # torchft's, in the same environment
+    lighthouse = [str(beside) if beside.is_file() else "torchft_lighthouse", *lighthouse_args()[1:]]
+    srun = [["srun", "--kill-on-bad-exit=1", "--overlap", f"--cpus-per-task={cpus}", f"--nodes={per_group}",
+             f"--ntasks={per_group}", "--ntasks-per-node=1", '--nodelist="$group_nodes"'],
+            [quote(word) for word in torchrun],
+            [f"--nnodes={per_group}", f"--nproc-per-node={job.procs_per_node}", "--rdzv-backend=c10d"],
+            [f'--rdzv-endpoint="$group_head:{job.port}"', '--rdzv-id="$SLURM_JOB_ID-replica$group"',
+             f"--max-restarts={job.max_restarts}"],
+            [quote(word) for word in job.train_args()[:4]],
+            *([quote(override)] for override in job.overrides),
+            list(replica_overrides('"$group"', groups))]
+    return f"""# torchft's Lighthouse: where the {groups} replica groups meet for each step's quorum (its own step,
+# beside group 0 on the first node).
+srun --overlap --nodes=1 --ntasks=1 --nodelist="$head_node" --cpus-per-task=1 {' '.join(quote(w) for w in lighthouse)} &
+lighthouse_pid=$!
+export TORCHFT_LIGHTHOUSE="http://$head_node:{LIGHTHOUSE_PORT}"
+mapfile -t nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+srun_pids=()
+for group in $(seq 0 {groups - 1}); do
+    group_list=("${{nodes[@]:$((group * {per_group})):{per_group}}}")
+    group_head=${{group_list[0]}}
+    group_nodes=$(IFS=,; echo "${{group_list[*]}}")
+    export REPLICA_GROUP_ID=$group
+    {_continued(srun, "        ")} &
+    srun_pids+=($!)
+done"""

@@ -14,22 +14,21 @@ training. A run measures each of these:
 - skipped_s: steps whose update the numerical guard skipped;
 - other_s: the rest (start-up, evaluation, logging); the planner's model leaves it out.
 
-goodput = useful_s / wall_s. planner_goodput is the planner's closed form given this run's own
-interruption rate, restart time, checkpoint interval and stall, over the same useful time.
+goodput = useful_s / wall_s. planner_goodput is the planner's closed form for the run's own
+recovery mode (fault.recovery) given this run's own interruption rate, restart times,
+checkpoint intervals and stalls, over the same useful time, plus the time the planner's model
+leaves out, as measured (other_s and skipped_s: start-up, the end, evaluation).
 """
 
 from __future__ import annotations
 
 import statistics
 
-from gigatrain.plan.reliability import expected_run_hours
+from gigatrain.plan.reliability import ReliabilityInputs
 from gigatrain.rundir import RunDir
 
-# Saves that stall training; an in-memory copy is a checkpoint a restart can resume from.
+# Saves that stall training: storage checkpoints (written or failed) and in-memory copies.
 STALL_EVENTS = ("checkpoint", "checkpoint_failed", "memory_checkpoint")
-RESUMABLE_EVENTS = ("checkpoint", "memory_checkpoint")
-NO_FAILURES_MTBI_S = 1e18  # "never": the closed form then reduces to work plus checkpoint writes
-
 
 def summarize(run: RunDir) -> dict | None:
     """The run's goodput and where the rest of its wall time went (None: no events.jsonl, or no steps)."""
@@ -69,25 +68,54 @@ def summarize(run: RunDir) -> dict | None:
         "rollbacks": len(rollbacks),
         "other_s": wall - useful - skipped - restart_s - recomputed_s - stall_s,
     }
-    summary["planner_goodput"] = planner_goodput(summary, events, steps)
+    summary["planner_goodput"] = planner_goodput(summary, events, steps, (run.read_config() or {}).get("fault", {}))
     return summary
 
 
-def planner_goodput(summary: dict, events: list[dict], steps: list[dict]) -> float | None:
-    """The planner's goodput for a run like this one: its useful time, its measured failure rate,
-    restart time, checkpoint interval (in training time) and checkpoint stall."""
-    committed = [e for e in events if e.get("event") in RESUMABLE_EVENTS]
+def _mean(values: list[float], default: float) -> float:
+    return statistics.mean(values) if values else default
+
+
+def planner_goodput(summary: dict, events: list[dict], steps: list[dict], fault: dict | None = None) -> float | None:
+    """The planner's goodput for a run like this one, in its recovery mode (`fault`: the run's
+    fault config; storage when absent): the planner's cost of one failure in that mode, times
+    the run's own failures, and its per-step overheads, over the run's useful time; the time the
+    model leaves out (other_s, skipped_s: start-up, the end, evaluation) is added as measured.
+
+    The cost of a failure is the closed forms' first-order term (reliability.py): a restart
+    plus, on average, half the interval since the last save. Daly's exact form would also charge
+    failures striking a restart, which a measured count already holds; conditioned on the count,
+    the expectation is the first-order one. Inputs, all measured: the checkpoint interval (median
+    gap between committed steps x median step time) and stall per commit; restart_s of each
+    failure's restart. memory: copies every fault.memory_every steps (stall: `memory_checkpoint`
+    events' stall_s); failures loaded from memory or a peer cost their
+    restart and half a copy interval, those loaded from storage theirs and half a checkpoint
+    interval. replica (one replica group's run directory, R = fault.replica_groups): its own
+    failures cost their restart (the rejoin) and the step in flight; the other groups' failures
+    (R - 1 for each of its own: the groups alike) cost it the step in flight and the time the
+    Lighthouse takes to see them; the quorum is inside the step time."""
+    fault = fault or {}
+    committed = [e for e in events if e.get("event") == "checkpoint"]
     if not committed or summary["useful_s"] <= 0:
         return None
     step_s = statistics.median(r["step_time_s"] for r in steps)
     saved_steps = sorted({e["step"] for e in committed})
     gaps = [b - a for a, b in zip([0] + saved_steps, saved_steps)]
     interval = statistics.median(gaps) * step_s
-    delta = summary["checkpoint_stall_s"] / max(1, len(committed))
-    failures = summary["failures"]
-    restarts = [e["restart_s"] for e in events if e.get("event") == "restart" and e.get("after") == "failure"]
-    restart = statistics.mean(restarts) if restarts else 0.0
-    mtbi = summary["wall_s"] / failures if failures else NO_FAILURES_MTBI_S
-    hour = 3600.0
-    expected = expected_run_hours(summary["useful_s"] / hour, interval / hour, delta / hour, restart / hour, mtbi / hour)
-    return summary["useful_s"] / hour / expected
+    storage_stalls = [e["stall_s"] for e in events if e.get("event") in ("checkpoint", "checkpoint_failed") and "stall_s" in e]
+    delta = sum(storage_stalls) / max(1, len(committed))
+    failed = [e for e in events if e.get("event") == "restart" and e.get("after") == "failure"]
+    work = summary["useful_s"] * (1 + delta / interval)
+    mode = fault.get("recovery", "storage")
+    if mode == "memory":
+        every = max(1, int(fault.get("memory_every", 1))) * step_s
+        copies = [e["stall_s"] for e in events if e.get("event") == "memory_checkpoint" and "stall_s" in e]
+        work += summary["useful_s"] * _mean(copies, 0.0) / every
+        lost = sum(e["restart_s"] + (every if e.get("loaded_from") in ("memory", "peer") else interval) / 2
+                   for e in failed)
+    elif mode == "replica" and int(fault.get("replica_groups", 1)) >= 2:
+        others = (int(fault["replica_groups"]) - 1) * len(failed)
+        lost = sum(e["restart_s"] + step_s for e in failed) + others * (step_s + ReliabilityInputs().replica_detect_s)
+    else:
+        lost = sum(e["restart_s"] + interval / 2 for e in failed)
+    return summary["useful_s"] / (work + lost + summary["other_s"] + summary["skipped_s"])

@@ -5,15 +5,17 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from gigatrain.models.flops import param_counts
 from gigatrain.models.transformer import ModelArgs
 from gigatrain.plan.catalog import Accelerator
 from gigatrain.plan.layout import Constraints, NoLayoutError, explain_no_layout, search
-from gigatrain.plan.costs import Efficiency, Estimate, Workload
+from gigatrain.plan.costs import Efficiency, Estimate, Workload, estimate as cost_layout
 from gigatrain.plan.power import CostInputs, power_and_cost
-from gigatrain.plan.reliability import ReliabilityInputs, reliability, simulate_run
+from gigatrain.plan.reliability import (MODES, Cluster, Reliability, ReliabilityInputs, recovery_modes,
+                                        replica_mode, simulate_run)
+from gigatrain.plan.units import divisors
 
 DEFAULT_BATCH_TOKENS = 2048 * 8192  # 16Mi tokens: Llama 3 405B's batch after its ramp-up (arXiv:2407.21783)
 CHINCHILLA_TOKENS_PER_PARAM = 20  # Hoffmann et al. 2022: compute-optimal tokens per parameter
@@ -43,14 +45,56 @@ class PlanSpec:
                         act_bytes=4 if self.gpu.name == "cpu" else 2)
 
 
+def cluster_of(spec: PlanSpec, costed: Estimate) -> Cluster:
+    return Cluster(params=param_counts(spec.model).total, gpus=costed.gpus, gpus_per_node=spec.gpu.gpus_per_node,
+                   step_s=costed.step_time_s, dp_replicate=costed.layout.dp_replicate,
+                   scaleout_gbs=spec.gpu.scaleout_bw_gbs)
+
+
+def replica_choice(spec: PlanSpec, costed: Estimate) -> tuple[Estimate, Reliability] | None:
+    """Replica mode for a layout: its data-parallel ranks split into R replica groups of
+    dp / R shards each, R the one with the fewest expected days among the splits that fit in
+    memory (more groups: a failure takes a smaller share of the job away; fewer shards: more
+    memory per GPU, and another step time). None when dp < 2."""
+    layout = costed.layout
+    best = None
+    for groups in divisors(layout.dp):
+        shard = layout.dp // groups
+        if groups < 2 or (shard * layout.cp) % layout.ep or (spec.constraints.dp_replicate not in (None, groups)):
+            continue
+        split = replace(layout, dp_replicate=groups, dp_shard=shard)
+        option = costed if split == layout else cost_layout(spec.workload, split, spec.gpu, spec.efficiency,
+                                                              even_stages=spec.constraints.even_stages)
+        if not option.fits:
+            continue
+        rel = replica_mode(cluster_of(spec, option), spec.tokens / option.tokens_per_s / 3600, spec.reliability)
+        if best is None or rel.expected_hours < best[1].expected_hours:
+            best = (option, rel)
+    return best
+
+
+def recovery_of(spec: PlanSpec, costed: Estimate) -> dict[str, dict]:
+    """Each recovery mode's goodput, expected days and restart, for one layout (replica mode
+    with the replica groups it chose, and that split's layout)."""
+    ideal_hours = spec.tokens / costed.tokens_per_s / 3600
+    modes = {name: rel.to_dict() for name, rel in recovery_modes(cluster_of(spec, costed), ideal_hours,
+                                                                 spec.reliability).items() if name != "replica"}
+    choice = replica_choice(spec, costed)
+    if choice is not None:
+        split, rel = choice
+        modes["replica"] = {**rel.to_dict(), "layout": split.layout.describe(), "step_time_s": split.step_time_s}
+    return {name: modes[name] for name in MODES if name in modes}
+
+
 def layout_record(spec: PlanSpec, estimate: Estimate) -> dict:
     """Everything about one layout that scripts rely on, in plain numbers (see docs/planner.md)."""
     layout = estimate.layout
-    params = param_counts(spec.model).total
     ideal_hours = spec.tokens / estimate.tokens_per_s / 3600
-    rel = reliability(params, estimate.gpus, spec.gpu.gpus_per_node, ideal_hours, spec.reliability)
+    recovery = recovery_of(spec, estimate)
+    mode = max(recovery, key=lambda name: recovery[name]["goodput"])
+    expected_hours = recovery[mode]["expected_hours"]
     # The fleet draws power and is paid for while it trains, stalls and restarts.
-    money = power_and_cost(spec.gpu, spec.gpus, rel.expected_hours, spec.cost)
+    money = power_and_cost(spec.gpu, spec.gpus, expected_hours, spec.cost)
     return {
         **layout.degrees(),
         "ep": layout.ep,
@@ -66,8 +110,10 @@ def layout_record(spec: PlanSpec, estimate: Estimate) -> dict:
         "mfu": estimate.mfu,
         "hfu": estimate.hfu,
         "days": ideal_hours / 24,
-        "days_expected": rel.expected_hours / 24,
-        "goodput": rel.goodput,
+        "days_expected": expected_hours / 24,
+        "goodput": recovery[mode]["goodput"],
+        "recovery_mode": mode,
+        "recovery": recovery,
         "power_mw": money.site_power_mw,
         "energy_mwh": money.energy_mwh,
         "cost_lease_usd": money.cost_lease_usd,
@@ -87,12 +133,10 @@ def make_plan(spec: PlanSpec) -> dict:
                                               "change --gpus, --batch or the fixed choices"
                                               + (" (or drop --exact)" if spec.constraints.exact_gpus else "")))
     layouts = [layout_record(spec, e) for e in estimates]
-    best = estimates[0]
+    best = layouts[0]
     counts = param_counts(spec.model)
     params = counts.total
-    ideal_hours = spec.tokens / best.tokens_per_s / 3600
-    rel = reliability(params, best.gpus, spec.gpu.gpus_per_node, ideal_hours, spec.reliability)
-    money = power_and_cost(spec.gpu, spec.gpus, rel.expected_hours, spec.cost)
+    money = power_and_cost(spec.gpu, spec.gpus, best["days_expected"] * 24, spec.cost)
     result = {
         "model": spec.model_name,
         "params": params,
@@ -111,11 +155,18 @@ def make_plan(spec: PlanSpec) -> dict:
         "layouts": layouts,
         "best": layouts[0],
         "power": money.to_dict(),
-        "reliability": rel.to_dict(),
+        "recovery": best["recovery"],
+        "recovery_mode": best["recovery_mode"],
+        "reliability": best["recovery"][best["recovery_mode"]],
         "efficiency": spec.efficiency.resolve(spec.gpu).to_dict(),
         "inputs": {"cost": asdict(spec.cost), "reliability": asdict(spec.reliability)},
     }
     if spec.simulate:
-        result["simulation"] = simulate_run(params, best.gpus, spec.gpu.gpus_per_node, ideal_hours, spec.reliability,
-                                            samples=spec.simulate, seed=spec.seed)
+        result["simulation"] = {}
+        for mode, rel in best["recovery"].items():
+            costed = estimates[0]
+            if mode == "replica" and rel["layout"] != best["layout"]:  # the split replica mode chose
+                costed = replica_choice(spec, estimates[0])[0]
+            result["simulation"][mode] = simulate_run(cluster_of(spec, costed), rel["ideal_hours"], spec.reliability,
+                                                      mode, samples=spec.simulate, seed=spec.seed)
     return result

@@ -20,6 +20,8 @@ from gigatrain.rundir import RunDir
 from fault_runs import BASE, STEPS, assert_same_run, events, train_2proc
 from helpers import REPO, children, final_weights, kill_tree, run_cli, step_values, torchrun
 
+PLANNER_TOLERANCE = 0.05  # the planner's goodput for a measured run against its measured goodput
+
 def test_killed_rank_restarts_from_the_last_checkpoint_bit_exact(tmp_path, byte_data, reference):
     run_dir = tmp_path / "run"
     result = train_2proc(byte_data, run_dir, fault="kill:step=7:rank=1", restarts=1)
@@ -39,7 +41,10 @@ def test_killed_rank_restarts_from_the_last_checkpoint_bit_exact(tmp_path, byte_
     summary = summarize(RunDir(run_dir))
     assert summary["restarts"] == 1 and summary["failures"] == 1 and summary["recomputed_steps"] == 1
     assert 0 < summary["goodput"] < 1
-    assert summary["planner_goodput"] is not None
+    # The planner's closed form (storage mode), fed this run's own failure rate, restart time,
+    # checkpoint interval and stall and the time it leaves out, predicts the measured goodput
+    # within 5% (what it cannot know: where in the interval the kill fell, one step here).
+    assert summary["planner_goodput"] == pytest.approx(summary["goodput"], rel=PLANNER_TOLERANCE)
 
 
 def test_failed_and_killed_checkpoint_writes_leave_the_previous_one(tmp_path, byte_data, reference):

@@ -99,6 +99,15 @@ JOBSET = obj(
                                rules=array(mapping({}))),
              suspend=BOOL, managedBy=STRING, ttlSecondsAfterFinished=INT, coordinator=mapping({})),
 )
+# torchft's Lighthouse: an apps/v1 Deployment and a core/v1 Service.
+DEPLOYMENT = obj(["apiVersion", "kind", "metadata", "spec"], apiVersion=const("apps/v1"), kind=const("Deployment"),
+                 metadata=OBJECT_META,
+                 spec=obj(["selector", "template"], replicas=INT, selector=obj([], matchLabels=mapping(STRING)),
+                          template=POD_TEMPLATE))
+SERVICE = obj(["apiVersion", "kind", "metadata"], apiVersion=const("v1"), kind=const("Service"), metadata=OBJECT_META,
+              spec=obj([], selector=mapping(STRING), type=enum("ClusterIP", "NodePort", "LoadBalancer"),
+                       ports=array(obj(["port"], name=STRING, port=INT, targetPort={"type": (int, str)},
+                                       protocol=enum("TCP", "UDP", "SCTP")))))
 LIST = obj(["apiVersion", "kind", "items"], apiVersion=const("v1"), kind=const("List"), items=array(mapping({})))
 
 
@@ -303,3 +312,41 @@ def test_out_writes_a_file(capsys, tmp_path):
     assert code == 0 and stdout.strip() == f"wrote {out}; start it with: kubectl apply -f {out}"
     assert json.loads(out.read_text())["items"][1]["kind"] == "PyTorchJob"
     assert k8s.CONFIG_DIR == "/etc/gigatrain"
+
+
+@pytest.mark.parametrize("kind", ["pytorchjob", "jobset"])
+def test_replica_groups_each_a_job_of_their_own_with_the_lighthouse(capsys, kind, tmp_path):
+    """fault.recovery=replica: the Lighthouse (a Deployment and its Service), then one job per
+    replica group with nodes / R pods, told its group and the Lighthouse's address."""
+    code, out, err = launch(capsys, "--nodes", "4", "--gpus-per-node", "8", "--kind", kind, "--image", "reg/gt:1",
+                            str(CONFIG), "--train.batch_size=64", "--fault.recovery=replica", "--run.name=ft")
+    assert code == 0, err
+    document = json.loads(out)
+    assert errors(document, LIST) == []
+    config_map, deployment, service, *jobs = document["items"]
+    assert errors(deployment, DEPLOYMENT) == [] and errors(service, SERVICE) == []
+    pod = deployment["spec"]["template"]
+    assert deployment["spec"]["selector"]["matchLabels"] == pod["metadata"]["labels"] == service["spec"]["selector"]
+    [lighthouse] = pod["spec"]["containers"]
+    assert lighthouse["command"] == ["torchft_lighthouse", "--min_replicas", "1", "--quorum_tick_ms", "100",
+                                     "--join_timeout_ms", "10000", "--bind", "[::]:29510"]
+    assert service["spec"]["ports"][0]["port"] == 29510
+    url = f"http://{service['metadata']['name']}:29510"
+    assert [job["metadata"]["name"] for job in jobs] == ["gigatrain-ft-r0", "gigatrain-ft-r1"]
+    for group, job in enumerate(jobs):
+        assert errors(job, PYTORCH_JOB if kind == "pytorchjob" else JOBSET) == []
+        if kind == "pytorchjob":
+            worker = job["spec"]["pytorchReplicaSpecs"]["Worker"]
+            pods, pod_spec = worker["replicas"], worker["template"]["spec"]
+        else:
+            job_spec = job["spec"]["replicatedJobs"][0]["template"]["spec"]
+            pods, pod_spec = job_spec["parallelism"], job_spec["template"]["spec"]
+        assert pods == 2
+        [container] = pod_spec["containers"]
+        assert {"name": "TORCHFT_LIGHTHOUSE", "value": url} in container["env"]
+        assert {"name": "REPLICA_GROUP_ID", "value": str(group)} in container["env"]
+        flags, train_args = torchrun_flags(container["command"])
+        assert flags["nnodes"] == "2" and flags["rdzv-id"] == job["metadata"]["name"]
+        assert flags["rdzv-endpoint"].startswith(job["metadata"]["name"] + "-")
+        assert train_args[-2:] == ["--fault.replica_groups=2", f"--fault.replica_id={group}"]
+        check_config_reaches_the_pod(config_map, pod_spec, train_args, tmp_path)

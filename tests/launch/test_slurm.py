@@ -363,3 +363,45 @@ def test_slurm_job_trains_on_two_processes_and_survives_a_time_limit_warning(loc
     assert json.loads(state_file.read_text())["step"] == max_steps
     assert (RunDir(run_dir).checkpoints / f"step_{int(stopped.group(1)):08d}" / "trainer_state.json").exists()
     assert training_steps(run_dir) == list(range(1, max_steps + 1))
+
+
+def test_replica_groups_run_as_steps_of_their_own_beside_the_lighthouse(capsys, tmp_path):
+    """fault.recovery=replica: the Lighthouse as a step on the first node, then one step per
+    replica group on its own nodes, each a torchrun meeting on its own first node, told its
+    group and where the Lighthouse is."""
+    script = render(capsys, tmp_path / "run", "--fault.recovery=replica", "--fault.replica_groups=2", nodes=4, gpus=2)
+    path = tmp_path / "job.sbatch"
+    path.write_text(script)
+    assert subprocess.run(["bash", "-n", str(path)], capture_output=True).returncode == 0
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "sruns.jsonl"
+    (bin_dir / "scontrol").write_text("#!/bin/sh\nprintf 'n1\\nn2\\nn3\\nn4\\n'\n")
+    (bin_dir / "srun").write_text(f"#!{sys.executable}\nimport json, os, sys\n"
+                                  f"open({str(record)!r}, 'a').write(json.dumps([os.environ.get('TORCHFT_LIGHTHOUSE'), "
+                                  f"os.environ.get('REPLICA_GROUP_ID'), *sys.argv[1:]]) + '\\n')\n")
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "n[1-4]", "SLURM_NNODES": "4",
+           "SLURM_JOB_ID": "77"}
+    result = subprocess.run(["bash", str(path)], capture_output=True, text=True, env=env, timeout=30)
+    assert result.returncode == 0, result.stderr
+    calls = [json.loads(line) for line in record.read_text().splitlines()]
+    lighthouse = [c for c in calls if any(word.endswith("torchft_lighthouse") for word in c[2:])]
+    groups = sorted((c for c in calls if c not in lighthouse), key=lambda c: c[1])
+    assert len(lighthouse) == 1 and len(groups) == 2
+    assert lighthouse[0][-8:] == ["--min_replicas", "1", "--quorum_tick_ms", "100", "--join_timeout_ms", "10000",
+                                  "--bind", "[::]:29510"]
+    assert "--nodelist=n1" in lighthouse[0]
+    for group, (url, group_id, *args) in enumerate(groups):
+        assert (url, group_id) == ("http://n1:29510", str(group))
+        nodes = ["n1", "n2"] if group == 0 else ["n3", "n4"]
+        assert f"--nodelist={','.join(nodes)}" in args and "--nodes=2" in args
+        assert f"--rdzv-endpoint={nodes[0]}:29500" in args and f"--rdzv-id=77-replica{group}" in args
+        assert "--nnodes=2" in args and "--nproc-per-node=2" in args
+        assert "--fault.recovery=replica" in args
+        assert args[-2:] == ["--fault.replica_groups=2", f"--fault.replica_id={group}"]
+    # Nodes that do not split into the groups: one line, exit 2.
+    code, out, err = launch(capsys, "slurm", "--nodes", "3", "--gpus-per-node", "2", str(CONFIG),
+                            f"--run.dir={tmp_path / 'run'}", "--fault.recovery=replica", "--out", "-")
+    assert code == 2 and "--nodes=3 cannot be split into fault.replica_groups=2" in err

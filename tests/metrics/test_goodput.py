@@ -6,7 +6,7 @@ import json
 import pytest
 
 from gigatrain.metrics.goodput import summarize
-from gigatrain.plan.reliability import expected_run_hours
+from gigatrain.plan.reliability import ReliabilityInputs
 from gigatrain.rundir import RunDir
 
 
@@ -36,11 +36,38 @@ def test_goodput_accounts_for_restarts_recomputation_stalls_and_skips(tmp_path):
     assert (s["checkpoints"], s["checkpoint_stall_s"]) == (2, 1.0)
     assert s["other_s"] == pytest.approx(35.0 - 9 - 1 - 4 - 2 - 1)
     assert s["goodput"] == pytest.approx(9.0 / 35.0)
-    # The planner's model of this run: 9 s of work, a checkpoint every 5 steps of 1 s taking
-    # 0.5 s, one failure in 35 s of wall time, 4 s restarts.
-    hour = 3600.0
-    expected = expected_run_hours(9 / hour, 5 / hour, 0.5 / hour, 4 / hour, 35 / hour)
-    assert s["planner_goodput"] == pytest.approx(9 / hour / expected)
+    # The planner's model of this run: 9 s of work plus a 0.5 s write every 5 s of it; one
+    # failure costing the 4 s restart and half an interval (2.5 s); start-up, the end and the
+    # skipped step (19 s) as measured.
+    assert s["planner_goodput"] == pytest.approx(9.0 / (9.0 * 1.1 + 4.0 + 2.5 + 19.0))
+
+
+def test_planner_goodput_of_the_memory_and_replica_modes(tmp_path):
+    """The same run in memory mode (a copy every 2 steps; one restart from memory, one from
+    storage) and, as one of 4 replica groups, in replica mode."""
+    steps = [{"step": i, "loss": 1.0, "step_time_s": 1.0, "time": 1000.0 + i} for i in range(1, 11)]
+    write(RunDir(tmp_path).metrics, steps)
+    events = [{"event": "start", "step": 0, "process_start": 990.0, "time": 995.0},
+              {"event": "checkpoint", "step": 5, "stall_s": 0.5, "time": 1005.5},
+              {"event": "memory_checkpoint", "step": 6, "stall_s": 0.01, "time": 1006.0},
+              {"event": "restart", "step": 6, "after": "failure", "recomputed_steps": 1, "recomputed_s": 1.0,
+               "restart_s": 2.0, "loaded_from": "memory", "time": 1008.0},
+              {"event": "restart", "step": 5, "after": "failure", "recomputed_steps": 2, "recomputed_s": 2.0,
+               "restart_s": 6.0, "loaded_from": "storage", "time": 1016.0},
+              {"event": "checkpoint", "step": 10, "stall_s": 0.5, "time": 1020.0},
+              {"event": "stop", "step": 10, "reason": "max_steps", "time": 1030.0}]
+    write(RunDir(tmp_path).events, events)
+    (tmp_path / "config.json").write_text(json.dumps({"fault": {"recovery": "memory", "memory_every": 2}}))
+    s = summarize(RunDir(tmp_path))
+    other = s["other_s"]
+    # 10 s of work, a 0.5 s write every 5 s and a 0.01 s copy every 2 s of it; the restart from
+    # memory costs 2 s and half a copy interval (1 s), the one from storage 6 s and half a checkpoint interval.
+    assert s["planner_goodput"] == pytest.approx(10.0 / (10.0 * 1.1 + 10.0 * 0.005 + 3.0 + 8.5 + other))
+    (tmp_path / "config.json").write_text(json.dumps({"fault": {"recovery": "replica", "replica_groups": 4}}))
+    s = summarize(RunDir(tmp_path))
+    # Its own 2 failures: their restarts and the step in flight; the others' 6: a step and the detection.
+    detect = ReliabilityInputs().replica_detect_s
+    assert s["planner_goodput"] == pytest.approx(10.0 / (10.0 * 1.1 + (2.0 + 1.0) + (6.0 + 1.0) + 6 * (1.0 + detect) + other))
 
 
 def test_continuing_a_finished_run_later_is_not_lost_time(tmp_path):

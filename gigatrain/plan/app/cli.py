@@ -71,7 +71,9 @@ def build_parser() -> Parser:
     rel.add_argument("--gpu-mtbf", type=_positive, help="hours between interruptions caused by one GPU")
     rel.add_argument("--node-mtbf", type=_positive, help="hours between interruptions caused by one server (host)")
     rel.add_argument("--planned-per-day", type=float, help="planned (maintenance) interruptions per day")
-    rel.add_argument("--restart-min", type=_positive, help="minutes to detect, reschedule and restart (plus checkpoint load)")
+    rel.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="reliability_set",
+                     help="any reliability input (restart phases, memory and replica costs), e.g. detect_s=30; "
+                          "names and sources: --sources")
     rel.add_argument("--storage-bw", type=_positive, help="checkpoint storage bandwidth, GB/s")
     rel.add_argument("--checkpoint-every", type=_positive, help="checkpoint interval in minutes (default: Young/Daly)")
     rel.add_argument("--simulate", type=count("simulate", whole=True), nargs="?", const=2000, default=0,
@@ -157,11 +159,28 @@ def build_spec(args: argparse.Namespace, catalog: dict):
                      electricity_usd_per_mwh=args.electricity, pue=args.pue, network_power_fraction=args.network_power,
                      ops_fraction_per_year=args.ops, load_factor=args.load_factor)
     reliability = _override(ReliabilityInputs(), gpu_mtbf_hours=args.gpu_mtbf, node_mtbf_hours=args.node_mtbf,
-                            planned_per_day=args.planned_per_day, restart_minutes=args.restart_min,
-                            storage_gbs=args.storage_bw, checkpoint_interval_minutes=args.checkpoint_every)
+                            planned_per_day=args.planned_per_day, storage_gbs=args.storage_bw,
+                            checkpoint_interval_minutes=args.checkpoint_every, **reliability_settings(args.reliability_set))
     return PlanSpec(model_name=name, model=model, gpu=gpu, gpus=args.gpus, seq_len=seq, global_batch=batch,
                     tokens=tokens, precision=args.precision, constraints=constraints, efficiency=efficiency,
                     cost=cost, reliability=reliability, top=args.top, simulate=args.simulate, seed=args.seed)
+
+
+def reliability_settings(items: list[str]) -> dict[str, float]:
+    """--set KEY=VALUE pairs: numbers for ReliabilityInputs fields."""
+    from gigatrain.plan.reliability import ReliabilityInputs
+
+    names = [f.name for f in fields(ReliabilityInputs)]
+    settings = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in names:
+            raise UsageError(f"--set {item!r}: write KEY=VALUE with KEY one of {', '.join(names)}")
+        try:
+            settings[key] = float(value)
+        except ValueError:
+            raise UsageError(f"--set {item!r}: {value!r} is not a number; write e.g. {key}=30") from None
+    return settings
 
 
 def _override(inputs, **values):

@@ -72,7 +72,7 @@ def print_plan(plan: dict, console: Console | None = None) -> None:
 
     console.print(f"[bold]Best layout[/]: {best['layout']}: MFU {best['mfu']:.1%}, {human(best['tokens_per_s'])} tokens/s, "
                   f"{days_text(best['days'])} days of training, {days_text(best['days_expected'])} days with failures "
-                  f"(goodput {best['goodput']:.1%})")
+                  f"(goodput {best['goodput']:.1%}, recovery from {best['recovery_mode']})")
     print_power(plan, console)
     print_reliability(plan, console)
 
@@ -105,21 +105,36 @@ def print_power(plan: dict, console: Console) -> None:
 
 
 def print_reliability(plan: dict, console: Console) -> None:
-    rel = plan["reliability"]
-    rows = [
-        ("mean time between interruptions", f"{rel['mtbi_hours'] * 60:,.1f} min"),
-        ("checkpoint size / write time", f"{rel['checkpoint_gb']:,.0f} GB / {rel['checkpoint_write_s']:,.1f} s"),
-        ("restart (incl. checkpoint load)", f"{rel['restart_s'] / 60:,.1f} min"),
-        ("optimal checkpoint interval (Young/Daly)", f"{rel['checkpoint_interval_s'] / 60:,.1f} min"),
-        ("goodput (useful / elapsed)", f"{rel['goodput']:.1%}"),
-        ("expected duration / interruptions", f"{days_text(rel['expected_hours'] / 24)} days / {rel['expected_interruptions']:,.0f}"),
-    ]
-    sim = plan.get("simulation")
-    if sim:
-        rows.append((f"Monte Carlo ({sim['samples']:,} runs): p10 / p50 / p90",
-                     f"{sim['p10_days']:,.2f} / {sim['p50_days']:,.2f} / {sim['p90_days']:,.2f} days"))
-        rows.append(("Monte Carlo mean vs closed form", f"{sim['mean_days']:,.2f} vs {sim['closed_form_days']:,.2f} days"))
-    print_quantities("Reliability of the best layout", rows, console)
+    modes = plan["recovery"]
+    first = next(iter(modes.values()))
+    console.print(f"[bold]Failures[/]: an interruption every {first['mtbi_hours'] * 60:,.1f} min; checkpoint "
+                  f"{first['checkpoint_gb']:,.0f} GB, written in {modes['storage']['checkpoint_write_s']:,.1f} s")
+    table = Table(title="Recovery modes of the best layout (fault.recovery; docs/fault-tolerance.md)", title_justify="left")
+    for name in ("mode", "restart", "in-memory copy", "storage checkpoint", "falls back to storage", "goodput", "days"):
+        table.add_column(name, justify="left" if name == "mode" else "right")
+    for mode, rel in modes.items():
+        copy = f"every {rel['memory_interval_s']:,.1f} s" if mode == "memory" else ""
+        table.add_row(mode + (" (best)" if mode == plan["recovery_mode"] else ""), f"{rel['restart_s'] / 60:,.1f} min", copy,
+                      f"every {rel['checkpoint_interval_s'] / 60:,.1f} min", f"{rel['fallback_per_failure']:.2%}",
+                      f"{rel['goodput']:.1%}", days_text(rel["days_expected"]))
+    console.print(table)
+    phases = Table(title="Restart phases, s", title_justify="left")
+    phases.add_column("phase")
+    for mode in modes:
+        phases.add_column(mode, justify="right")
+    for key in next(iter(modes.values()))["phases"]:
+        phases.add_row(key.removesuffix("_s"), *[f"{rel['phases'][key]:,.2f}" for rel in modes.values()])
+    console.print(phases)
+    if "memory" in modes:
+        console.print(f"memory: a copy stalls training {modes['memory']['memory_stall_s'] * 1000:,.0f} ms")
+    if "replica" in modes:
+        replica = modes["replica"]
+        console.print(f"replica: {replica['replica_groups']} replica groups ({replica['layout']}); a failure takes one "
+                      f"away for its restart, the others train on; quorum {replica['quorum_s'] * 1000:g} ms per step")
+    for mode, sim in plan.get("simulation", {}).items():
+        console.print(f"Monte Carlo, {mode} ({sim['samples']:,} runs): p10 / p50 / p90 {sim['p10_days']:,.2f} / "
+                      f"{sim['p50_days']:,.2f} / {sim['p90_days']:,.2f} days; mean {sim['mean_days']:,.2f} vs closed "
+                      f"form {sim['closed_form_days']:,.2f} days")
 
 
 def print_sweep(sweep: dict, console: Console | None = None) -> None:
