@@ -32,7 +32,6 @@ from gigatrain.data.source import open_data_once
 from gigatrain.fault.inject import FaultPlan
 from gigatrain.fault.watchdog import Watchdog
 from gigatrain.metrics.mfu import peak_flops
-from gigatrain.metrics.plots import plot_run
 from gigatrain.metrics.processor import MetricsProcessor
 from gigatrain.models.flops import param_counts, training_flops_per_token
 from gigatrain.models.transformer import Transformer
@@ -281,6 +280,9 @@ class Trainer:
         self.metrics.close_metrics()
         if self.is_main and not (cut_by or stopping.signal.received or self.clock.late()):
             with self.clock.timed("samples_plots"):
+                # matplotlib is imported here, at the end: it would delay every start and restart.
+                from gigatrain.metrics.plots import plot_run
+
                 plot_run(self.run_dir)
         spent = self.clock.time_spent()
         self.metrics.event({"event": "stop", "step": self.state.step, "reason": stopped_by, "cut_short_by": cut_by,
