@@ -8,7 +8,8 @@ training. A run measures each of these:
 - useful_s: the step time of the steps in the final history (each counted once), less skipped updates;
 - recomputed_s: the step time of steps that were done, then lost (a crash after them, before
   the next checkpoint; or a rollback), and so done again;
-- restart_s: from the last sign of life of the previous process to the first step of the next;
+- restart_s: from the last sign of life of the previous process to the end of the next one's
+  first step (by phase in the event: docs/fault-tolerance.md, "Where restart time goes");
 - checkpoint_stall_s: the time training waited for checkpoints (the copy, for async saves);
 - skipped_s: steps whose update the numerical guard skipped;
 - other_s: the rest (start-up, evaluation, logging); the planner's model leaves it out.
