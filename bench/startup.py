@@ -5,10 +5,11 @@ has done its first step; median over the kills, and per phase from the run's `st
 
     python bench/startup.py [--recovery storage|memory] [--kills 5] [--baseline DIR]
 
-`--recovery MODE` is passed to the job as --fault.recovery=MODE. `--baseline DIR` first measures
-the same job run from another gigatrain checkout (e.g. the main branch before a change), so
-that before and after are measured side by side on the same (possibly busy) machine; a
-checkout that records no phases is reported by its totals. The last line reads
+`--recovery MODE` is passed to the job as --fault.recovery=MODE. `--baseline DIR` also measures
+the same job run from another gigatrain checkout (e.g. the main branch before a change), kill by
+kill in turn with this one (the job not being measured is paused), so that before and after
+meet the same load on a busy machine; a checkout that records no phases is reported by its
+totals. The last line reads
 `restart median X.XX s (...phases...)` for this checkout.
 """
 
@@ -69,47 +70,64 @@ def wait_for(what: str, condition, process: subprocess.Popen):
     raise SystemExit(f"no {what} within {WAIT_S:.0f} s")
 
 
-def measure(checkout: Path, data: Path, run_dir: Path, recovery: str, kills: int) -> dict:
-    """One job from `checkout`: launch to its first step, then `kills` kills of a worker, each
-    timed from the kill to the first step of the restarted job."""
-    metrics, events = run_dir / "metrics.jsonl", run_dir / "events.jsonl"
+class Job:
+    """One job from a gigatrain checkout: its launch to the first step, then kills of a worker,
+    each timed from the kill to the first step of the restarted job. Between measurements a job
+    can be paused (SIGSTOP to its whole session), so that two checkouts are measured kill by kill
+    in turn while the other one takes no CPU."""
 
-    def steps() -> list[dict]:
-        return [r for r in read_jsonl(metrics) if "loss" in r]
+    def __init__(self, checkout: Path, data: Path, run_dir: Path, recovery: str, kills: int):
+        self.run_dir = run_dir
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(checkout), "GIGATRAIN_FAULT": ""}
+        launched = time.time()
+        self.process = subprocess.Popen(command(data, run_dir, recovery, kills), cwd=checkout, env=env,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            first = wait_for("first step", self.steps, self.process)[0]
+        except BaseException:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            raise
+        self.fresh_s = first["time"] - launched
+        self.restarts: list[float] = []
 
-    def starts() -> list[dict]:
-        return [e for e in read_jsonl(events) if e.get("event") == "start"]
+    def steps(self) -> list[dict]:
+        return [r for r in read_jsonl(self.run_dir / "metrics.jsonl") if "loss" in r]
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(checkout), "GIGATRAIN_FAULT": ""}
-    launched = time.time()
-    process = subprocess.Popen(command(data, run_dir, recovery, kills), cwd=checkout, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    restarts = []
-    try:
-        first = wait_for("first step", lambda: steps(), process)[0]
-        fresh_s = first["time"] - launched
-        for _ in range(kills):
-            # A committed checkpoint to restart from, and a few steps after the last restart.
-            wait_for("a checkpoint", lambda: any((run_dir / "checkpoints").glob("step_*")), process)
-            after = steps()[-1]["step"] + STEPS_BETWEEN_KILLS
-            wait_for(f"step {after}", lambda: steps()[-1]["step"] >= after, process)
-            n_starts = len(starts())
-            victim = max(workers(process.pid))
-            killed = time.time()
-            os.kill(victim, signal.SIGKILL)
-            start = wait_for("the restarted job's start", lambda: starts()[n_starts:], process)[0]
-            step = wait_for("the restarted job's first step",
-                            lambda: [r for r in steps() if r["time"] > start["time"]], process)[0]
-            restarts.append(step["time"] - killed)
-        wait_for(f"step {step['step'] + STEPS_BETWEEN_KILLS}",
-                 lambda: steps()[-1]["step"] >= step["step"] + STEPS_BETWEEN_KILLS, process)
-    finally:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-    recorded = read_jsonl(events)
-    return {"fresh_s": fresh_s, "restarts": restarts,
-            "startup": next((e for e in recorded if e.get("event") == "startup"), None),
-            "restart_events": [e for e in recorded if e.get("event") == "restart" and "phases" in e]}
+    def starts(self) -> list[dict]:
+        return [e for e in read_jsonl(self.run_dir / "events.jsonl") if e.get("event") == "start"]
+
+    def pause(self) -> None:
+        os.killpg(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.killpg(self.process.pid, signal.SIGCONT)
+
+    def settled(self) -> None:
+        """A committed checkpoint to restart from, and a few steps done since the last start
+        (its startup or restart event is written by then)."""
+        wait_for("a checkpoint", lambda: any((self.run_dir / "checkpoints").glob("step_*")), self.process)
+        after = self.steps()[-1]["step"] + STEPS_BETWEEN_KILLS
+        wait_for(f"step {after}", lambda: self.steps()[-1]["step"] >= after, self.process)
+
+    def kill_once(self) -> None:
+        self.settled()
+        n_starts = len(self.starts())
+        victim = max(workers(self.process.pid))
+        killed = time.time()
+        os.kill(victim, signal.SIGKILL)
+        start = wait_for("the restarted job's start", lambda: self.starts()[n_starts:], self.process)[0]
+        step = wait_for("the restarted job's first step",
+                        lambda: [r for r in self.steps() if r["time"] > start["time"]], self.process)[0]
+        self.restarts.append(step["time"] - killed)
+
+    def finish(self) -> dict:
+        self.settled()
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+        recorded = read_jsonl(self.run_dir / "events.jsonl")
+        return {"fresh_s": self.fresh_s, "restarts": self.restarts,
+                "startup": next((e for e in recorded if e.get("event") == "startup"), None),
+                "restart_events": [e for e in recorded if e.get("event") == "restart" and "phases" in e]}
 
 
 def median_phases(records: list[dict]) -> dict:
@@ -146,19 +164,40 @@ def main() -> None:
                         help="another gigatrain checkout to measure first, on the same data")
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory() as tmp:
+    # Workers killed with their session may still be exiting as the folder is removed.
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:
         tmp = Path(tmp)
         data = make_data(tmp)
+        checkouts = {"this": REPO}
         if args.baseline is not None:
-            report(f"baseline {args.baseline}", measure(args.baseline.resolve(), data, tmp / "baseline", args.recovery,
-                                                        args.kills))
-        result = measure(REPO, data, tmp / "run", args.recovery, args.kills)
+            checkouts = {"baseline": args.baseline.resolve(), **checkouts}
+        jobs = {}
+        try:
+            for name, checkout in checkouts.items():
+                jobs[name] = Job(checkout, data, tmp / name, args.recovery, args.kills)
+                jobs[name].pause()
+            for _ in range(args.kills):
+                for job in jobs.values():  # in turn, kill by kill: the machine's load falls on both alike
+                    job.resume()
+                    job.kill_once()
+                    job.pause()
+            results = {}
+            for name, job in jobs.items():
+                job.resume()
+                results[name] = job.finish()
+        finally:
+            for job in jobs.values():
+                if job.process.poll() is None:
+                    os.killpg(job.process.pid, signal.SIGKILL)
+                    job.process.wait()
+        if args.baseline is not None:
+            report(f"baseline {args.baseline}", results["baseline"])
+        result = results["this"]
         report(f"this checkout ({args.recovery})", result)
         kills = statistics.median(result["restarts"])
         events = result["restart_events"]
         phases = phase_text(median_phases(events)) if events else "no phases recorded"
         print(f"restart median {kills:.2f} s ({phases})")
-
 
 if __name__ == "__main__":
     main()
