@@ -161,7 +161,7 @@ def main() -> None:
                         help="passed as --fault.recovery=MODE")
     parser.add_argument("--kills", type=int, default=5)
     parser.add_argument("--baseline", type=Path, default=None, metavar="DIR",
-                        help="another gigatrain checkout to measure first, on the same data")
+                        help="another gigatrain checkout (e.g. before a change), measured on the same data, kill by kill in turn")
     args = parser.parse_args()
 
     # Workers killed with their session may still be exiting as the folder is removed.
