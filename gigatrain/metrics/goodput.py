@@ -8,7 +8,9 @@ training. A run measures each of these:
 - useful_s: the step time of the steps in the final history (each counted once), less skipped updates;
 - recomputed_s: the step time of steps that were done, then lost (a crash after them, before
   the next checkpoint; or a rollback), and so done again;
-- restart_s: from the last sign of life of the previous process to the first step of the next;
+- restart_s: from the last sign of life of the previous process to the end of the next one's
+  first step (by phase in the event: docs/fault-tolerance.md, "Where restart time goes"),
+  less that step's own training time, which useful_s holds;
 - checkpoint_stall_s: the time training waited for checkpoints (the copy, for async saves) and
   for in-memory copies (fault.recovery=memory: `memory_checkpoint` events);
 - skipped_s: steps whose update the numerical guard skipped;
@@ -30,6 +32,12 @@ from gigatrain.rundir import RunDir
 # Saves that stall training: storage checkpoints (written or failed) and in-memory copies.
 STALL_EVENTS = ("checkpoint", "checkpoint_failed", "memory_checkpoint")
 
+def restart_cost(event: dict) -> float:
+    """A restart's seconds besides training: its restart_s runs to the end of the first step,
+    whose own step time is counted as useful."""
+    return event["restart_s"] - event.get("first_step_time_s", 0.0)
+
+
 def summarize(run: RunDir) -> dict | None:
     """The run's goodput and where the rest of its wall time went (None: no events.jsonl, or no steps)."""
     events = run.event_records()
@@ -47,7 +55,7 @@ def summarize(run: RunDir) -> dict | None:
     rollbacks = [e for e in events if e.get("event") == "rollback"]
     checkpoints = [e for e in events if e.get("event") in STALL_EVENTS and "stall_s" in e]
     failures = [e for e in restarts if e.get("after") == "failure"]
-    restart_s = sum(e["restart_s"] for e in restarts)
+    restart_s = sum(restart_cost(e) for e in restarts)
     recomputed_s = sum(e["recomputed_s"] for e in restarts + rollbacks)
     stall_s = sum(e["stall_s"] for e in checkpoints)
     summary = {
@@ -111,11 +119,11 @@ def planner_goodput(summary: dict, events: list[dict], steps: list[dict], fault:
         every = max(1, int(fault.get("memory_every", 1))) * step_s
         copies = [e["stall_s"] for e in events if e.get("event") == "memory_checkpoint" and "stall_s" in e]
         work += summary["useful_s"] * _mean(copies, 0.0) / every
-        lost = sum(e["restart_s"] + (every if e.get("loaded_from") in ("memory", "peer") else interval) / 2
+        lost = sum(restart_cost(e) + (every if e.get("loaded_from") in ("memory", "peer") else interval) / 2
                    for e in failed)
     elif mode == "replica" and int(fault.get("replica_groups", 1)) >= 2:
         others = (int(fault["replica_groups"]) - 1) * len(failed)
-        lost = sum(e["restart_s"] + step_s for e in failed) + others * (step_s + ReliabilityInputs().replica_detect_s)
+        lost = sum(restart_cost(e) + step_s for e in failed) + others * (step_s + ReliabilityInputs().replica_detect_s)
     else:
-        lost = sum(e["restart_s"] + interval / 2 for e in failed)
+        lost = sum(restart_cost(e) + interval / 2 for e in failed)
     return summary["useful_s"] / (work + lost + summary["other_s"] + summary["skipped_s"])

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from gigatrain.paths import write_atomic
 from gigatrain.rundir import read_jsonl
@@ -87,6 +86,10 @@ class ProgressDisplay:
         self._last_plain = time.monotonic()
         self._progress = None
         if mode == "bar":
+            # Imported for a terminal's bar only: rich.progress and its tables cost every start
+            # (under torchrun, in logs, output is plain) a few tenths of a second.
+            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
             self._progress = Progress(
                 TextColumn("step {task.completed}/{task.total}"),
                 BarColumn(),

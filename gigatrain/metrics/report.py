@@ -45,6 +45,43 @@ def summarize(run: RunDir) -> dict:
     return summary
 
 
+def start_phases(events: list[dict]) -> dict | None:
+    """Where the run's starts went (the `phases` of its `restart` and `startup` events): each
+    phase's median over the restarts, their count and where they loaded their state from, and
+    the first start's phases. None: no start recorded its phases (a run from before they were)."""
+    restarts = [e for e in events if e.get("event") == "restart" and "phases" in e]
+    startup = next((e for e in events if e.get("event") == "startup"), None)
+    if not restarts and startup is None:
+        return None
+    summary: dict = {"restarts": len(restarts)}
+    if restarts:
+        names = list(restarts[0]["phases"])
+        summary["restart_phases"] = {name: statistics.median(e["phases"].get(name, 0.0) for e in restarts)
+                                     for name in names}
+        summary["restart_s"] = statistics.median(e["restart_s"] for e in restarts)
+        sources = [str(e.get("loaded_from")) for e in restarts]
+        summary["loaded_from"] = {source: sources.count(source) for source in dict.fromkeys(sources)}
+    if startup is not None:
+        summary["startup_phases"], summary["startup_s"] = startup["phases"], startup["startup_s"]
+    return summary
+
+
+def phase_table(phases: dict) -> Table:
+    """The restarts' median phases beside the first start's."""
+    n = phases["restarts"]
+    restart, startup = phases.get("restart_phases", {}), phases.get("startup_phases", {})
+    table = Table(title="where start-up time goes (s)")
+    table.add_column("phase")
+    table.add_column(f"restart, median of {n}", justify="right")
+    table.add_column("first start", justify="right")
+    for name in dict.fromkeys([*restart, *startup]):
+        table.add_row(name.removesuffix("_s"), f"{restart[name]:.2f}" if name in restart else "-",
+                      f"{startup[name]:.2f}" if name in startup else "-")
+    table.add_row("total", f"{phases['restart_s']:.2f}" if restart else "-",
+                  f"{phases['startup_s']:.2f}" if startup else "-")
+    return table
+
+
 def report(run: RunDir) -> dict:
     if not run.path.is_dir():
         raise ConfigError(f"run directory {run.path} does not exist")
@@ -55,5 +92,12 @@ def report(run: RunDir) -> dict:
         table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
     console = Console()
     console.print(table)
+    phases = start_phases(run.event_records())
+    if phases is not None:
+        console.print(phase_table(phases))
+        if phases["restarts"]:
+            console.print("restarts loaded their state from: "
+                          + ", ".join(f"{source} ({count})" for source, count in phases["loaded_from"].items()))
+        summary["start_phases"] = phases
     console.print("plots: " + ", ".join(str(p) for p in plots))
     return summary

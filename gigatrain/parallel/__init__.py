@@ -27,7 +27,6 @@ import torch.distributed._functional_collectives as funcol
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.pipelining import PipelineStage
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
@@ -40,7 +39,6 @@ from gigatrain.parallel.expert import apply_ep, moe_layers
 from gigatrain.parallel.float8 import apply_float8
 from gigatrain.parallel.fsdp import apply_fsdp
 from gigatrain.parallel.mesh import ParallelDims
-from gigatrain.parallel.pipeline import build_schedule, split_model, tied_weight_group
 from gigatrain.parallel.tensor import apply_tp, loss_context, parallel_loss
 
 
@@ -113,12 +111,20 @@ class ParallelModel:
         self.has_first_stage = 0 in stage_indices
         self.has_last_stage = dims.num_stages - 1 in stage_indices
         self.schedule = self.eval_schedule = self.tied_group = None
+        stages_run_forward_first = False
         if dims.pp > 1:
+            # Imported where a pipeline is built: torch's pipelining costs every other process
+            # most of a second at each start and restart (bench/startup.py).
+            from torch.distributed.pipelining import PipelineStage
+
+            from gigatrain.parallel.pipeline import build_schedule, tied_weight_group
+
             pp_mesh = mesh["pp"]
             self.schedule = build_schedule(parts, stage_indices, dims, pp_mesh, device, parallel_loss, dims.microbatches)
             self.eval_schedule = build_schedule(parts, stage_indices, dims, pp_mesh, device, _sum_loss, dims.microbatches)
             if parts[0].args.tie_embeddings:
                 self.tied_group = tied_weight_group(dims)
+            stages_run_forward_first = hasattr(PipelineStage, "_forward_metadata_inference")
         self.moe_layers = moe_layers(*parts)
         self.moe_layer_ids = [i for i in range(parts[0].args.n_layers) if parts[0].args.is_moe_layer(i)]
         for _, moe in self.moe_layers:
@@ -126,7 +132,7 @@ class ParallelModel:
             moe.aux_grad_scale = 1.0 if self.schedule is not None else 1.0 / dims.microbatches
             if dims.cp > 1:
                 moe.sequence_reduce = partial(funcol.all_reduce, reduceOp="sum", group=mesh["cp"])
-            if self.schedule is not None and hasattr(PipelineStage, "_forward_metadata_inference"):
+            if stages_run_forward_first:
                 # torch >= 2.12's stages infer their shapes at the first step by running their
                 # forward once, with gradients, on the first micro-batch (first stage) or on empty
                 # tensors (the others): routing that is not the batch's. (Earlier versions infer
@@ -326,6 +332,8 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh: dict[str, DeviceMesh
     on_meta = model.rope_cos.is_meta
     stage_indices, parts = [0], [model]
     if dims.pp > 1:
+        from gigatrain.parallel.pipeline import split_model
+
         stage_indices, parts = split_model(model, dims, mesh["pp"].get_local_rank())
     for part in parts:
         if not on_meta:

@@ -110,6 +110,9 @@ class CheckpointManager:
         self.cost_measured = False
         t = cfg.train
         self.every = t.checkpoint_every
+        # Where resume found the state this process continues from: "storage" (the DCP
+        # checkpoint; the other recovery modes name theirs), None for a new run.
+        self.loaded_from: str | None = None
         self.checkpointer = checkpoint.Checkpointer(run_dir.checkpoints, t.keep_checkpoints, t.async_checkpoint,
                                                     faults=faults, on_event=self.on_checkpoint_event)
         self.memory = (MemoryCheckpoints(cfg, run_dir, world_size(), layout, event)
@@ -187,6 +190,7 @@ class CheckpointManager:
         self.cfg.data.allow_change = False
         if restored is None:
             return False
+        self.loaded_from = "storage"
         self.state.schedule_steps = schedule_horizon(self.cfg.train, restored.get("schedule_steps"))
         identity = restored.get("identity", {})
         same_data = "data" not in identity or (identity["data"] is not None

@@ -1,9 +1,11 @@
 """Recovery inside a run and across its restarts (docs/fault-tolerance.md): the numerical
 guard's skipped updates and rollbacks, and what an interruption of the run cost (restart and
-recomputed steps, in events.jsonl, from which the run's goodput is measured)."""
+recomputed steps, in events.jsonl, from which the run's goodput is measured), split into the
+phases of the process's start (`StartPhases`)."""
 
 from __future__ import annotations
 
+import statistics
 import time
 
 from gigatrain.config import FaultConfig
@@ -33,32 +35,105 @@ def previous_segment(records: list[dict], events: list[dict], step: int, started
             "previous_end": last_seen}
 
 
+# Where a start's seconds go, in order (docs/fault-tolerance.md, "Where restart time goes").
+PHASES = ("detect_s", "start_s", "imports_s", "rendezvous_s", "build_s", "load_s", "compile_s", "first_step_s")
+# The milestones the trainer reaches, each ending the phase of the same name.
+MILESTONES = ("imports", "rendezvous", "build", "load")
+
+
+class StartPhases:
+    """When this process reached each milestone of its start, from the OS's start of the process:
+    imports (the trainer is called: Python, torch and gigatrain loaded, the config read),
+    rendezvous (process group and mesh), build (data opened, model built and parallelized,
+    optimizer and components), load (state restored); then the first step."""
+
+    def __init__(self, process_start: float):
+        self.process_start = process_start
+        self.reached_at = {"imports": time.time()}
+
+    def reached(self, milestone: str) -> None:
+        assert milestone in MILESTONES, milestone
+        self.reached_at[milestone] = time.time()
+
+    def split(self, begin: float, first_step_end: float, first_step_s: float, normal_step_s: float | None) -> dict:
+        """Seconds from `begin` (the previous process's last sign of life, or this process's
+        start) to the end of the first step, by phase; they sum to first_step_end - begin.
+        Torchrun does not say when it noticed a failure, so detection and the new process's
+        spawn are one span, held in detect_s (start_s 0). compile_s: the first step's time
+        over a normal step's (0 where none is known yet)."""
+        marks = [self.reached_at[m] for m in MILESTONES]
+        extra = max(0.0, first_step_s - normal_step_s) if normal_step_s is not None else 0.0
+        rest = first_step_end - marks[-1]
+        compile_s = min(extra, rest)
+        return {"detect_s": self.process_start - begin, "start_s": 0.0,
+                "imports_s": marks[0] - self.process_start, "rendezvous_s": marks[1] - marks[0],
+                "build_s": marks[2] - marks[1], "load_s": marks[3] - marks[2],
+                "compile_s": compile_s, "first_step_s": rest - compile_s}
+
+
 class Recovery:
-    def __init__(self, cfg: FaultConfig, run_dir: RunDir | None, started_at: float):
+    def __init__(self, cfg: FaultConfig, run_dir: RunDir | None, phases: StartPhases):
         """run_dir None: a rank other than 0, which keeps no account of the run's history."""
         self.cfg = cfg
         self.guard = NumericalGuard(cfg)
         self.run_dir = run_dir
-        self.started_at = started_at
+        self.phases = phases
+        self.started_at = phases.process_start
         # What earlier processes of this run left, read before this one writes anything.
         self.history = (run_dir.metrics_records(), run_dir.event_records()) if run_dir else ([], [])
-        self.restart: dict | None = None
+        earlier_steps = [r["step_time_s"] for r in self.history[0] if "loss" in r and "step_time_s" in r]
+        # A normal step's seconds, against which the first one's extra (compile, first-iteration
+        # allocations) is measured: the earlier processes' median, else this process's second step.
+        self.normal_step_s = statistics.median(earlier_steps) if earlier_steps else None
+        self.start: dict | None = None  # this process's start or restart event, written after its first step
+        self.first_step: tuple[float, float] | None = None  # (when it ended, its seconds)
 
-    def begin(self, step: int, metrics: MetricsProcessor) -> None:
-        """At the step this process starts from: a continued run is recorded now; a restart
-        once its first step is done (`first_step`)."""
-        segment = previous_segment(*self.history, step, self.started_at) if self.run_dir else None
+    def begin(self, step: int, metrics: MetricsProcessor, loaded_from: str | None) -> None:
+        """State is restored (from `loaded_from`), at the step this process starts from: a
+        continued run is recorded now; the start or restart once its first step is done."""
+        self.phases.reached("load")
+        if self.run_dir is None:
+            return
+        segment = previous_segment(*self.history, step, self.started_at)
         if segment is not None and segment["event"] == "continue":
             metrics.event(segment)
-        elif segment is not None:
-            self.restart = segment
+        if segment is not None and segment["event"] == "restart":
+            self.start = segment
+        else:
+            self.start = {"event": "startup", "step": step, "previous_end": self.started_at}
+        self.start["loaded_from"] = loaded_from
 
-    def first_step(self, metrics: MetricsProcessor) -> None:
-        """The first step of a resumed process has begun: the restart is over."""
-        if self.restart is not None:
-            previous_end = self.restart.pop("previous_end")
-            metrics.event({**self.restart, "restart_s": time.time() - previous_end})
-            self.restart = None
+    def after_step(self, step_s: float, metrics: MetricsProcessor) -> None:
+        """A step of `step_s` seconds is done: once a normal step's time is known (the earlier
+        processes', or this one's second step), the start's phases are written."""
+        if self.start is None:
+            return
+        if self.first_step is None:
+            self.first_step = (time.time(), step_s)
+            if self.normal_step_s is None:
+                return
+        else:
+            self.normal_step_s = step_s
+        self.write_start(metrics)
+
+    def write_start(self, metrics: MetricsProcessor) -> None:
+        """The start's event: a `restart` (restart_s, from the previous process's last sign of
+        life) or a `startup` (startup_s, from this process's start, without detect_s and
+        start_s), each up to the end of the first step, with its phases. Written at the end of
+        the loop by a process that did a single step."""
+        if self.start is None or self.first_step is None:
+            return
+        record, self.start = self.start, None
+        previous_end = record.pop("previous_end")
+        first_step_end, first_step_s = self.first_step
+        phases = self.phases.split(previous_end, first_step_end, first_step_s, self.normal_step_s)
+        total = "restart_s" if record["event"] == "restart" else "startup_s"
+        if total == "startup_s":
+            del phases["detect_s"], phases["start_s"]
+        # first_step_time_s: the first step's own training time, also counted as useful
+        # (metrics.jsonl), which goodput takes out of the restart so it is not counted twice.
+        metrics.event({**record, total: first_step_end - previous_end, "phases": phases,
+                       "first_step_time_s": first_step_s})
 
     def on_skipped_update(self, reason: str, step: int, loss: float, grad_norm: float, checkpoints: CheckpointManager,
                           metrics: MetricsProcessor) -> bool:

@@ -22,11 +22,12 @@ def process_start_time() -> float | None:
     also covers the seconds Python and torch take to load, which are many on a busy machine."""
     try:
         ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                    if line.startswith("btime "))
-    except (OSError, ValueError, IndexError, StopIteration):
+        # Seconds since boot now, to 10 ms (/proc/stat's boot time is whole seconds: up to a
+        # second off, which is more than some phases of a restart take).
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
         return None
-    return boot + ticks / os.sysconf("SC_CLK_TCK")
+    return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
 
 
 class StopSignal:

@@ -32,7 +32,6 @@ from gigatrain.data.source import open_data_once
 from gigatrain.fault.inject import FaultPlan
 from gigatrain.fault.watchdog import Watchdog
 from gigatrain.metrics.mfu import peak_flops
-from gigatrain.metrics.plots import plot_run
 from gigatrain.metrics.processor import MetricsProcessor
 from gigatrain.models.flops import param_counts, training_flops_per_token
 from gigatrain.models.transformer import Transformer
@@ -45,7 +44,7 @@ from gigatrain.rundir import RunDir, RunDirLock
 from gigatrain.train.balancing import ExpertBalance
 from gigatrain.train.checkpointing import CheckpointManager, TrainState
 from gigatrain.train.optim import build_optimizer, set_learning_rate
-from gigatrain.train.recovery import Recovery
+from gigatrain.train.recovery import Recovery, StartPhases
 from gigatrain.train.schedule import lr_at, schedule_horizon
 from gigatrain.train.stopping import PREEMPTION_SIGNALS, RunClock, Stopping, StopSignal
 from gigatrain.train.validation import Validator
@@ -85,6 +84,7 @@ class Trainer:
         self.cfg = cfg
         t = cfg.train
         self.clock = RunClock(started_at or time.time(), t.time_limit_s)
+        self.phases = StartPhases(self.clock.started_at)  # where this process's start goes (Recovery records it)
         self.run_dir = RunDir(cfg.run_dir)
         # The layout is checked before any process group, data or model exists.
         self.dims = parallel_dims(cfg, resolve_model_args(cfg))
@@ -104,9 +104,10 @@ class Trainer:
     def _build(self, cfg: Config) -> None:
         t = cfg.train
         self.mesh = self.dims.build_meshes(self.device.type) if self.dims.world_size > 1 else None
+        self.phases.reached("rendezvous")
         self.faults = FaultPlan.from_env(cfg.run_dir, global_rank(), self.dims.world_size)
         records = self.run_dir if self.is_main else None  # rank 0 records the run
-        self.recovery = Recovery(cfg.fault, records, self.clock.started_at)
+        self.recovery = Recovery(cfg.fault, records, self.phases)
 
         self.data = open_data_once(cfg)
         self.seq_len = cfg.data.seq_len
@@ -136,6 +137,7 @@ class Trainer:
                                              event=self.metrics.event, is_main=self.is_main)
         self.validator = Validator(cfg, self.data, self.parallel, dims=self.dims, device=self.device, dtype=self.dtype,
                                    clock=self.clock, run_dir=self.run_dir)
+        self.phases.reached("build")
 
     @property
     def model(self) -> torch.nn.Module:
@@ -210,7 +212,7 @@ class Trainer:
         resumed = self.checkpoints.resume()
         watchdog.beat("the first step", startup=True)
         start_step = self.state.step
-        self.recovery.begin(start_step, self.metrics)
+        self.recovery.begin(start_step, self.metrics, loaded_from=self.checkpoints.loaded_from)
         self._record_start(resumed)
         if t.time_limit_s:
             self.validator.measure_end_costs()
@@ -218,8 +220,8 @@ class Trainer:
         stopped_by, loss, val, cut = "max_steps", float("nan"), (None, None), None
         try:
             while self.state.step < t.max_steps:
-                self.recovery.first_step(self.metrics)
                 loss, seconds, rolled_back = self._next_step(watchdog)
+                self.recovery.after_step(seconds, self.metrics)
                 if rolled_back:
                     watchdog.beat("a step after the rollback")
                     continue  # back at a checkpointed step: nothing to evaluate or save
@@ -234,6 +236,7 @@ class Trainer:
                 if self.checkpoints.due(step):
                     self.clock.spent["checkpoints"] += self.checkpoints.save()
                     watchdog.beat()
+            self.recovery.write_start(self.metrics)  # a process that did a single step
             self.metrics.close_display()
             if stopped_by in PREEMPTION_SIGNALS:
                 self.metrics.message(f"{stopped_by}: saving a checkpoint at step {self.state.step}, then exiting for a requeue")
@@ -277,6 +280,9 @@ class Trainer:
         self.metrics.close_metrics()
         if self.is_main and not (cut_by or stopping.signal.received or self.clock.late()):
             with self.clock.timed("samples_plots"):
+                # matplotlib is imported here, at the end: it would delay every start and restart.
+                from gigatrain.metrics.plots import plot_run
+
                 plot_run(self.run_dir)
         spent = self.clock.time_spent()
         self.metrics.event({"event": "stop", "step": self.state.step, "reason": stopped_by, "cut_short_by": cut_by,

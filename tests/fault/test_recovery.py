@@ -17,6 +17,7 @@ import torch
 from gigatrain.fault import EXIT_DIVERGED, EXIT_HANG, EXIT_REQUEUE
 from gigatrain.metrics.goodput import summarize
 from gigatrain.rundir import RunDir
+from gigatrain.train.recovery import PHASES
 from fault_runs import BASE, STEPS, assert_same_run, events, train_2proc
 from helpers import REPO, children, final_weights, kill_tree, run_cli, step_values, torchrun
 
@@ -33,10 +34,18 @@ def test_killed_rank_restarts_from_the_last_checkpoint_bit_exact(tmp_path, byte_
     restart, = events(run_dir, "restart")
     assert restart["after"] == "failure" and restart["step"] == 5
     assert restart["recomputed_steps"] == 1  # step 6 was logged before the kill at step 7, and done again
-    assert restart["restart_s"] > 0
+    assert restart["restart_s"] > 0 and restart["loaded_from"] == "storage"
+    # Where the restart went, phase by phase, from the last sign of life to the first step's end.
+    assert list(restart["phases"]) == list(PHASES) and min(restart["phases"].values()) >= 0
+    assert sum(restart["phases"].values()) == pytest.approx(restart["restart_s"])
+    assert restart["phases"]["imports_s"] > 0 and restart["phases"]["load_s"] > 0
+    startup, = events(run_dir, "startup")  # the job's first start: no failure to detect, nothing loaded
+    assert startup["loaded_from"] is None and set(startup["phases"]) == set(PHASES) - {"detect_s", "start_s"}
+    assert sum(startup["phases"].values()) == pytest.approx(startup["startup_s"])
 
     report = run_cli("report", str(run_dir), check=True).stdout
     assert "goodput" in report and "restarts" in report
+    assert "where start-up time goes" in report and "loaded their state from: storage (1)" in report
 
     summary = summarize(RunDir(run_dir))
     assert summary["restarts"] == 1 and summary["failures"] == 1 and summary["recomputed_steps"] == 1

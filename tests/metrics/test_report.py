@@ -58,3 +58,39 @@ def test_a_folder_without_steps_or_that_does_not_exist_is_one_line(tmp_path):
         report(RunDir(tmp_path / "missing"))
     with pytest.raises(ConfigError, match="has no training steps in metrics.jsonl"):
         report(RunDir(tmp_path))
+
+
+def test_the_report_shows_each_restart_phase_as_its_median_and_where_state_was_loaded_from(tmp_path, capsys):
+    run = RunDir(tmp_path / "run")
+    write_run(run)
+    phases = {"detect_s": 1.0, "start_s": 0.0, "imports_s": 4.0, "rendezvous_s": 0.5, "build_s": 1.0, "load_s": 0.5,
+              "compile_s": 0.0, "first_step_s": 0.25}
+    events = [{"event": "start", "step": 0, "process_start": 90.0, "time": 95.0},
+              {"event": "startup", "step": 0, "loaded_from": None, "startup_s": 6.0, "time": 101.0,
+               "phases": {name: value for name, value in phases.items() if name not in ("detect_s", "start_s")}}]
+    for i, (detect, load) in enumerate([(1.0, 0.5), (3.0, 2.5), (2.0, 0.75)]):  # three restarts
+        restart = {**phases, "detect_s": detect, "load_s": load}
+        events.append({"event": "restart", "step": 5, "after": "failure", "recomputed_steps": 1, "recomputed_s": 1.0,
+                       "restart_s": sum(restart.values()), "phases": restart,
+                       "loaded_from": "memory" if i == 1 else "storage", "time": 102.0 + i})
+    run.events.write_text("".join(json.dumps(e) + "\n" for e in events))
+    summary = report(run)
+    out = capsys.readouterr().out
+    phase_summary = summary["start_phases"]
+    assert phase_summary["restarts"] == 3
+    assert phase_summary["restart_phases"]["detect_s"] == 2.0 and phase_summary["restart_phases"]["load_s"] == 0.75
+    assert phase_summary["restart_s"] == 8.5  # the median restart (detect 2.0, load 0.75)
+    assert phase_summary["loaded_from"] == {"storage": 2, "memory": 1}
+    rows = {line.split("│")[1].strip(): [cell.strip() for cell in line.split("│")[2:4]]
+            for line in out.splitlines() if line.count("│") == 4}
+    assert rows["detect"] == ["2.00", "-"] and rows["load"] == ["0.75", "0.50"] and rows["imports"] == ["4.00", "4.00"]
+    assert rows["total"] == ["8.50", "6.00"]
+    assert "median of 3" in out and "storage (2), memory (1)" in out
+
+
+def test_a_run_without_recorded_phases_has_no_phase_table(tmp_path, capsys):
+    run = RunDir(tmp_path / "run")
+    write_run(run)
+    run.events.write_text(json.dumps({"event": "restart", "step": 5, "restart_s": 3.0, "time": 1.0}) + "\n")
+    assert "start_phases" not in report(run)
+    assert "where start-up time goes" not in capsys.readouterr().out

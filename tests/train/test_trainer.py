@@ -189,19 +189,19 @@ def test_time_limit_covers_the_whole_run_and_caps_an_expensive_final_evaluation(
 SIGNAL_AT = """
 import os, signal, sys
 from gigatrain import cli
-from gigatrain.train import trainer
+from gigatrain.metrics import plots
 from gigatrain.train.checkpointing import CheckpointManager
 from gigatrain.train.validation import Validator
 
 when, name, args = sys.argv[1], sys.argv[2], sys.argv[3:]
 send = lambda: os.kill(os.getpid(), getattr(signal, name))
-final_checkpoint, evaluate, plot_run = CheckpointManager.final_checkpoint, Validator.evaluate, trainer.plot_run
+final_checkpoint, evaluate, plot_run = CheckpointManager.final_checkpoint, Validator.evaluate, plots.plot_run
 if when == "before_commit":
     CheckpointManager.final_checkpoint = lambda self: (send(), final_checkpoint(self))
 elif when == "final_eval":
     Validator.evaluate = lambda self, *args, **kwargs: (send(), evaluate(self, *args, **kwargs))[1]
 else:
-    trainer.plot_run = lambda run_dir: (send(), plot_run(run_dir))[1]
+    plots.plot_run = lambda run_dir: (send(), plot_run(run_dir))[1]
 sys.exit(cli.run(args))
 """
 
