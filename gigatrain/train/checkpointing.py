@@ -104,6 +104,9 @@ class CheckpointManager:
         self.allow_data_change = cfg.data.allow_change
         self.cost_s = self.assumed_cost_s()  # one checkpoint from its start to its commit, for the time limit
         self.cost_measured = False
+        # Where this process's state came from: "storage" (a checkpoint here), "replica" (a
+        # healthy replica group's live state, train/replica.py), None (a new run).
+        self.loaded_from: str | None = None
         t = cfg.train
         self.every = t.checkpoint_every
         self.checkpointer = checkpoint.Checkpointer(run_dir.checkpoints, t.keep_checkpoints, t.async_checkpoint,
@@ -160,6 +163,7 @@ class CheckpointManager:
         self.cfg.data.allow_change = False
         if restored is None:
             return False
+        self.loaded_from = "storage"
         self.state.schedule_steps = schedule_horizon(self.cfg.train, restored.get("schedule_steps"))
         identity = restored.get("identity", {})
         same_data = "data" not in identity or (identity["data"] is not None

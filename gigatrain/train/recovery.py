@@ -53,11 +53,17 @@ class Recovery:
         elif segment is not None:
             self.restart = segment
 
-    def first_step(self, metrics: MetricsProcessor) -> None:
-        """The first step of a resumed process has begun: the restart is over."""
+    def first_step(self, metrics: MetricsProcessor, loaded_from: str | None = None, step: int | None = None) -> None:
+        """The first step of a resumed process has begun: the restart is over. `loaded_from`:
+        where its state came from (CheckpointManager.loaded_from); `step`: the step it starts
+        from, when that moved past the resumed one (a replica group that received a healthy
+        group's live state has no steps to recompute)."""
         if self.restart is not None:
             previous_end = self.restart.pop("previous_end")
-            metrics.event({**self.restart, "restart_s": time.time() - previous_end})
+            if step is not None and step != self.restart["step"]:
+                lost = [r for r in self.history[0] if "loss" in r and r["step"] > step]
+                self.restart.update(step=step, recomputed_steps=len(lost), recomputed_s=sum(r["step_time_s"] for r in lost))
+            metrics.event({**self.restart, "restart_s": time.time() - previous_end, "loaded_from": loaded_from})
             self.restart = None
 
     def on_skipped_update(self, reason: str, step: int, loss: float, grad_norm: float, checkpoints: CheckpointManager,
