@@ -79,8 +79,20 @@ class ReplicaGroup:
         announced itself before building its model would hold the others back meanwhile."""
         # torchft logs every quorum and commit at INFO; RUST_LOG=info brings them back.
         os.environ.setdefault("RUST_LOG", "warn")
+        from torchft._torchft import LighthouseClient
         from torchft.manager import Manager
         from torchft.process_group import ProcessGroupGloo, ProcessGroupNCCL
+
+        if self.group_rank == 0:  # the rank that talks to the Lighthouse: a wrong address is a config error
+            # Reaching it is a start-up phase (launchers start it beside the groups): bounded by
+            # fault.startup_timeout_s like joining the process group.
+            bound_s = self.cfg.fault.startup_timeout_s or 86400.0
+            try:
+                LighthouseClient(self.lighthouse, connect_timeout=timedelta(seconds=bound_s))
+            except RuntimeError:
+                raise ConfigError(f"cannot reach the torchft Lighthouse at {self.lighthouse} within "
+                                  f"fault.startup_timeout_s={bound_s:g} s; start it (python -m gigatrain lighthouse) "
+                                  f"or fix fault.lighthouse / {LIGHTHOUSE_ENV}") from None
 
         timeout = timedelta(seconds=max(60.0, self.cfg.fault.watchdog_s / 2 or 60.0))
         pg = ProcessGroupNCCL(timeout=timeout) if torch.cuda.is_available() else ProcessGroupGloo(timeout=timeout)

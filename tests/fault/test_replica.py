@@ -176,6 +176,7 @@ def test_averaged_gradients_equal_one_model_on_the_combined_batch(monkeypatch):
     ([], {}, "needs this replica group's number"),
     ([], {"REPLICA_GROUP_ID": "x"}, "REPLICA_GROUP_ID='x' is not valid"),
     (["--fault.replica_id=1"], {"TORCHFT_LIGHTHOUSE": ""}, "needs the torchft Lighthouse's address"),
+    (["--fault.replica_id=1", "--fault.lighthouse=http://localhost:1", "--fault.startup_timeout_s=1"], {}, "cannot reach the torchft Lighthouse at http://localhost:1"),
 ])
 def test_replica_mode_config_errors_are_one_line(tmp_path, byte_data, monkeypatch, capsys, overrides, env, message):
     monkeypatch.delenv("REPLICA_GROUP_ID", raising=False)
