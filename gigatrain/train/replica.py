@@ -241,16 +241,17 @@ def serve_lighthouse(bind: str, min_replicas: int, join_timeout_ms: int, quorum_
         raise ConfigError("the Lighthouse is torchft's, which is not installed; pip install 'gigatrain[ft]' (torchft==0.2.0)")
     from torchft._torchft import LighthouseServer
 
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
     try:
         server = LighthouseServer(bind=bind, min_replicas=min_replicas, join_timeout_ms=join_timeout_ms,
                                   quorum_tick_ms=quorum_tick_ms, heartbeat_timeout_ms=heartbeat_timeout_ms)
     except Exception as err:  # a taken port, a bad address: the library's own words
         raise ConfigError(f"the Lighthouse cannot serve on --bind {bind}: {err}") from None
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
     print(f"torchft Lighthouse at {server.address()} (min_replicas {min_replicas}); start each replica group with "
           f"{LIGHTHOUSE_ENV}={server.address()}", flush=True)
-    stop.wait()
+    while not stop.wait(1.0):  # a timed wait, so that the signal handler gets to run
+        pass
     server.shutdown()
     return 0
