@@ -125,10 +125,12 @@ class ReplicaGroup:
         self.participants = self.manager.num_participants()
         if self.state.step == 0:
             # A new run starts with all its groups: the ones launched first wait for the others
-            # (for FIRST_QUORUM_WAIT_S at most) rather than train step 1 alone and hand their
-            # state to each late one.
-            deadline = time.monotonic() + FIRST_QUORUM_WAIT_S
-            while self.participants < self.cfg.fault.replica_groups and time.monotonic() < deadline:
+            # (about FIRST_QUORUM_WAIT_S at most) rather than train step 1 alone and hand their
+            # state to each late one. Counted in tries, not read off a clock, so that every rank
+            # of the group asks for the same number of quorums.
+            for _ in range(int(FIRST_QUORUM_WAIT_S / 0.1)):
+                if self.participants >= self.cfg.fault.replica_groups:
+                    break
                 time.sleep(0.1)
                 self.manager.start_quorum()
                 self.participants = self.manager.num_participants()
