@@ -1,4 +1,4 @@
-"""`gigatrain prepare|train|eval|generate|export|import|report|plan|launch`.
+"""`gigatrain prepare|train|eval|generate|export|import|report|plan|launch|lighthouse`.
 
 User mistakes (a bad config key, a missing file, a corrupted shard) end with one
 line on stderr, `gigatrain: error: ...`, and exit code 2, never a traceback. Under
@@ -73,6 +73,17 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}/manifest.json (tokenizer {manifest['tokenizer']['kind']}, "
           f"vocabulary {manifest['tokenizer']['vocab_size']:,}, {manifest['dtype']})")
     return 0
+
+
+# -- lighthouse -----------------------------------------------------------------------------
+def cmd_lighthouse(args: argparse.Namespace) -> int:
+    from gigatrain.train.replica import serve_lighthouse
+
+    for name in ("min_replicas", "join_timeout_ms", "quorum_tick_ms", "heartbeat_timeout_ms"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)} is not valid; it must be at least 1")
+    return serve_lighthouse(args.bind, args.min_replicas, args.join_timeout_ms, args.quorum_tick_ms,
+                            args.heartbeat_timeout_ms)
 
 
 # -- train ----------------------------------------------------------------------------------
@@ -439,6 +450,17 @@ def build_parser() -> Parser:
     p.add_argument("run_dir", help=run_dir_help)
 
     sub.add_parser("plan", help="plan a cluster: layout, days, MW, cost (gigatrain plan --help)", add_help=False)
+
+    p = sub.add_parser("lighthouse", help="serve torchft's Lighthouse for fault.recovery=replica (until Ctrl-C)",
+                       description="The quorum server the replica groups of fault.recovery=replica join "
+                                   "(docs/fault-tolerance.md, \"Replica groups\"); it prints its address.")
+    p.add_argument("--bind", default="[::]:29510", help="address and port to serve on (default: [::]:29510)")
+    p.add_argument("--min-replicas", type=int, default=1, help="replica groups a quorum needs (default: 1)")
+    p.add_argument("--join-timeout-ms", type=int, default=10000,
+                   help="how long a quorum waits for a live group that has not asked to join yet (default: 10000)")
+    p.add_argument("--quorum-tick-ms", type=int, default=100, help="how often a waiting quorum is checked (default: 100)")
+    p.add_argument("--heartbeat-timeout-ms", type=int, default=5000,
+                   help="silence after which a group is taken for dead (default: 5000)")
     _launch_parsers(sub)
     return parser
 
@@ -482,6 +504,8 @@ def run(argv: list[str]) -> int:
             return cmd_train(args, overrides)
         if args.command == "launch":
             return cmd_launch(args, overrides, argv)
+        if args.command == "lighthouse":
+            return cmd_lighthouse(args)
         return {"prepare": cmd_prepare, "eval": cmd_eval, "generate": cmd_generate, "export": cmd_export,
                 "import": cmd_import,
                 "report": cmd_report}[args.command](args)

@@ -8,6 +8,7 @@ names the key and what would be valid. Nothing is ever ``eval``-ed.
 from __future__ import annotations
 
 import dataclasses
+import os
 import tomllib
 import types
 import typing
@@ -176,10 +177,14 @@ class FaultConfig:
     memory_every: int = 5
     memory_dir: str = "/dev/shm/gigatrain"
     ranks_per_host: int = 0
-    # replica: the number of replica groups R (each its own torchrun job), and this group's id
-    # (-1: from the environment's REPLICA_GROUP_ID). The launchers start one job per group.
+    # fault.recovery=replica (docs/fault-tolerance.md, "Replica groups"): this torchrun job is
+    # replica group replica_id of replica_groups, which train the same model on their own
+    # shares of the data and average gradients through torchft; it records into
+    # RUN_DIR/replica<replica_id>/.
     replica_groups: int = 2
-    replica_id: int = -1
+    replica_id: int = -1  # -1: from the environment's REPLICA_GROUP_ID
+    min_replicas: int = 1  # replica groups a step needs to commit its update
+    lighthouse: str = ""  # the torchft Lighthouse, e.g. http://host:29510; "": the environment's TORCHFT_LIGHTHOUSE
 
 
 @dataclass
@@ -193,7 +198,9 @@ class Config:
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.run.dir or f"runs/{self.run.name}")
+        """This process's run directory: a replica group's own folder under run.dir in replica mode."""
+        base = Path(self.run.dir or f"runs/{self.run.name}")
+        return base / f"replica{self.fault.replica_id}" if self.fault.recovery == "replica" else base
 
 
 def _sections(cfg: Config) -> dict[str, object]:
@@ -315,6 +322,23 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _validate_replica(f: FaultConfig) -> None:
+    """Replica mode's keys; the group's id is taken from REPLICA_GROUP_ID here when the config
+    leaves it unset, so that the run directory (Config.run_dir) and config.json name the group."""
+    _require(f.replica_groups >= 2, f"fault.replica_groups={f.replica_groups} is not valid; fault.recovery=replica needs "
+             f"at least 2 replica groups (with one, use fault.recovery=storage or memory)")
+    if f.replica_id == -1 and os.environ.get("REPLICA_GROUP_ID", "").strip():
+        text = os.environ["REPLICA_GROUP_ID"].strip()
+        _require(text.isdigit(), f"REPLICA_GROUP_ID={text!r} is not valid; it must be this group's number, 0 to {f.replica_groups - 1}")
+        f.replica_id = int(text)
+    _require(f.replica_id != -1, "fault.recovery=replica needs this replica group's number: pass "
+             f"--fault.replica_id=I (0 to {f.replica_groups - 1}) or set REPLICA_GROUP_ID")
+    _require(0 <= f.replica_id < f.replica_groups, f"fault.replica_id={f.replica_id} is not valid; with "
+             f"fault.replica_groups={f.replica_groups} it must be 0 to {f.replica_groups - 1}")
+    _require(1 <= f.min_replicas <= f.replica_groups, f"fault.min_replicas={f.min_replicas} is not valid; it must be 1 to "
+             f"fault.replica_groups={f.replica_groups}")
+
+
 def validate(cfg: Config) -> None:
     """Values that have the right type but cannot work."""
     m, d, t, p = cfg.model, cfg.data, cfg.train, cfg.parallel
@@ -386,6 +410,8 @@ def validate(cfg: Config) -> None:
     _require(f.ranks_per_host >= 0, f"fault.ranks_per_host={f.ranks_per_host} is not valid; use 0 for torchrun's LOCAL_WORLD_SIZE or the number of processes per host")
     _require(bool(f.memory_dir), "fault.memory_dir is empty; name a folder in host memory (e.g. /dev/shm/gigatrain)")
     _require(f.max_rollbacks >= 0, f"fault.max_rollbacks={f.max_rollbacks} is not valid; it must be 0 or more")
+    if f.recovery == "replica":
+        _validate_replica(f)
     # micro_batch_size is per rank: parallel.mesh.parallel_dims checks it against the layout.
     for name in DEGREES:
         value = getattr(p, name)

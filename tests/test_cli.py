@@ -226,7 +226,7 @@ def test_train_help_lists_every_config_key_with_its_default(capsys):
             assert lines.get(f"{section.name}.{key.name}") == shown, f"{section.name}.{key.name} in train --help"
 
 
-@pytest.mark.parametrize("command", ["eval", "generate", "export", "import", "report"])
+@pytest.mark.parametrize("command", ["eval", "generate", "export", "import", "report", "lighthouse"])
 def test_help_explains_every_option_and_shows_its_default(capsys, command):
     import argparse
 

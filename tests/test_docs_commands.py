@@ -10,6 +10,7 @@ What "runs" means, by program (see `Session.run_simple`):
 - `gigatrain` (also `python -m gigatrain`) runs in this process and must exit 0; `train` gets
   --dry-run, so its config, layout, data folder and GIGATRAIN_FAULT are checked and nothing is
   trained (a documented run takes minutes to weeks).
+- `gigatrain lighthouse` serves until stopped: its options are parsed, not served.
 - `torchrun ... -m gigatrain train ...`: the same dry run, for the world size torchrun would
   start (--nnodes x --nproc-per-node), with the command's environment.
 - What a user brings is made up, small: a missing source of `prepare` or text of `eval` becomes
@@ -238,6 +239,10 @@ class Session:
         return self.gigatrain([*parsed.training_script_args, "--world-size", str(world)], env)
 
     def gigatrain(self, args: list[str], env: dict) -> str:
+        if args[:1] == ["lighthouse"]:
+            # It serves until stopped: its options are parsed, and tests/fault/test_replica.py runs it.
+            cli.build_parser().parse_args(args)
+            return ""
         self.provide_inputs(args)
         args = [expanded for word in args for expanded in (sorted(glob.glob(word)) or [word])]
         if args[:1] == ["train"] and "--dry-run" not in args:

@@ -108,6 +108,9 @@ class CheckpointManager:
         self.allow_data_change = cfg.data.allow_change
         self.cost_s = self.assumed_cost_s()  # one checkpoint from its start to its commit, for the time limit
         self.cost_measured = False
+        # Where this process's state came from: "storage" (a checkpoint here), "replica" (a
+        # healthy replica group's live state, train/replica.py), None (a new run).
+        self.loaded_from: str | None = None
         t = cfg.train
         self.every = t.checkpoint_every
         # Where resume found the state this process continues from: "storage" (the DCP

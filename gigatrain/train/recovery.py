@@ -135,6 +135,17 @@ class Recovery:
         metrics.event({**record, total: first_step_end - previous_end, "phases": phases,
                        "first_step_time_s": first_step_s})
 
+    def state_received(self, step: int, loaded_from: str | None) -> None:
+        """Before the first step: this process's state came from elsewhere after all (a replica
+        group that is behind loads a healthy group's live state at its first quorum), so the
+        restart resumes at `step`, with no steps to recompute past it."""
+        if self.start is None or self.first_step is not None:
+            return
+        self.start["loaded_from"] = loaded_from
+        if self.start["event"] == "restart" and step != self.start["step"]:
+            lost = [r for r in self.history[0] if "loss" in r and r["step"] > step]
+            self.start.update(step=step, recomputed_steps=len(lost), recomputed_s=sum(r["step_time_s"] for r in lost))
+
     def on_skipped_update(self, reason: str, step: int, loss: float, grad_norm: float, checkpoints: CheckpointManager,
                           metrics: MetricsProcessor) -> bool:
         """The guard skipped this step's update; after rollback_after in a row, roll back to the

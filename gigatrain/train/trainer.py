@@ -45,6 +45,7 @@ from gigatrain.train.balancing import ExpertBalance
 from gigatrain.train.checkpointing import CheckpointManager, TrainState
 from gigatrain.train.optim import build_optimizer, set_learning_rate
 from gigatrain.train.recovery import Recovery, StartPhases
+from gigatrain.train.replica import ReplicaGroup, lighthouse_address
 from gigatrain.train.schedule import lr_at, schedule_horizon
 from gigatrain.train.stopping import PREEMPTION_SIGNALS, RunClock, Stopping, StopSignal
 from gigatrain.train.validation import Validator
@@ -91,6 +92,7 @@ class Trainer:
         self.device = pick_device(t.device)
         self.dtype = pick_dtype(t.dtype, self.device)
         check_float8(t, self.device, self.dims.tp)
+        self.lighthouse = lighthouse_address(cfg.fault) if cfg.fault.recovery == "replica" else None
         self.owns_process_group = init_distributed(self.device, cfg.fault.startup_timeout_s, cfg.run_dir)
         self.is_main = is_main_process()
         # One trainer per run directory, settled before anything in it is read or written.
@@ -121,8 +123,11 @@ class Trainer:
         self.optimizers = [build_optimizer(part, t, self.device) for part in self.parallel.parts]
         self.balance = ExpertBalance(self.parallel) if self.model_args.is_moe else None
         self.moe_record: dict = {}  # the last step's router statistics (MoE runs)
-        self.loader = BatchLoader(self.data.split("train"), self.seq_len, self.dims.global_batch, seed=t.seed,
-                                  rank=self.parallel.dp_rank, world_size=self.dims.dp)
+        # Replica groups read as data-parallel ranks of the whole: group i's ranks come after
+        # the ranks of groups 0..i-1, and each group trains on its train.batch_size sequences.
+        groups, group = (cfg.fault.replica_groups, cfg.fault.replica_id) if self.lighthouse else (1, 0)
+        self.loader = BatchLoader(self.data.split("train"), self.seq_len, self.dims.global_batch * groups, seed=t.seed,
+                                  rank=group * self.dims.dp + self.parallel.dp_rank, world_size=groups * self.dims.dp)
 
         self.tokens_per_step = self.dims.global_batch * self.seq_len
         self.flops_per_token = training_flops_per_token(self.model_args, self.seq_len)
@@ -137,6 +142,10 @@ class Trainer:
                                              event=self.metrics.event, is_main=self.is_main)
         self.validator = Validator(cfg, self.data, self.parallel, dims=self.dims, device=self.device, dtype=self.dtype,
                                    clock=self.clock, run_dir=self.run_dir)
+        self.replica = None if self.lighthouse is None else ReplicaGroup(
+            cfg, self.lighthouse, group_rank=global_rank(), group_size=self.dims.world_size, parallel=self.parallel,
+            optimizers=self.optimizers, loader=self.loader, state=self.state, guard=self.recovery.guard,
+            checkpoints=self.checkpoints, metrics=self.metrics, started_at=self.clock.started_at)
         self.phases.reached("build")
 
     @property
@@ -149,14 +158,21 @@ class Trainer:
     # -- one optimizer step ---------------------------------------------------------
     def train_step(self, inputs: torch.Tensor, targets: torch.Tensor, lr: float) -> tuple[float, float, str | None]:
         """One step on this rank's share of the global batch; returns the global mean loss, the
-        gradient norm (the same on every rank) and why the update was skipped (None: applied)."""
+        gradient norm (the same on every rank) and why the update was skipped (None: applied;
+        "uncommitted": a replica group failed during the step, see `ReplicaGroup.should_commit`)."""
         for optimizer in self.optimizers:
             set_learning_rate(optimizer, lr)
         local_loss = self.parallel.forward_backward(inputs, targets)
         if self.faults and self.faults.after_backward(self.state.step + 1, self._local_gradients()):
             local_loss = local_loss * float("nan")
-        grad_norm = self.parallel.clip_grad_norm(self.cfg.train.grad_clip or float("inf"))
         loss = self.parallel.reduce_sum(local_loss / (self.dims.dp * self.dims.cp))
+        if self.replica is not None:
+            loss = self.replica.average(loss)  # and the gradients, over the replica groups in the step
+            if not self.replica.should_commit():
+                for optimizer in self.optimizers:
+                    optimizer.zero_grad(set_to_none=True)
+                return float("nan"), float("nan"), "uncommitted"
+        grad_norm = self.parallel.clip_grad_norm(self.cfg.train.grad_clip or float("inf"))
         # The step's one wait for the GPU: the guard must see the loss and gradient norm before
         # the optimizer applies the update (a NaN applied poisons the weights and AdamW's
         # moments for good), so both are read here, in one transfer rather than one each.
@@ -178,17 +194,28 @@ class Trainer:
 
     def _next_step(self, watchdog: Watchdog) -> tuple[float, float, bool]:
         """The next optimizer step, recorded; returns its loss and seconds, and whether the
-        guard rolled the run back to its last checkpoint after it."""
+        step did not advance the run: the guard rolled it back to its last checkpoint, or a
+        replica group failed during it (the step is tried again)."""
         started = time.perf_counter()
+        # The replica groups' quorum; a group that is behind loads a healthy one's live state here.
+        replicas = {"replicas": self.replica.start_step()} if self.replica is not None else {}
+        if self.replica is not None:
+            self.recovery.state_received(self.state.step, self.checkpoints.loaded_from)
         self.faults.before_step(self.state.step + 1)
         inputs, targets = self.loader.next_batch()
         lr = lr_at(self.state.step + 1, self.cfg.train, self.state.schedule_steps)
         loss, grad_norm, skipped = self.train_step(inputs, targets, lr)
-        self.state.step += 1
         seconds = time.perf_counter() - started
+        if skipped == "uncommitted":
+            watchdog.beat()
+            self.metrics.event({"event": "uncommitted", "step": self.state.step + 1, "seconds": seconds})
+            self.metrics.message(f"step {self.state.step + 1}: a replica group failed during the step; "
+                                 f"its update is dropped and the step tried again")
+            return loss, seconds, True
+        self.state.step += 1
         self.state.train_time_s += seconds
         watchdog.beat()
-        self.metrics.log_step(self.state.step, loss, lr, grad_norm, seconds, skipped, extra=self.moe_record)
+        self.metrics.log_step(self.state.step, loss, lr, grad_norm, seconds, skipped, extra={**self.moe_record, **replicas})
         rolled_back = bool(skipped) and self.recovery.on_skipped_update(skipped, self.state.step, loss, grad_norm,
                                                                         self.checkpoints, self.metrics)
         return loss, seconds, rolled_back
@@ -211,6 +238,8 @@ class Trainer:
         t = self.cfg.train
         resumed = self.checkpoints.resume()
         watchdog.beat("the first step", startup=True)
+        if self.replica is not None:
+            self.replica.start()
         start_step = self.state.step
         self.recovery.begin(start_step, self.metrics, loaded_from=self.checkpoints.loaded_from)
         self._record_start(resumed)
@@ -220,11 +249,11 @@ class Trainer:
         stopped_by, loss, val, cut = "max_steps", float("nan"), (None, None), None
         try:
             while self.state.step < t.max_steps:
-                loss, seconds, rolled_back = self._next_step(watchdog)
+                loss, seconds, repeat = self._next_step(watchdog)
                 self.recovery.after_step(seconds, self.metrics)
-                if rolled_back:
+                if repeat:
                     watchdog.beat("a step after the rollback")
-                    continue  # back at a checkpointed step: nothing to evaluate or save
+                    continue  # back at a checkpointed step (or no step done): nothing to evaluate or save
                 step = self.state.step
                 if self.validator.due(step):
                     val = self.validator.validate(step, self.metrics)
@@ -251,6 +280,8 @@ class Trainer:
                 val = self.validator.finish(self.state.step, cut, self.metrics)
         finally:
             self.checkpoints.close()
+            if self.replica is not None:
+                self.replica.close()
         return self._record_end(stopping, stopped_by, loss, val, cut.by if cut is not None else None)
 
     def _record_start(self, resumed: bool) -> None:
