@@ -324,7 +324,7 @@ def _launch_parsers(sub) -> None:
 
 def _config_keys_help() -> str:
     """The config keys of gigatrain/config.py, one per line: key, default, what it takes."""
-    from gigatrain.config import describe_keys
+    from gigatrain.config import PRESET_RECIPES, describe_keys
     from gigatrain.models.presets import PRESETS
 
     def shown(default: object) -> str:
@@ -339,7 +339,10 @@ def _config_keys_help() -> str:
     key_width, default_width = (max(len(row[i]) for row in rows) for i in (0, 1))
     return "\n".join(["config keys (key, default, what it takes):",
                       *(f"  {key:<{key_width}}  {default:<{default_width}}  {kind}" for key, default, kind in rows),
-                      f"model presets: {', '.join(PRESETS)}; (unset) model shapes are the preset's"])
+                      f"model presets: {', '.join(PRESETS)}; (unset) model shapes are the preset's",
+                      *(f"preset {preset}'s recipe (the defaults above when it is the preset; other presets keep "
+                        f"the dataclass defaults): {' '.join(f'{key}={value}' for key, value in recipe.items())}"
+                        for preset, recipe in PRESET_RECIPES.items())])
 
 
 def build_parser() -> Parser:
