@@ -340,9 +340,20 @@ def _config_keys_help() -> str:
     return "\n".join(["config keys (key, default, what it takes):",
                       *(f"  {key:<{key_width}}  {default:<{default_width}}  {kind}" for key, default, kind in rows),
                       f"model presets: {', '.join(PRESETS)}; (unset) model shapes are the preset's",
-                      *(f"preset {preset}'s recipe (the defaults above when it is the preset; other presets keep "
-                        f"the dataclass defaults): {' '.join(f'{key}={value}' for key, value in recipe.items())}"
+                      *(f"preset {preset} brings its recipe, {_settings(recipe)}; the other presets train with "
+                        f"{_settings({key: _dataclass_default(key) for key in recipe})}"
                         for preset, recipe in PRESET_RECIPES.items())])
+
+
+def _settings(values: dict) -> str:
+    return " ".join(f"{key}={value}" for key, value in values.items())
+
+
+def _dataclass_default(dotted: str) -> object:
+    from gigatrain.config import Config
+
+    section, _, key = dotted.partition(".")
+    return getattr(getattr(Config(), section), key)
 
 
 def build_parser() -> Parser:
