@@ -71,6 +71,8 @@ def main() -> None:
                 f"--train.batch_size={args.batch_size}", f"--train.max_steps={args.steps}",
                 "--train.eval_every=1000000", "--train.checkpoint_every=1000000", "--train.samples=0",
                 "--train.eval_batches=1", "--train.progress=plain", "--train.grad_clip=1.0",
+                # The bare loop's optimizer: this measures the trainer, not cpu-small's Muon recipe.
+                "--train.optimizer=adamw",
                 f"--run.dir={Path(tmp) / f'run{round_index}'}",
             ])
 

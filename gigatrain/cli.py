@@ -338,7 +338,7 @@ def _launch_parsers(sub) -> None:
 
 def _config_keys_help() -> str:
     """The config keys of gigatrain/config.py, one per line: key, default, what it takes."""
-    from gigatrain.config import describe_keys
+    from gigatrain.config import PRESET_RECIPES, describe_keys
     from gigatrain.models.presets import PRESETS
 
     def shown(default: object) -> str:
@@ -353,7 +353,21 @@ def _config_keys_help() -> str:
     key_width, default_width = (max(len(row[i]) for row in rows) for i in (0, 1))
     return "\n".join(["config keys (key, default, what it takes):",
                       *(f"  {key:<{key_width}}  {default:<{default_width}}  {kind}" for key, default, kind in rows),
-                      f"model presets: {', '.join(PRESETS)}; (unset) model shapes are the preset's"])
+                      f"model presets: {', '.join(PRESETS)}; (unset) model shapes are the preset's",
+                      *(f"preset {preset} brings its recipe, {_settings(recipe)}; the other presets train with "
+                        f"{_settings({key: _dataclass_default(key) for key in recipe})}"
+                        for preset, recipe in PRESET_RECIPES.items())])
+
+
+def _settings(values: dict) -> str:
+    return " ".join(f"{key}={value}" for key, value in values.items())
+
+
+def _dataclass_default(dotted: str) -> object:
+    from gigatrain.config import Config
+
+    section, _, key = dotted.partition(".")
+    return getattr(getattr(Config(), section), key)
 
 
 def build_parser() -> Parser:

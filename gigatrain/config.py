@@ -148,6 +148,17 @@ class ParallelConfig:
     auto: bool = False  # take the planner's best layout for the world size
 
 
+# A preset's recommended train settings, measured with it: they replace the defaults above for
+# that preset, and a config file or --section.key=value still overrides each (a resumed run keeps
+# its saved config.json). Only gigatrain's own default preset has one, tuned as a whole for
+# held-out bits per byte after 60 s on 2 CPU cores (docs/training.md, "The default recipe").
+# The rates are tuned at width 96 and untied, so they are not carried to other presets: the
+# published ones train with the plain defaults (AdamW at train.lr for every group) until a
+# measurement says otherwise.
+PRESET_RECIPES: dict[str, dict[str, object]] = {
+    "cpu-small": {"train.optimizer": "muon", "train.embed_lr": 0.2, "train.head_lr": 0.012},
+}
+
 # The layout vocabulary the trainer, the config and the planner share.
 DEGREES = ("dp_replicate", "dp_shard", "tp", "pp", "cp")
 PP_SCHEDULES = typing.get_args(typing.get_type_hints(ParallelConfig)["pp_schedule"])
@@ -223,9 +234,10 @@ def _describe(tp: object) -> str:
 
 def describe_keys() -> dict[str, list[tuple[str, str, object]]]:
     """Every key by section, as (key, what it takes, default): read from the dataclasses, so
-    `gigatrain train --help` lists exactly what `load_config` accepts."""
+    `gigatrain train --help` lists exactly what `load_config` accepts. The defaults are a plain
+    run's: the default preset's recipe included."""
     return {name: [(key, _describe(tp), getattr(section, key)) for key, tp in _field_types(section).items()]
-            for name, section in _sections(Config()).items()}
+            for name, section in _sections(load_config()).items()}
 
 
 def _coerce(key: str, value: object, tp: object, from_text: bool) -> object:
@@ -290,23 +302,38 @@ def parse_override(text: str) -> tuple[str, str]:
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
-    """Defaults, then the TOML file (if any), then the overrides; validated."""
+    """Defaults, then the model preset's recipe (PRESET_RECIPES), then the TOML file (if any),
+    then the overrides; validated."""
+    settings = _file_settings(path) + [(*parse_override(text), True) for text in overrides]
+    chosen = Config()  # read once to learn the preset, whose recipe goes under what was given
+    for key, value, from_text in settings:
+        _set(chosen, key, value, from_text)
     cfg = Config()
-    if path is not None:
-        path = Path(path)
-        try:
-            data = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file {str(path)!r} does not exist; pass an existing TOML file (see configs/)") from None
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {err}") from None
-        for section_name, table in data.items():
-            if not isinstance(table, dict):
-                raise ConfigError(f"{path}: top-level key {section_name!r} must be a [section] table")
-            for key, value in table.items():
-                _set(cfg, f"{section_name}.{key}", value, from_text=False)
-    apply_overrides(cfg, overrides)
+    for key, value in PRESET_RECIPES.get(chosen.model.preset, {}).items():
+        _set(cfg, key, value, from_text=False)
+    for key, value, from_text in settings:
+        _set(cfg, key, value, from_text)
+    validate(cfg)
     return cfg
+
+
+def _file_settings(path: str | Path | None) -> list[tuple[str, object, bool]]:
+    """The TOML file's settings as (section.key, value, from_text=False)."""
+    if path is None:
+        return []
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} does not exist; pass an existing TOML file (see configs/)") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {err}") from None
+    settings = []
+    for section_name, table in data.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: top-level key {section_name!r} must be a [section] table")
+        settings += [(f"{section_name}.{key}", value, False) for key, value in table.items()]
+    return settings
 
 
 def apply_overrides(cfg: Config, overrides: typing.Sequence[str]) -> None:

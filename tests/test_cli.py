@@ -209,14 +209,16 @@ def test_an_override_written_with_a_space_suggests_the_equals_form(capsys, args,
 def test_train_help_lists_every_config_key_with_its_default(capsys):
     import dataclasses
 
-    from gigatrain.config import Config
+    from gigatrain.config import Config, load_config
 
     code, out, _ = run_here(capsys, "train", "--help")
     assert code == 0
     lines = {line.split()[0]: line.split()[1] for line in out.splitlines() if line.startswith("  ") and "." in line.split()[0]}
+    plain = load_config()  # a plain `gigatrain train`: the default preset's recipe included
+    assert lines["train.optimizer"] == '"muon"'
     for section in dataclasses.fields(Config):
         for key in dataclasses.fields(section.default_factory()):
-            default = getattr(section.default_factory(), key.name)
+            default = getattr(getattr(plain, section.name), key.name)
             if default is None:
                 shown = "(unset)"
             elif isinstance(default, (bool, str)):

@@ -2,8 +2,11 @@ import pytest
 
 import dataclasses
 
-from gigatrain.config import MODEL_OVERRIDES, ConfigError, global_batch_size, load_config, resolve_model_args, to_toml
+from gigatrain.config import (MODEL_OVERRIDES, PRESET_RECIPES, ConfigError, TrainConfig, from_dict, global_batch_size, load_config,
+                              resolve_model_args, to_dict, to_toml)
+from gigatrain.models.presets import PRESETS
 from gigatrain.models.transformer import ModelArgs
+from helpers import REPO
 
 
 def test_defaults_and_overrides(tmp_path):
@@ -87,3 +90,32 @@ def test_global_batch_in_tokens():
     cfg = load_config(None, ["--data.seq_len=64", "--train.batch_size=4", "--train.batch_tokens=1024"])
     assert global_batch_size(cfg) == 16
     assert cfg.train.batch_size == 4  # validation checks values, it does not rewrite them
+
+
+def test_a_plain_run_takes_the_default_presets_recipe_and_explicit_values_win(tmp_path):
+    plain = load_config()
+    assert plain.model.preset == "cpu-small"
+    assert (plain.train.optimizer, plain.train.embed_lr, plain.train.head_lr) == ("muon", 0.2, 0.012)
+    args = resolve_model_args(plain)
+    assert (args.tie_embeddings, args.qk_norm, args.zero_init_residual) == (False, True, True)
+    assert load_config(REPO / "configs/cpu.toml") == plain  # it says it spells out the defaults
+    # Each recipe key gives way on its own, to the file and to the command line.
+    path = tmp_path / "c.toml"
+    path.write_text('[train]\nembed_lr = 0.1\noptimizer = "muon"\n')
+    cfg = load_config(path, ["--train.optimizer=adamw"])
+    assert (cfg.train.optimizer, cfg.train.embed_lr, cfg.train.head_lr) == ("adamw", 0.1, 0.012)
+    # The preset that is finally chosen brings its recipe, wherever it was chosen.
+    path.write_text('[model]\npreset = "cpu-small"\n')
+    assert load_config(path, ["--model.preset=tiny"]).train == TrainConfig()
+    assert load_config(REPO / "configs/tiny.toml", ["--model.preset=cpu-small"]).train.optimizer == "muon"
+    # A saved run's config (resume) is taken as it was, the recipe not laid under it again.
+    before = load_config(None, ["--train.optimizer=adamw", "--train.embed_lr=0", "--train.head_lr=0"])
+    assert from_dict(to_dict(before)) == before
+
+
+def test_the_other_presets_train_with_the_plain_defaults():
+    """The published presets' rates are not cpu-small's: AdamW at train.lr for every group."""
+    others = [name for name in PRESETS if name not in PRESET_RECIPES]
+    assert "gpt2-124m" in others and "llama3-1b" in others and "tiny" in others
+    for preset in others:
+        assert load_config(None, [f"--model.preset={preset}"]).train == TrainConfig(), preset

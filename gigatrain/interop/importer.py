@@ -75,13 +75,7 @@ def import_hf(hf_dir: Path, out: Path) -> Imported:
     if tokenizer.vocab_size > args.vocab_size:
         raise ConfigError(f"{hf_dir / TOKENIZER_FILE} has ids up to {tokenizer.vocab_size - 1}, beyond the model's "
                           f"vocab_size {args.vocab_size}; pass the tokenizer the model was trained with")
-    preset, overrides = preset_and_overrides(args)
-    cfg = Config()
-    cfg.run.dir = str(out)
-    cfg.model.preset = preset
-    for name, value in overrides.items():
-        setattr(cfg.model, name, value)
-    validate(cfg)
+    cfg = imported_config(args, out)
 
     with torch.device("meta"):  # allocated once, then filled tensor by tensor
         model = Transformer(args)
@@ -97,7 +91,22 @@ def import_hf(hf_dir: Path, out: Path) -> Imported:
         if created:  # nothing half-written is left to look like a run
             shutil.rmtree(out, ignore_errors=True)
         raise
-    return Imported(out, preset, args, tensors)
+    return Imported(out, cfg.model.preset, args, tensors)
+
+
+def imported_config(args: ModelArgs, out: Path) -> Config:
+    """The run's config: the model as its nearest preset plus overrides, and the dataclass defaults
+    for the rest, not load_config's: the preset is only the shape the model is written against, so
+    its recipe (config.PRESET_RECIPES, tuned for that preset's own model) is not the imported
+    model's. It continues with AdamW at train.lr for every group unless told otherwise."""
+    preset, overrides = preset_and_overrides(args)
+    cfg = Config()
+    cfg.run.dir = str(out)
+    cfg.model.preset = preset
+    for name, value in overrides.items():
+        setattr(cfg.model, name, value)
+    validate(cfg)
+    return cfg
 
 
 def preset_and_overrides(args: ModelArgs) -> tuple[str, dict]:

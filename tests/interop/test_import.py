@@ -2,6 +2,7 @@
 directory whose model computes transformers' logits, which `gigatrain train` continues from
 its very weights and `gigatrain generate` samples greedily as transformers does."""
 
+import dataclasses
 import json
 import shutil
 
@@ -10,6 +11,9 @@ import torch
 import transformers
 
 from gigatrain.cli import run
+from gigatrain.config import TrainConfig
+from gigatrain.interop.importer import imported_config
+from gigatrain.models.presets import PRESETS
 from gigatrain.data.loader import BatchLoader, TokenData
 from gigatrain.data.tokenizers import train_bpe
 from gigatrain.models.loss import loss_fn
@@ -51,6 +55,12 @@ def test_imported_model_computes_transformers_logits(tmp_path, tokenizer_file, t
     tokens = torch.randint(0, 320, (2, 300), generator=torch.Generator().manual_seed(0))  # past the original 64
     with torch.no_grad():
         assert torch.allclose(loaded.model.eval()(tokens), theirs(tokens).logits, atol=1e-4, rtol=0)
+
+
+def test_an_imported_model_does_not_take_the_recipe_of_the_preset_it_is_written_against(tmp_path):
+    llama = dataclasses.replace(PRESETS["cpu-small"], vocab_size=320, qk_norm=False, zero_init_residual=False)
+    cfg = imported_config(llama, tmp_path / "run")
+    assert cfg.model.preset == "cpu-small" and cfg.train == TrainConfig()  # AdamW at train.lr, not cpu-small's Muon recipe
 
 
 def test_training_continues_the_imported_weights_and_generate_is_transformers_greedy(tmp_path, tokenizer_file, capsys):
