@@ -44,7 +44,10 @@ from gigatrain.rundir import RunDir  # noqa: E402
 from gigatrain.train.checkpointing import load_run  # noqa: E402
 
 ENV = {"OMP_NUM_THREADS": "1"}
-LIGHTHOUSE_ARGS = ["--min_replicas", "1", "--quorum_tick_ms", "100", "--join_timeout_ms", "10000"]
+# A dead group is noticed after a second without heartbeats (torchft's default, 5 s, would stall
+# the other group that long at every kill of a run whose failures come every 15 s).
+LIGHTHOUSE_ARGS = ["--min_replicas", "1", "--quorum_tick_ms", "100", "--join_timeout_ms", "10000",
+                   "--heartbeat_timeout_ms", "1000"]
 REPLICA_GROUPS = 2
 
 

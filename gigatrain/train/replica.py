@@ -6,7 +6,8 @@ Everything across groups is torchft's: a Lighthouse decides each step's quorum (
 alive), a Manager per rank joins it and tells whether the step may commit, a fault-tolerant
 process group (gloo, or NCCL on GPUs) reconfigured for each quorum averages the gradients, and
 a restarted group receives the live state of a healthy one through the Manager's state_dict
-callbacks (torchft's HTTP transport, loaded with weights_only). Inside a group the normal
+callbacks (torchft's HTTP transport, its loads restricted to tensors and plain values: what a
+peer sends is never unpickled as objects). Inside a group the normal
 process group and mesh hold (FSDP, TP, ...); every group has the same layout, so rank i of one
 group exchanges its own gradient shards and state with rank i of the others.
 """
@@ -53,6 +54,24 @@ def _to_local(value):
     if isinstance(value, (list, tuple)):
         return [_to_local(item) for item in value]
     return _local(value) if isinstance(value, torch.Tensor) else value
+
+
+def _tensors_only_transport(timeout: timedelta):
+    """torchft's HTTP checkpoint transport, reading what a peer sends with weights_only=True:
+    torchft's own reader unpickles arbitrary objects (for lr schedulers), and the state
+    exchanged here is tensors, numbers, strings and containers only."""
+    import urllib.request
+
+    from torch.distributed._serialization import _streaming_load
+    from torchft.checkpointing.http_transport import HTTPTransport
+
+    class TensorsOnlyTransport(HTTPTransport):
+        @classmethod
+        def _load_from_address(cls, address: str, timeout: timedelta) -> object:
+            with urllib.request.urlopen(address, timeout=timeout.total_seconds()) as response:
+                return _streaming_load(response, weights_only=True)
+
+    return TensorsOnlyTransport(timeout=timeout, num_chunks=0)
 
 
 class ReplicaGroup:
@@ -109,7 +128,8 @@ class ReplicaGroup:
                                timeout=timeout, quorum_timeout=timeout, connect_timeout=timeout,
                                rank=self.group_rank, world_size=self.group_size, store_addr=store_addr,
                                store_port=store_port, lighthouse_addr=self.lighthouse,
-                               replica_id=f"replica{self.replica_id}", init_sync=False)
+                               replica_id=f"replica{self.replica_id}", init_sync=False,
+                               checkpoint_transport=_tensors_only_transport(timeout))
         self.manager.load_state_dict({"step": self.state.step, "batches_committed": 0})
 
     def close(self) -> None:
