@@ -358,9 +358,9 @@ def _validate_replica(f: FaultConfig) -> None:
         text = os.environ["REPLICA_GROUP_ID"].strip()
         _require(text.isdigit(), f"REPLICA_GROUP_ID={text!r} is not valid; it must be this group's number, 0 to {f.replica_groups - 1}")
         f.replica_id = int(text)
-    _require(f.replica_id != -1, "fault.recovery=replica needs this replica group's number: pass "
-             f"--fault.replica_id=I (0 to {f.replica_groups - 1}) or set REPLICA_GROUP_ID")
-    _require(0 <= f.replica_id < f.replica_groups, f"fault.replica_id={f.replica_id} is not valid; with "
+    # An unset id is left to the trainer to refuse (train/replica.py): a launcher reads the same
+    # config for every group and gives each its id on the command line.
+    _require(-1 <= f.replica_id < f.replica_groups, f"fault.replica_id={f.replica_id} is not valid; with "
              f"fault.replica_groups={f.replica_groups} it must be 0 to {f.replica_groups - 1}")
     _require(1 <= f.min_replicas <= f.replica_groups, f"fault.min_replicas={f.min_replicas} is not valid; it must be 1 to "
              f"fault.replica_groups={f.replica_groups}")

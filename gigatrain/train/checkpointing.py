@@ -108,19 +108,16 @@ class CheckpointManager:
         self.allow_data_change = cfg.data.allow_change
         self.cost_s = self.assumed_cost_s()  # one checkpoint from its start to its commit, for the time limit
         self.cost_measured = False
-        # Where this process's state came from: "storage" (a checkpoint here), "replica" (a
-        # healthy replica group's live state, train/replica.py), None (a new run).
+        # Where this process's state came from: "storage" (a checkpoint here), "memory" or "peer"
+        # (in-memory copies, this host's or its peer's), "replica" (a healthy replica group's
+        # live state, train/replica.py), None (a new run).
         self.loaded_from: str | None = None
         t = cfg.train
         self.every = t.checkpoint_every
-        # Where resume found the state this process continues from: "storage" (the DCP
-        # checkpoint; the other recovery modes name theirs), None for a new run.
-        self.loaded_from: str | None = None
         self.checkpointer = checkpoint.Checkpointer(run_dir.checkpoints, t.keep_checkpoints, t.async_checkpoint,
                                                     faults=faults, on_event=self.on_checkpoint_event)
         self.memory = (MemoryCheckpoints(cfg, run_dir, world_size(), layout, event)
                        if cfg.fault.recovery == "memory" else None)
-        self.loaded_from: str | None = None  # where the resume found the state: storage | memory | peer
 
     @property
     def directory(self) -> Path:
@@ -193,7 +190,6 @@ class CheckpointManager:
         self.cfg.data.allow_change = False
         if restored is None:
             return False
-        self.loaded_from = "storage"
         self.state.schedule_steps = schedule_horizon(self.cfg.train, restored.get("schedule_steps"))
         identity = restored.get("identity", {})
         same_data = "data" not in identity or (identity["data"] is not None

@@ -35,6 +35,9 @@ def lighthouse_address(cfg: FaultConfig) -> str:
     if importlib.util.find_spec("torchft") is None:
         raise ConfigError("fault.recovery=replica needs torchft, which is not installed; pip install 'gigatrain[ft]' "
                           "(torchft==0.2.0), or use fault.recovery=storage")
+    if cfg.replica_id == -1:
+        raise ConfigError("fault.recovery=replica needs this replica group's number: pass "
+                          f"--fault.replica_id=I (0 to {cfg.replica_groups - 1}) or set REPLICA_GROUP_ID")
     address = cfg.lighthouse or os.environ.get(LIGHTHOUSE_ENV, "")
     if not address:
         raise ConfigError(f"fault.recovery=replica needs the torchft Lighthouse's address: pass "

@@ -218,6 +218,7 @@ def export_growth(run_dir: Path, out: Path) -> int:
     script = textwrap.dedent(f"""
         import json, sys
         from pathlib import Path
+        import torch._dynamo  # imported by the meta-device model build (torch's refs) on first use: modules, not tensors
         from gigatrain.interop.export import export
 
         def status(key):
