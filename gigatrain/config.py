@@ -211,7 +211,8 @@ class Config:
     def run_dir(self) -> Path:
         """This process's run directory: a replica group's own folder under run.dir in replica mode."""
         base = Path(self.run.dir or f"runs/{self.run.name}")
-        return base / f"replica{self.fault.replica_id}" if self.fault.recovery == "replica" else base
+        # (-1: no group yet, as a launcher reading the config for every group sees it: the run's own folder.)
+        return base / f"replica{self.fault.replica_id}" if self.fault.recovery == "replica" and self.fault.replica_id >= 0 else base
 
 
 def _sections(cfg: Config) -> dict[str, object]:
