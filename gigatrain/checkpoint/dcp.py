@@ -238,7 +238,30 @@ class CheckpointWriteError(CheckpointError):
     """A checkpoint could not be written (disk full, I/O error); the previous one stands."""
 
 
-class Checkpointer:
+class BackgroundSaves:
+    """At most one save in flight on a background thread (`_pending`, from `_executor`; None
+    for synchronous saves): wait() for it, close() at the end. Storage checkpoints and the
+    in-memory copies (checkpoint/memory.py) both save this way."""
+
+    _pending: Future | None = None
+    _executor: ThreadPoolExecutor | None = None
+
+    def wait(self) -> bool:
+        """Wait for the save in flight, if any; returns whether it was written."""
+        if self._pending is None:
+            return True
+        pending, self._pending = self._pending, None
+        return pending.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+
+
+class Checkpointer(BackgroundSaves):
     """Saves checkpoints, synchronously or in the background (DCP's async_save).
 
     An asynchronous save copies the state to host memory (the only time training stalls),
@@ -291,20 +314,6 @@ class Checkpointer:
         done.set_result(self._finish(None, step, tmp, final, state, started, None, error))
         self._pending = done
         return time.perf_counter() - started
-
-    def wait(self) -> bool:
-        """Wait for the save in flight, if any; returns whether it was committed."""
-        if self._pending is None:
-            return True
-        pending, self._pending = self._pending, None
-        return pending.result()
-
-    def close(self) -> None:
-        try:
-            self.wait()
-        finally:
-            if self._executor is not None:
-                self._executor.shutdown(wait=True)
 
     def _writer(self, tmp: Path, step: int) -> _Writer:
         # A fresh writer per save: its blocking stager copies the state into host memory (any

@@ -47,7 +47,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from gigatrain.checkpoint.dcp import CheckpointError, _gather
+from gigatrain.checkpoint.dcp import BackgroundSaves, CheckpointError, _gather
 
 FORMAT = 1
 MAGIC = b"GTMEMv1\n"  # a copy's first bytes (see write_copy)
@@ -295,7 +295,7 @@ class Restored:
         return "peer" if self.from_peer else "memory"
 
 
-class MemoryStore:
+class MemoryStore(BackgroundSaves):
     """This rank's copies in its host's folder, the copy kept for its ward, and the exchanges
     with its peer. Every method is called on every rank at once (they exchange over `group`).
 
@@ -356,20 +356,6 @@ class MemoryStore:
         else:
             self._pending = self._executor.submit(self._finish, step, copy, stall)
         return stall
-
-    def wait(self) -> bool:
-        """Wait for the save in flight, if any; returns whether it was written."""
-        if self._pending is None:
-            return True
-        pending, self._pending = self._pending, None
-        return pending.result()
-
-    def close(self) -> None:
-        try:
-            self.wait()
-        finally:
-            if self._executor is not None:
-                self._executor.shutdown(wait=True)
 
     def _finish(self, step: int, copy: Copy, stall: float) -> bool:
         """Write the copy into this host's folder, exchange copies with the peer and the ward
