@@ -85,7 +85,7 @@ class Job:
         try:
             first = wait_for("first step", self.steps, self.process)[0]
         except BaseException:
-            os.killpg(self.process.pid, signal.SIGKILL)
+            self.kill()
             raise
         self.fresh_s = first["time"] - launched
         self.restarts: list[float] = []
@@ -120,10 +120,22 @@ class Job:
                         lambda: [r for r in self.steps() if r["time"] > start["time"]], self.process)[0]
         self.restarts.append(step["time"] - killed)
 
+    def kill(self) -> None:
+        """End the job: its workers first (torchrun starts them in sessions of their own, so a
+        signal to the launcher's session misses them, and a SIGKILLed launcher cannot stop them),
+        then the launcher."""
+        workers = subprocess.run(["pgrep", "-P", str(self.process.pid)], capture_output=True, text=True).stdout.split()
+        os.killpg(self.process.pid, signal.SIGKILL)
+        for pid in workers:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.process.wait()
+
     def finish(self) -> dict:
         self.settled()
-        os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait()
+        self.kill()
         recorded = read_jsonl(self.run_dir / "events.jsonl")
         return {"fresh_s": self.fresh_s, "restarts": self.restarts,
                 "startup": next((e for e in recorded if e.get("event") == "startup"), None),
