@@ -59,6 +59,20 @@ def assert_weights_match(got, expected, name: str) -> None:
     assert worst <= 5e-5, f"{name}: an element differs by {worst:.2e}"
 
 
+def model_and_optimizer(seed: int):
+    """The tiny preset's model and an AdamW that has taken one step (so it has state to save)."""
+    import torch
+
+    from gigatrain.models.presets import get_preset
+    from gigatrain.models.transformer import Transformer
+
+    model = Transformer(get_preset("tiny"), seed=seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.zeros(2, 8, dtype=torch.long)).sum().backward()
+    optimizer.step()
+    return model, optimizer
+
+
 def run_name(label: str) -> str:
     """A run directory's name for a test's label ("EP 2 x FSDP" -> "EP_2_x_FSDP")."""
     return "".join(c if c.isalnum() else "_" for c in label)

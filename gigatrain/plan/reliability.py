@@ -319,6 +319,17 @@ def recovery_modes(cluster: Cluster, ideal_hours: float,
     return modes
 
 
+def with_planned_stops(rng, wall, interruptions, planned_per_hour: float, restart: float) -> dict:
+    """The simulated runs' result, with planned interruptions (maintenance) added: they come at
+    `planned_per_hour` of the whole wall time, restarts included, and each costs a restart but
+    loses no work."""
+    if planned_per_hour > 0:
+        planned = rng.poisson(planned_per_hour * wall / max(1e-12, 1 - planned_per_hour * restart))
+        wall = wall + planned * restart
+        interruptions = interruptions + planned
+    return {"hours": wall, "interruptions": interruptions}
+
+
 def simulate(work: float, interval: float, delta: float, restart: float, mtbi: float, planned_per_hour: float = 0.0,
              samples: int = 2000, seed: int = 0) -> dict:
     """Monte Carlo of whole runs: wall-clock hours and interruptions per run.
@@ -352,11 +363,7 @@ def simulate(work: float, interval: float, delta: float, restart: float, mtbi: f
         wall[hit] += gap[~finishes]
         interruptions[hit] += 1
         needs_restart[hit] = True
-    if planned_per_hour > 0:
-        planned = rng.poisson(planned_per_hour * wall / max(1e-12, 1 - planned_per_hour * restart))
-        wall += planned * restart
-        interruptions += planned
-    return {"hours": wall, "interruptions": interruptions}
+    return with_planned_stops(rng, wall, interruptions, planned_per_hour, restart)
 
 
 def simulate_memory(work: float, tau_m: float, delta_m: float, restart_m: float, tau_s: float, delta_s: float,
@@ -408,11 +415,7 @@ def simulate_memory(work: float, tau_m: float, delta_m: float, restart_m: float,
         interruptions[rows] += 1
         was_storage = pending[rows] == restart_s
         pending[rows] = np.where(lost | (was_storage & (available[hit] < 0)), restart_s, restart_m)
-    if planned_per_hour > 0:
-        planned = rng.poisson(planned_per_hour * wall / max(1e-12, 1 - planned_per_hour * restart_s))
-        wall += planned * restart_s
-        interruptions += planned
-    return {"hours": wall, "interruptions": interruptions}
+    return with_planned_stops(rng, wall, interruptions, planned_per_hour, restart_s)
 
 
 def simulate_replica(work: float, groups: int, rejoin: float, step: float, detect: float, quorum: float,
@@ -468,11 +471,7 @@ def simulate_replica(work: float, groups: int, rejoin: float, step: float, detec
         progress[falls] = np.floor(progress[falls] / tau_s) * tau_s
         away_until[falls] = now[falls, None] + restart_s
     wall = finished_at
-    if planned_per_hour > 0:
-        planned = rng.poisson(planned_per_hour * wall / max(1e-12, 1 - planned_per_hour * restart_s))
-        wall = wall + planned * restart_s
-        interruptions += planned
-    return {"hours": wall, "interruptions": interruptions}
+    return with_planned_stops(rng, wall, interruptions, planned_per_hour, restart_s)
 
 
 def simulate_run(cluster: Cluster, ideal_hours: float, inputs: ReliabilityInputs = ReliabilityInputs(),

@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from helpers import TINY, rehash, run_cli
+from helpers import TINY, model_and_optimizer, rehash, run_cli
 from gigatrain.checkpoint import dcp as checkpoint
 from gigatrain.fault.inject import FaultPlan, parse
 from gigatrain.models.presets import get_preset
@@ -17,14 +17,6 @@ from gigatrain.models.transformer import Transformer
 from gigatrain.paths import sha256_file
 from gigatrain.rundir import RunDir, resolve_run_config
 from gigatrain.train.trainer import train
-
-
-def model_and_optimizer(seed: int):
-    model = Transformer(get_preset("tiny"), seed=seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    model(torch.zeros(2, 8, dtype=torch.long)).sum().backward()
-    optimizer.step()
-    return model, optimizer
 
 
 def save(directory, step, model, optimizer, async_save=False, faults=None, keep=3):

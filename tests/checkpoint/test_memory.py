@@ -9,20 +9,11 @@ import struct
 import pytest
 import torch
 
+from helpers import model_and_optimizer
 from gigatrain.checkpoint.dcp import CheckpointError
 from gigatrain.checkpoint.memory import KEEP, MAGIC, Hosts, MemoryStore, file_name, layout_tag, parse_name
-from gigatrain.models.presets import get_preset
-from gigatrain.models.transformer import Transformer
 
 TAG = layout_tag(1, 1, {"dp_shard": 1})
-
-
-def model_and_optimizer(seed: int):
-    model = Transformer(get_preset("tiny"), seed=seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    model(torch.zeros(2, 8, dtype=torch.long)).sum().backward()
-    optimizer.step()
-    return model, optimizer
 
 
 def store(tmp_path, run="run-a", tag=TAG, events=None):
