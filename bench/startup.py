@@ -3,13 +3,17 @@ it takes, after a worker is killed (SIGKILL from this driver), until torchrun's 
 has done its first step; median over the kills, and per phase from the run's `startup` and
 `restart` events (docs/fault-tolerance.md, "Where restart time goes").
 
-    python bench/startup.py [--recovery storage|memory] [--kills 5] [--baseline DIR]
+    python bench/startup.py [--recovery storage|memory] [--kills 5] [--baseline DIR | --cold]
+                            [--procs 2] [--override=--section.key=value ...]
 
 `--recovery MODE` is passed to the job as --fault.recovery=MODE. `--baseline DIR` also measures
 the same job run from another gigatrain checkout (e.g. the main branch before a change), kill by
 kill in turn with this one (the job not being measured is paused), so that before and after
 meet the same load on a busy machine; a checkout that records no phases is reported by its
-totals. The last line reads
+totals. `--cold` measures, the same way, this checkout's job without warm spares
+(--fault.warm_spare=false): every restart imports everything again. `--procs` and `--override`
+change the job (e.g. one process on a GPU: `--procs 1 --override=--train.device=cuda
+--override=--model.preset=gpt2-124m`). The last line reads
 `restart median X.XX s (...phases...)` for this checkout.
 """
 
@@ -37,12 +41,12 @@ STEPS_BETWEEN_KILLS = 3  # steps after a restart's first step before the next ki
 WAIT_S = 180.0
 
 
-def command(data: Path, run_dir: Path, recovery: str, kills: int) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+def command(data: Path, run_dir: Path, recovery: str, kills: int, procs: int, overrides: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}",
             f"--max-restarts={kills}", "-m", "gigatrain", "train", "--model.preset=tiny", "--data.seq_len=128",
             "--train.batch_size=16", "--train.max_steps=1000000", f"--train.checkpoint_every={CHECKPOINT_EVERY}",
             "--train.eval_every=1000000", "--train.samples=0", "--train.progress=plain", "--train.device=cpu",
-            f"--fault.recovery={recovery}", f"--data.path={data}", f"--run.dir={run_dir}"]
+            f"--fault.recovery={recovery}", f"--data.path={data}", f"--run.dir={run_dir}", *overrides]
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -76,11 +80,12 @@ class Job:
     can be paused (SIGSTOP to its whole session), so that two checkouts are measured kill by kill
     in turn while the other one takes no CPU."""
 
-    def __init__(self, checkout: Path, data: Path, run_dir: Path, recovery: str, kills: int):
+    def __init__(self, checkout: Path, data: Path, run_dir: Path, recovery: str, kills: int, procs: int,
+                 overrides: list[str]):
         self.run_dir = run_dir
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(checkout), "GIGATRAIN_FAULT": ""}
         launched = time.time()
-        self.process = subprocess.Popen(command(data, run_dir, recovery, kills), cwd=checkout, env=env,
+        self.process = subprocess.Popen(command(data, run_dir, recovery, kills, procs, overrides), cwd=checkout, env=env,
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         try:
             first = wait_for("first step", self.steps, self.process)[0]
@@ -96,11 +101,25 @@ class Job:
     def starts(self) -> list[dict]:
         return [e for e in read_jsonl(self.run_dir / "events.jsonl") if e.get("event") == "start"]
 
+    def processes(self) -> list[int]:
+        """torchrun, its workers (in sessions of their own) and, with warm spares, the spares and
+        the trainers forked from them (children of neither): every process whose command line
+        names this job's run directory."""
+        found = subprocess.run(["pgrep", "-f", "--", f"--run.dir={self.run_dir}"], capture_output=True, text=True)
+        return [int(pid) for pid in found.stdout.split()]
+
+    def signal_all(self, sig: int) -> None:
+        for pid in self.processes():
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
     def pause(self) -> None:
-        os.killpg(self.process.pid, signal.SIGSTOP)
+        self.signal_all(signal.SIGSTOP)
 
     def resume(self) -> None:
-        os.killpg(self.process.pid, signal.SIGCONT)
+        self.signal_all(signal.SIGCONT)
 
     def settled(self) -> None:
         """A committed checkpoint to restart from, and a few steps done since the last start
@@ -121,16 +140,8 @@ class Job:
         self.restarts.append(step["time"] - killed)
 
     def kill(self) -> None:
-        """End the job: its workers first (torchrun starts them in sessions of their own, so a
-        signal to the launcher's session misses them, and a SIGKILLed launcher cannot stop them),
-        then the launcher."""
-        workers = subprocess.run(["pgrep", "-P", str(self.process.pid)], capture_output=True, text=True).stdout.split()
-        os.killpg(self.process.pid, signal.SIGKILL)
-        for pid in workers:
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        """End the job, every process of it (a SIGKILLed launcher cannot stop its workers)."""
+        self.signal_all(signal.SIGKILL)
         self.process.wait()
 
     def finish(self) -> dict:
@@ -139,7 +150,8 @@ class Job:
         recorded = read_jsonl(self.run_dir / "events.jsonl")
         return {"fresh_s": self.fresh_s, "restarts": self.restarts,
                 "startup": next((e for e in recorded if e.get("event") == "startup"), None),
-                "restart_events": [e for e in recorded if e.get("event") == "restart" and "phases" in e]}
+                "restart_events": [e for e in recorded if e.get("event") == "restart" and "phases" in e],
+                "memory_copies": [e for e in recorded if e.get("event") == "memory_checkpoint"]}
 
 
 def median_phases(records: list[dict]) -> dict:
@@ -165,6 +177,11 @@ def report(label: str, result: dict) -> None:
         line += (f"; restart events' median {statistics.median(e['restart_s'] for e in events):.2f} s from the last "
                  f"sign of life, loaded from {', '.join(sources)}")
     print(line, flush=True)
+    copies = result["memory_copies"]
+    if copies:
+        print(f"{label}: {len(copies)} in-memory copies of {copies[-1]['bytes'] / 1e6:,.1f} MB (rank 0's), training stalled "
+              f"{1e3 * statistics.median(e['stall_s'] for e in copies):.1f} ms median, "
+              f"{1e3 * max(e['stall_s'] for e in copies):.1f} ms at most", flush=True)
 
 
 def main() -> None:
@@ -172,21 +189,29 @@ def main() -> None:
     parser.add_argument("--recovery", choices=["storage", "memory"], default="storage",
                         help="passed as --fault.recovery=MODE")
     parser.add_argument("--kills", type=int, default=5)
-    parser.add_argument("--baseline", type=Path, default=None, metavar="DIR",
-                        help="another gigatrain checkout (e.g. before a change), measured on the same data, kill by kill in turn")
+    compare = parser.add_mutually_exclusive_group()
+    compare.add_argument("--baseline", type=Path, default=None, metavar="DIR",
+                         help="another gigatrain checkout (e.g. before a change), measured on the same data, kill by kill in turn")
+    compare.add_argument("--cold", action="store_true",
+                         help="also this checkout without warm spares (--fault.warm_spare=false), kill by kill in turn")
+    parser.add_argument("--procs", type=int, default=2, help="processes (torchrun --nproc-per-node)")
+    parser.add_argument("--override", action="append", default=[], metavar="--SECTION.KEY=VALUE",
+                        help="a config override for the job (repeatable)")
     args = parser.parse_args()
 
     # Workers killed with their session may still be exiting as the folder is removed.
     with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:
         tmp = Path(tmp)
         data = make_data(tmp)
-        checkouts = {"this": REPO}
+        checkouts = {"this": (REPO, args.override)}
         if args.baseline is not None:
-            checkouts = {"baseline": args.baseline.resolve(), **checkouts}
+            checkouts = {"baseline": (args.baseline.resolve(), args.override), **checkouts}
+        if args.cold:
+            checkouts = {"cold": (REPO, [*args.override, "--fault.warm_spare=false"]), **checkouts}
         jobs = {}
         try:
-            for name, checkout in checkouts.items():
-                jobs[name] = Job(checkout, data, tmp / name, args.recovery, args.kills)
+            for name, (checkout, overrides) in checkouts.items():
+                jobs[name] = Job(checkout, data, tmp / name, args.recovery, args.kills, args.procs, overrides)
                 jobs[name].pause()
             for _ in range(args.kills):
                 for job in jobs.values():  # in turn, kill by kill: the machine's load falls on both alike
@@ -200,10 +225,11 @@ def main() -> None:
         finally:
             for job in jobs.values():
                 if job.process.poll() is None:
-                    os.killpg(job.process.pid, signal.SIGKILL)
-                    job.process.wait()
+                    job.kill()
         if args.baseline is not None:
             report(f"baseline {args.baseline}", results["baseline"])
+        if args.cold:
+            report(f"cold restarts ({args.recovery}, --fault.warm_spare=false)", results["cold"])
         result = results["this"]
         report(f"this checkout ({args.recovery})", result)
         kills = statistics.median(result["restarts"])

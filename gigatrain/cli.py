@@ -101,6 +101,10 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     cfg = resolve_run_config(args.config, overrides)
     if args.dry_run:
         return dry_run(cfg, args.world_size or world_size())
+    if cfg.fault.warm_spare:
+        from gigatrain.fault.spare import start_spare
+
+        start_spare(run)  # torchrun's restarts of this worker start from it (a no-op without them)
     try:
         result = train(cfg, started_at=process_start_time())  # train.time_limit_s covers the whole command
     except TrainingDiverged as err:
@@ -532,4 +536,9 @@ def run(argv: list[str]) -> int:
 
 
 def main() -> None:
-    sys.exit(run(sys.argv[1:]))
+    from gigatrain.fault.spare import hand_over
+
+    # A restarted torchrun worker hands its command to the job's warm spare, when there is one,
+    # before it imports torch (gigatrain.fault.spare).
+    code = hand_over(sys.argv[1:])
+    sys.exit(run(sys.argv[1:]) if code is None else code)

@@ -188,6 +188,10 @@ class FaultConfig:
     memory_every: int = 5
     memory_dir: str = "/dev/shm/gigatrain"
     ranks_per_host: int = 0
+    # Under torchrun with --max-restarts, each worker's first start forks a warm spare that has
+    # imported torch and gigatrain; a restarted worker trains in a fork of it, seconds sooner
+    # (docs/fault-tolerance.md, "Warm spares").
+    warm_spare: bool = True
     # fault.recovery=replica (docs/fault-tolerance.md, "Replica groups"): this torchrun job is
     # replica group replica_id of replica_groups, which train the same model on their own
     # shares of the data and average gradients through torchft; it records into

@@ -16,6 +16,7 @@ process group exists or any memory is allocated, so an impossible layout costs n
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 import time
@@ -34,9 +35,10 @@ from gigatrain.ranks import global_rank, world_size
 
 AXES = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 # Where rank 0 publishes the current start's store prefix (`start_namespace`), and the pauses
-# (about 2 s in all) between a rank's looks for rank 0's confirmation before it reads the key again.
+# between a rank's looks for rank 0's confirmation (and for a newly published prefix): short
+# while rank 0 may be a moment behind, then long enough to keep a large job's ranks off the store.
 CURRENT_START_KEY = "gigatrain/current_start"
-CONFIRM_PAUSES_S = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 0.5, 0.5)
+CONFIRM_PAUSES_S = (0.01, 0.02, 0.05, 0.1, 0.1, 0.1, 0.2, 0.2, 0.5)  # then every 0.5 s
 
 
 @dataclass(frozen=True)
@@ -371,11 +373,16 @@ def start_namespace(store: dist.Store, rank: int, size: int) -> str:
             store.set(f"gigatrain/confirmed/{nonce}", "1")
         return name
     nonce = uuid.uuid4().hex
-    while True:
+    said_hello_to = None
+    for pause in itertools.chain(CONFIRM_PAUSES_S, itertools.repeat(CONFIRM_PAUSES_S[-1])):
         name = store.get(CURRENT_START_KEY).decode()
-        store.set(f"{name}/hello/{rank}", nonce)
+        if name != said_hello_to:
+            # A new name: rank 0 of this start has published it (or this is the first read).
+            # Answered at once, not after the pauses run out: a restarted rank that read its
+            # dead predecessor's name lost ~2 s of every second restart that way.
+            store.set(f"{name}/hello/{rank}", nonce)
+            said_hello_to = name
         # Polled, not waited for: a timed-out wait leaves a TCPStore client unusable.
-        for pause in CONFIRM_PAUSES_S:
-            time.sleep(pause)
-            if store.check([f"gigatrain/confirmed/{nonce}"]):
-                return name
+        time.sleep(pause)
+        if store.check([f"gigatrain/confirmed/{nonce}"]):
+            return name

@@ -5,11 +5,13 @@ phases of the process's start (`StartPhases`)."""
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
 from gigatrain.config import FaultConfig
 from gigatrain.fault.guard import NumericalGuard, TrainingDiverged
+from gigatrain.fault.spare import CHILD_ENV as SPARE_CHILD_ENV
 from gigatrain.metrics.processor import MetricsProcessor
 from gigatrain.rundir import RunDir
 from gigatrain.train.checkpointing import CheckpointManager
@@ -102,6 +104,8 @@ class Recovery:
         else:
             self.start = {"event": "startup", "step": step, "previous_end": self.started_at}
         self.start["loaded_from"] = loaded_from
+        # Forked from the job's warm spare (its imports already done) rather than started cold.
+        self.start["warm_spare"] = bool(os.environ.get(SPARE_CHILD_ENV))
 
     def after_step(self, step_s: float, metrics: MetricsProcessor) -> None:
         """A step of `step_s` seconds is done: once a normal step's time is known (the earlier

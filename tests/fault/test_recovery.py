@@ -35,12 +35,13 @@ def test_killed_rank_restarts_from_the_last_checkpoint_bit_exact(tmp_path, byte_
     assert restart["after"] == "failure" and restart["step"] == 5
     assert restart["recomputed_steps"] == 1  # step 6 was logged before the kill at step 7, and done again
     assert restart["restart_s"] > 0 and restart["loaded_from"] == "storage"
+    assert restart["warm_spare"] is True  # forked from the job's spare (tests/fault/test_spare.py)
     # Where the restart went, phase by phase, from the last sign of life to the first step's end.
     assert list(restart["phases"]) == list(PHASES) and min(restart["phases"].values()) >= 0
     assert sum(restart["phases"].values()) == pytest.approx(restart["restart_s"])
     assert restart["phases"]["imports_s"] > 0 and restart["phases"]["load_s"] > 0
     startup, = events(run_dir, "startup")  # the job's first start: no failure to detect, nothing loaded
-    assert startup["loaded_from"] is None and set(startup["phases"]) == set(PHASES) - {"detect_s", "start_s"}
+    assert startup["loaded_from"] is None and startup["warm_spare"] is False and set(startup["phases"]) == set(PHASES) - {"detect_s", "start_s"}
     assert sum(startup["phases"].values()) == pytest.approx(startup["startup_s"])
 
     report = run_cli("report", str(run_dir), check=True).stdout
