@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import atexit
 import hashlib
+import importlib
 import json
 import os
 import select
@@ -43,6 +44,7 @@ CHILD_ENV = "GIGATRAIN_FROM_SPARE"
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP)
 REQUEST_TIMEOUT_S = 10.0
 POLL_S = 0.2  # how often the spare reaps its trainers and looks for its agent
+WARM_UP_MODULES = ("torch._dynamo", "torch.distributed.checkpoint")
 
 
 def socket_path() -> Path | None:
@@ -204,11 +206,11 @@ def _serve(listener: socket.socket, path: Path, agent: int, run: Callable[[list[
 def _warm_up() -> None:
     """Import now what the trainer would import lazily at its start (the optimizer pulls in
     torch._dynamo, seconds of it): the spare has the time, a restart has not."""
-    try:
-        import torch._dynamo  # noqa: F401
-        import torch.distributed.checkpoint as _dcp  # noqa: F401
-    except Exception:  # a warm-up only: the trainer imports what it needs anyway
-        pass
+    for module in WARM_UP_MODULES:
+        try:
+            importlib.import_module(module)
+        except Exception:  # a warm-up only: the trainer imports what it needs anyway
+            pass
 
 
 def _alive(pid: int) -> bool:
