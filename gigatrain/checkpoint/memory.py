@@ -120,6 +120,27 @@ def _named_tensors(templates: tuple[list, list]) -> dict[str, torch.Tensor]:
     return named
 
 
+class StateTensors:
+    """A rank's state tensors by name (`_named_tensors`), built again only when the model's or
+    the optimizers' tensors are not the ones of the last call. Building the state dicts was
+    most of a copy's stall (6 of 8 ms for the tiny model on CPU), while between two copies
+    training only updates the same tensors in place."""
+
+    def __init__(self):
+        self._identity: tuple | None = None
+        self._named: dict[str, torch.Tensor] = {}
+
+    def __call__(self, parts: list[nn.Module], optimizers: list[torch.optim.Optimizer]) -> dict[str, torch.Tensor]:
+        tensors = [t for part in parts for t in (*part.parameters(), *part.buffers())]
+        tensors += [t for optimizer in optimizers for state in optimizer.state.values() for t in state.values()
+                    if isinstance(t, torch.Tensor)]
+        # The objects and their storage: a tensor replaced, or given new storage, rebuilds the names.
+        identity = tuple((id(t), _local(t).data_ptr()) for t in tensors)
+        if identity != self._identity:
+            self._named, self._identity = _named_tensors(_templates(parts, optimizers)), identity
+        return self._named
+
+
 def _layout(named: dict[str, torch.Tensor]) -> list[dict]:
     """Where each local shard lies in a copy's data: in name order, each at a 64-byte boundary."""
     entries, offset = [], 0
@@ -148,14 +169,14 @@ class Copy:
         return json.dumps(self.header, sort_keys=True).encode()
 
 
-def snapshot(parts: list[nn.Module], optimizers: list[torch.optim.Optimizer], identity: dict, trainer_state: dict,
+def snapshot(state: dict[str, torch.Tensor], identity: dict, trainer_state: dict,
              buffer: torch.Tensor | None = None) -> Copy:
-    """This rank's state, copied into host memory (into `buffer` if it has the right size, so
-    that a copy every few steps allocates nothing): local shards of the weights and of the
-    optimizer's per-parameter state (its hyper-parameters come from the config, as in a storage
-    checkpoint), the CPU RNG and the trainer state. The only part of a copy training waits for."""
-    named = _named_tensors(_templates(parts, optimizers))
-    named["rng"] = torch.get_rng_state()
+    """This rank's state (`state`: StateTensors' names), copied into host memory (into `buffer`
+    if it has the right size, so that a copy every few steps allocates nothing): local shards of
+    the weights and of the optimizer's per-parameter state (its hyper-parameters come from the
+    config, as in a storage checkpoint), the CPU RNG and the trainer state. The only part of a
+    copy training waits for."""
+    named = {**state, "rng": torch.get_rng_state()}
     entries = _layout(named)
     size = entries[-1]["offset"] + entries[-1]["nbytes"] if entries else 0
     if buffer is None or buffer.numel() != size:
@@ -316,6 +337,7 @@ class MemoryStore(BackgroundSaves):
         self._pending: Future | None = None
         self._buffer: torch.Tensor | None = None  # this rank's copy, reused
         self._received: torch.Tensor | None = None  # the ward's copy, reused
+        self._state = StateTensors()
         self.failures = 0
 
     # -- files ---------------------------------------------------------------------------------
@@ -348,7 +370,7 @@ class MemoryStore(BackgroundSaves):
         peer's); returns the seconds training stalled for it."""
         started = time.perf_counter()
         self.wait()
-        copy = snapshot(parts, optimizers, {**self.identity, "step": step}, trainer_state, self._buffer)
+        copy = snapshot(self._state(parts, optimizers), {**self.identity, "step": step}, trainer_state, self._buffer)
         self._buffer = copy.data
         stall = time.perf_counter() - started
         if self._executor is None:

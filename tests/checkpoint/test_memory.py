@@ -50,6 +50,27 @@ def test_a_copy_loads_back_bit_exact_weights_optimizer_rng_and_trainer_state(tmp
     assert torch.equal(torch.get_rng_state(), rng)
 
 
+def test_each_copy_holds_the_state_at_its_step_when_tensors_change_in_place_or_are_replaced(tmp_path):
+    """A store reuses the names of the state's tensors from copy to copy (StateTensors): a copy
+    after more training steps (in-place updates) and after an optimizer's state tensor is
+    replaced by a new one must hold those values, not the last copy's."""
+    model, optimizer = model_and_optimizer(seed=1)
+    copies = store(tmp_path)
+    copies.save(1, [model], [optimizer], {"step": 1})
+    model(torch.zeros(2, 8, dtype=torch.long)).sum().backward()
+    optimizer.step()  # in place: weights and moments change, the tensors stay the same objects
+    first = next(iter(optimizer.state.values()))
+    first["exp_avg"] = first["exp_avg"] + 1.0  # a new tensor where the last copy's was
+    copies.save(2, [model], [optimizer], {"step": 2})
+    saved = state_of(model, optimizer)
+
+    other, other_optimizer = model_and_optimizer(seed=2)
+    copies.load(2, [True], [other], [other_optimizer])
+    weights, moments = state_of(other, other_optimizer)
+    assert all(torch.equal(weights[k], saved[0][k]) for k in saved[0])
+    assert all(torch.equal(moments[i][k], saved[1][i][k]) for i in saved[1] for k in saved[1][i])
+
+
 def test_keeps_the_newest_steps_and_picks_the_newest(tmp_path):
     model, optimizer = model_and_optimizer(seed=1)
     copies = store(tmp_path)
