@@ -115,6 +115,7 @@ def hand_over(argv: list[str]) -> int | None:
     if path is None or not path.exists() or not _private_folder(path):
         return None
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.settimeout(REQUEST_TIMEOUT_S)  # a spare that does not answer is passed over
     try:
         conn.connect(str(path))
         _send(conn, {"argv": ["gigatrain", *argv], "env": dict(os.environ), "cwd": os.getcwd()}, [0, 1, 2])
@@ -122,10 +123,18 @@ def hand_over(argv: list[str]) -> int | None:
     except OSError:
         accepted = None
     if accepted is None or "pid" not in accepted:
-        conn.close()
-        return None  # a spare that is gone (its socket left behind): start cold
+        conn.close()  # (a trainer the spare forks after all sees this end closed, and ends at once)
+        return None  # a spare that is gone (its socket left behind) or stuck: start cold
+    conn.settimeout(None)
+
+    def forward(number: int, _frame) -> None:
+        try:
+            conn.sendall(struct.pack("!I", number))
+        except OSError:
+            pass  # the trainer is gone; its status (or the spare's end) comes next
+
     for sig in FORWARDED_SIGNALS:
-        signal.signal(sig, lambda number, _frame: conn.sendall(struct.pack("!I", number)))
+        signal.signal(sig, forward)
     try:
         ended, _ = _receive(conn)
     except OSError:
