@@ -6,10 +6,11 @@ import json
 import pytest
 import torch
 
+from gigatrain.cli import run as cli_run
 from gigatrain.config import ConfigError
 from gigatrain.fault.inject import FaultPlan, parse
 from gigatrain.rundir import RunDir
-from helpers import TINY, run_cli
+from helpers import TINY
 
 
 def test_parse_the_documented_examples():
@@ -56,11 +57,12 @@ def test_nan_count_poisons_consecutive_steps(tmp_path):
                                                                                   False, False]
 
 
-def test_bad_fault_spec_and_rank_exit_2_with_one_line(tmp_path, byte_data):
+def test_bad_fault_spec_and_rank_exit_2_with_one_line(tmp_path, byte_data, capsys, monkeypatch):
     for spec, message in [("kill:step=two", "step='two'"), ("kill:step=2:rank=3", "rank=3 in 'kill:step=2:rank=3' "
                                                                                    "is not valid; the job has 1 process")]:
-        result = run_cli("train", *TINY, f"--data.path={byte_data}", f"--run.dir={tmp_path / 'run'}",
-                         env={"GIGATRAIN_FAULT": spec})
-        assert result.returncode == 2
-        assert result.stderr.startswith("gigatrain: error: GIGATRAIN_FAULT: ") and message in result.stderr
-        assert len(result.stderr.strip().splitlines()) == 1
+        monkeypatch.setenv("GIGATRAIN_FAULT", spec)
+        code = cli_run(["train", *TINY, f"--data.path={byte_data}", f"--run.dir={tmp_path / 'run'}"])
+        err = capsys.readouterr().err
+        assert code == 2
+        assert err.startswith("gigatrain: error: GIGATRAIN_FAULT: ") and message in err
+        assert len(err.strip().splitlines()) == 1

@@ -24,8 +24,7 @@ from helpers import (assert_resumes_in_one_process, assert_steps_match, assert_w
 
 BASE = ["--model.preset=tiny-moe", "--model.tie_embeddings=false", "--model.aux_loss_coef=0.01", "--data.seq_len=32", "--train.batch_size=8",
         "--train.max_steps=3", "--train.eval_batches=1", "--train.eval_every=1000", "--train.samples=0",
-        "--train.progress=plain", "--train.warmup_steps=1", "--train.lr=1e-3", "--train.device=cpu",
-        "--train.checkpoint_every=2"]
+        "--train.progress=plain", "--train.warmup_steps=1", "--train.lr=1e-3", "--train.device=cpu"]
 LAYOUTS = {
     "EP 4": ["--parallel.ep=4"],
     "EP 2 x FSDP": ["--parallel.ep=2"],  # dp_shard 4: each expert shard over 2 ranks (efsdp 2)

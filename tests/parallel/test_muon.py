@@ -23,7 +23,7 @@ from helpers import assert_resumes_in_one_process, assert_steps_match, final_wei
 BASE = ["--model.preset=tiny", "--model.tie_embeddings=false", "--model.n_layers=4", "--model.n_heads=8",
         "--model.n_kv_heads=4", "--data.seq_len=32", "--train.batch_size=8", "--train.max_steps=3",
         "--train.eval_batches=1", "--train.eval_every=1000", "--train.samples=0", "--train.progress=plain",
-        "--train.warmup_steps=1", "--train.lr=1e-3", "--train.device=cpu", "--train.checkpoint_every=2",
+        "--train.warmup_steps=1", "--train.lr=1e-3", "--train.device=cpu",
         "--train.optimizer=muon", "--train.embed_lr=3e-3"]
 SOLO = ["--parallel.dp_shard=1"]
 LAYOUTS = {
