@@ -1,25 +1,21 @@
 """Each fault of GIGATRAIN_FAULT injected into a real two-process gloo run under torchrun, and
 what must hold afterwards: nothing lost beyond the last checkpoint, bit-exact where a fault
-costs no update (kills, hangs, failed checkpoint writes, preemption), events in events.jsonl,
-clear messages and exit codes.
+costs no update (kills, hangs, failed checkpoint writes), events in events.jsonl,
+clear messages and exit codes. (Pre-emption, SIGUSR1 and the requeue: tests/fault/test_spare.py.)
 
 The reference is one uninterrupted two-process run of the same configuration (conftest.py)."""
 
 import json
-import os
-import signal
-import subprocess
-import time
 
 import pytest
 import torch
 
-from gigatrain.fault import EXIT_DIVERGED, EXIT_HANG, EXIT_REQUEUE
+from gigatrain.fault import EXIT_DIVERGED, EXIT_HANG
 from gigatrain.metrics.goodput import summarize
 from gigatrain.rundir import RunDir
 from gigatrain.train.recovery import PHASES
-from fault_runs import BASE, STEPS, assert_same_run, events, train_2proc
-from helpers import REPO, children, final_weights, kill_tree, run_cli, step_values, torchrun
+from fault_runs import STEPS, assert_same_run, events, train_2proc
+from helpers import final_weights, run_cli
 
 PLANNER_TOLERANCE = 0.05  # the planner's goodput for a measured run against its measured goodput
 
@@ -121,39 +117,6 @@ def test_persistent_nan_stops_with_a_clear_message(tmp_path, byte_data):
     assert "[rank0]: Traceback" not in result.stderr and "[rank1]: Traceback" not in result.stderr
     assert len(events(run_dir, "rollback")) == 1 and len(events(run_dir, "diverged")) == 1
     assert (RunDir(run_dir).checkpoints / "step_00000002").is_dir()  # the last good checkpoint is kept
-
-
-def test_sigusr1_saves_and_exits_for_requeue_then_resumes_bit_exact(tmp_path, byte_data, reference):
-    """Slurm's warning reaches one rank; both agree to stop, checkpoint and exit 75. A slow
-    rank (slow fault) keeps the run going long enough to be signalled mid-way."""
-    run_dir = tmp_path / "run"
-    command = torchrun("--standalone", "--nproc-per-node=2", "-m", "gigatrain", "train", *BASE,
-                       f"--data.path={byte_data}", f"--run.dir={run_dir}")
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True, env={**os.environ, "GIGATRAIN_FAULT": "slow:rank=1:seconds=0.4"})
-    try:
-        deadline = time.monotonic() + 120
-        while len(step_values(run_dir)) < 3 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        workers = children(process.pid)
-        assert len(workers) == 2
-        os.kill(workers[-1], signal.SIGUSR1)
-        stdout, stderr = process.communicate(timeout=120)
-    finally:
-        if process.poll() is None:
-            kill_tree(process.pid)
-    stopped_at = max(step_values(run_dir))
-    assert 3 <= stopped_at < STEPS
-    assert f"stopped by SIGUSR1 at step {stopped_at}" in stdout
-    assert stderr.count(f"exitcode: {EXIT_REQUEUE}") >= 1
-    assert (RunDir(run_dir).checkpoints / f"step_{stopped_at:08d}" / "manifest.json").exists()
-    assert events(run_dir, "stop")[-1]["reason"] == "SIGUSR1"
-
-    result = train_2proc(byte_data, run_dir)  # the requeued job
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"resumed at step {stopped_at}" in result.stdout
-    assert events(run_dir, "restart")[0]["after"] == "preemption"
-    assert_same_run(run_dir, reference)
 
 
 @pytest.mark.parametrize("damage", ["corrupted", "truncated", "out_of_vocabulary", "manifest_mismatch"])

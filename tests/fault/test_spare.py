@@ -1,6 +1,8 @@
 """Warm spares (gigatrain.fault.spare) in a real two-process gloo job under torchrun: every
 restart trains in a fork of the spare, the stand-in's death is its trainer's, its signals are
-the trainer's, and the run stays bit-identical to the uninterrupted reference."""
+the trainer's, and the run stays bit-identical to the uninterrupted reference. The same job
+is the drill of Slurm's time-limit warning (SIGUSR1 to one rank): both ranks agree to stop,
+checkpoint and exit 75, and the requeued job resumes bit-exact."""
 
 import os
 import signal
@@ -9,6 +11,7 @@ import time
 from pathlib import Path
 
 from gigatrain.fault import EXIT_REQUEUE
+from gigatrain.rundir import RunDir
 from fault_runs import BASE, STEPS, assert_same_run, events, train_2proc
 from helpers import REPO, children, kill_tree, step_values, torchrun
 
@@ -23,7 +26,7 @@ def wait_until(condition, process, what):
         time.sleep(0.05)
 
 
-def test_restarts_train_in_the_spare_which_obeys_its_stand_in(tmp_path, byte_data, reference):
+def test_restarts_train_in_the_spare_which_obeys_its_stand_in_then_sigusr1_requeues(tmp_path, byte_data, reference):
     """Rank 1 is killed at step 3 (the first restart comes from the spares); then rank 0's
     stand-in is SIGKILLed (its trainer must die with it: a second restart, from the spares
     again); then SIGUSR1 to a stand-in reaches its trainer, which checkpoints and exits 75,
@@ -54,10 +57,13 @@ def test_restarts_train_in_the_spare_which_obeys_its_stand_in(tmp_path, byte_dat
     stopped_at = max(step_values(run_dir))
     assert f"stopped by SIGUSR1 at step {stopped_at}" in stdout and stopped_at < STEPS
     assert events(run_dir, "stop")[-1]["reason"] == "SIGUSR1"
+    assert (RunDir(run_dir).checkpoints / f"step_{stopped_at:08d}" / "manifest.json").exists()
 
     result = train_2proc(byte_data, run_dir)  # the requeued job, which has no restarts and so no spare
     assert result.returncode == 0, result.stderr[-3000:]
-    assert events(run_dir, "restart")[-1]["warm_spare"] is False
+    assert f"resumed at step {stopped_at}" in result.stdout
+    requeued = events(run_dir, "restart")[-1]
+    assert requeued["after"] == "preemption" and requeued["warm_spare"] is False
     assert_same_run(run_dir, reference)
     # The spares went with their jobs (each when its torchrun ended): no socket of theirs is left.
     deadline = time.monotonic() + 5
